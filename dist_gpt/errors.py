@@ -1,0 +1,21 @@
+"""Errors a user can cause. Each message is one line that names the file or option and the fix.
+
+Entry points catch `UserError`, print `error: <message>` and exit with status 2, so a user never
+sees a traceback from deep inside torch for a mistake in their input.
+"""
+
+
+class UserError(Exception):
+    """Base class: a problem with the user's input (flag, file, dataset, checkpoint)."""
+
+
+class ConfigError(UserError):
+    """A bad option, preset, TOML file or combination of settings."""
+
+
+class DataError(UserError):
+    """A missing, corrupt or mismatched dataset, shard or tokenizer."""
+
+
+class CheckpointError(UserError):
+    """A missing, incomplete, corrupt, unsafe or incompatible checkpoint."""
