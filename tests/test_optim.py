@@ -1,0 +1,212 @@
+"""Optimizer groups (AdamW / Muon split), LR schedule shapes, exact state round-trips, clipping."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from dist_gpt.errors import CheckpointError, ConfigError
+from dist_gpt.optim import LRSchedule, OptimConfig, build_optimizers, clip_grad_norm, param_group_name
+
+
+class _Block(nn.Module):
+    """Same parameter names as dist_gpt.model's block: norm1, attn.qkv/proj, norm2, mlp.fc/proj."""
+
+    def __init__(self, d: int):
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.attn = nn.Module()
+        self.attn.qkv, self.attn.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.mlp = nn.Module()
+        self.mlp.fc, self.mlp.proj = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
+
+    def forward(self, x):  # (B, T, d); attention replaced by a causal running mean: names matter here, not quality
+        q, k, v = self.attn.qkv(self.norm1(x)).chunk(3, dim=-1)
+        w = torch.tril(torch.ones(x.size(1), x.size(1)))
+        x = x + self.attn.proj((q * k).sigmoid() * ((w / w.sum(-1, keepdim=True)) @ v))
+        return x + self.mlp.proj(torch.relu(self.mlp.fc(self.norm2(x))))
+
+
+class TinyGPT(nn.Module):
+    """A stand-in with GPT's parameter names: tok_emb, pos_emb, blocks.{i}.*, norm_f, head."""
+
+    def __init__(self, vocab=32, d=16, n_layer=2, block=8, tied=True):
+        super().__init__()
+        self.tok_emb, self.pos_emb = nn.Embedding(vocab, d), nn.Embedding(block, d)
+        self.blocks = nn.ModuleList(_Block(d) for _ in range(n_layer))
+        self.norm_f = nn.LayerNorm(d)
+        self.head = nn.Linear(d, vocab, bias=False)
+        if tied:
+            self.head.weight = self.tok_emb.weight
+
+    def forward(self, idx, targets):
+        x = self.tok_emb(idx) + self.pos_emb(torch.arange(idx.size(1)))
+        for block in self.blocks:
+            x = block(x)
+        logits = self.head(self.norm_f(x))
+        return nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten())
+
+
+def _groups(optimizers):
+    return {g["name"]: g for opt in optimizers for g in opt.param_groups}
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_muon_gets_exactly_the_hidden_matrices(tied):
+    model = TinyGPT(tied=tied)
+    adamw, muon = build_optimizers(model, OptimConfig(name="muon"), "cpu")
+    assert isinstance(adamw, torch.optim.AdamW) and isinstance(muon, torch.optim.Muon)
+    named = dict(model.named_parameters())  # a tied head appears once, as tok_emb.weight
+    hidden = {id(p) for n, p in named.items() if n.startswith("blocks.") and p.ndim == 2}
+    assert len(hidden) == 2 * 4
+    muon_ids = [id(p) for g in muon.param_groups for p in g["params"]]
+    adamw_ids = [id(p) for g in adamw.param_groups for p in g["params"]]
+    assert set(muon_ids) == hidden
+    assert set(adamw_ids) == {id(p) for p in named.values()} - hidden
+    assert len(muon_ids) + len(adamw_ids) == len(named) == len(set(muon_ids + adamw_ids))
+
+    groups = _groups([adamw, muon])
+    assert {id(p) for p in groups["embed"]["params"]} == {id(model.tok_emb.weight), id(model.pos_emb.weight)}
+    assert ("head" in groups) == (not tied)
+    assert "decay" not in groups  # every matrix outside the blocks is an embedding or the head
+    assert all(p.ndim == 1 for p in groups["no_decay"]["params"]) and groups["no_decay"]["weight_decay"] == 0
+
+
+def test_adamw_decays_matrices_only():
+    model = TinyGPT()
+    (adamw,) = build_optimizers(model, OptimConfig(name="adamw", weight_decay=0.1), "cpu")
+    groups = _groups([adamw])
+    assert set(groups) == {"embed", "decay", "no_decay"}
+    assert {id(p) for p in groups["decay"]["params"]} == {
+        id(p) for n, p in model.named_parameters() if n.startswith("blocks.") and p.ndim == 2}
+    assert groups["decay"]["weight_decay"] == groups["embed"]["weight_decay"] == 0.1
+    assert groups["no_decay"]["weight_decay"] == 0.0
+    assert sum(len(g["params"]) for g in adamw.param_groups) == len(list(model.parameters()))
+
+
+def test_group_learning_rates_and_wrapper_prefixes():
+    cfg = OptimConfig(name="muon", lr=1e-3, embed_lr=5e-3, head_lr=2e-3, muon_lr=0.05, warmup_steps=0)
+    groups = _groups(build_optimizers(TinyGPT(tied=False), cfg, "cpu"))
+    assert {n: g["base_lr"] for n, g in groups.items()} == {"embed": 5e-3, "head": 2e-3, "no_decay": 1e-3, "muon": 0.05}
+    weight = torch.zeros(4, 4)
+    assert param_group_name("module._orig_mod.blocks.3.mlp.fc.weight", weight, use_muon=True) == "muon"
+    assert param_group_name("_orig_mod.head.weight", weight, use_muon=True) == "head"
+
+
+def test_lr_schedule_apply_scales_every_group():
+    cfg = OptimConfig(name="muon", lr=1e-3, embed_lr=4e-3, warmup_steps=10)
+    optimizers = build_optimizers(TinyGPT(), cfg, "cpu")
+    mult = LRSchedule(cfg, total_steps=100).apply(optimizers, step=4)
+    assert mult == pytest.approx(0.5)
+    for group in _groups(optimizers).values():
+        assert group["lr"] == group["base_lr"] * 0.5
+
+
+def test_warmup_then_cosine_ends_at_min_ratio():
+    sched = LRSchedule(OptimConfig(schedule="cosine", warmup_steps=10, min_lr_ratio=0.1), total_steps=110)
+    m = [sched.multiplier(s) for s in range(130)]
+    assert m[:10] == pytest.approx([(s + 1) / 10 for s in range(10)])  # linear ramp reaching 1
+    assert m[10] == pytest.approx(1.0)
+    assert all(a > b for a, b in zip(m[10:109], m[11:110]))  # strictly decreasing through the decay
+    assert m[60] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + torch.cos(torch.tensor(torch.pi * 50 / 99)).item()))
+    assert m[109] == pytest.approx(0.1) and m[129] == pytest.approx(0.1)  # last step at min, stays there
+
+
+def test_constant_schedule():
+    sched = LRSchedule(OptimConfig(schedule="constant", warmup_steps=5), total_steps=50)
+    assert [sched.multiplier(s) for s in range(4, 60, 5)] == [1.0] * 12
+    assert sched.multiplier(0) == pytest.approx(0.2)
+
+
+def test_wsd_is_flat_then_linear_to_min():
+    sched = LRSchedule(OptimConfig(schedule="wsd", warmup_steps=10, cooldown_fraction=0.2, min_lr_ratio=0.0),
+                       total_steps=100)
+    m = [sched.multiplier(s) for s in range(100)]
+    assert m[9:80] == [1.0] * 71  # stable phase
+    steps = [b - a for a, b in zip(m[79:99], m[80:100])]
+    assert steps == pytest.approx([-1 / 20] * 20)  # straight line over the last 20% ...
+    assert m[99] == 0.0  # ... reaching min_lr_ratio at the last step
+
+
+def test_schedule_state_round_trip_checks_settings():
+    cfg = OptimConfig(schedule="wsd", warmup_steps=5)
+    state = LRSchedule(cfg, 200).state_dict()
+    LRSchedule(cfg, 200).load_state_dict(state)
+    with pytest.raises(CheckpointError, match="total_steps"):
+        LRSchedule(cfg, 300).load_state_dict(state)
+    with pytest.raises(CheckpointError, match="--optim.schedule"):
+        LRSchedule(OptimConfig(schedule="cosine", warmup_steps=5), 200).load_state_dict(state)
+
+
+def test_warmup_longer_than_run_is_a_clear_error():
+    with pytest.raises(ConfigError, match="optim.warmup_steps"):
+        LRSchedule(OptimConfig(warmup_steps=100), total_steps=50)
+
+
+def _train(model, optimizers, sched, batches, start):
+    losses = []
+    for step, (x, y) in enumerate(batches, start=start):
+        sched.apply(optimizers, step)
+        loss = model(x, y)
+        loss.backward()
+        clip_grad_norm(model.parameters(), 1.0)
+        for opt in optimizers:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        losses.append(loss.detach())
+    return torch.stack(losses)
+
+
+@pytest.mark.parametrize("name", ["adamw", "muon"])
+def test_optimizer_state_round_trip_is_bitwise(name):
+    torch.manual_seed(0)
+    cfg = OptimConfig(name=name, warmup_steps=2, weight_decay=0.1, muon_weight_decay=0.01)
+    data = [(torch.randint(0, 32, (4, 8)), torch.randint(0, 32, (4, 8))) for _ in range(8)]
+    model = TinyGPT()
+    optimizers = build_optimizers(model, cfg, "cpu")
+    sched = LRSchedule(cfg, total_steps=8)
+    _train(model, optimizers, sched, data[:4], start=0)
+    saved_model = copy.deepcopy(model.state_dict())
+    saved_opts = copy.deepcopy([opt.state_dict() for opt in optimizers])
+    uninterrupted = _train(model, optimizers, sched, data[4:], start=4)
+
+    resumed_model = TinyGPT()
+    resumed_model.load_state_dict(saved_model)
+    resumed_opts = build_optimizers(resumed_model, cfg, "cpu")
+    for opt, state in zip(resumed_opts, saved_opts):
+        opt.load_state_dict(state)
+    resumed = _train(resumed_model, resumed_opts, LRSchedule(cfg, total_steps=8), data[4:], start=4)
+    assert torch.equal(uninterrupted, resumed)
+    for a, b in zip(model.parameters(), resumed_model.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_missing_muon_is_a_clear_error(monkeypatch):
+    monkeypatch.delattr(torch.optim, "Muon")
+    with pytest.raises(ConfigError, match=r"optim.name=muon needs torch>=2.9.*--optim.name=adamw"):
+        build_optimizers(TinyGPT(), OptimConfig(name="muon"), "cpu")
+    build_optimizers(TinyGPT(), OptimConfig(name="adamw"), "cpu")  # the classic recipe still works
+
+
+@pytest.mark.parametrize("key,value", [("name", "sgd"), ("schedule", "linear"), ("lr", 0.0), ("beta2", 1.0),
+                                       ("min_lr_ratio", 1.5), ("cooldown_fraction", 0.0), ("embed_lr", -1.0)])
+def test_bad_values_name_the_key(key, value):
+    with pytest.raises(ConfigError, match=f"optim.{key}="):
+        OptimConfig(**{key: value})
+
+
+def test_clip_grad_norm():
+    model = TinyGPT()
+    model(torch.randint(0, 32, (2, 8)), torch.randint(0, 32, (2, 8))).backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    expected = torch.linalg.vector_norm(torch.cat([g.flatten() for g in grads]))
+
+    norm = clip_grad_norm(model.parameters(), 0.0)  # off: measure only
+    assert torch.allclose(norm, expected) and all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), grads))
+
+    max_norm = expected.item() / 4
+    norm = clip_grad_norm(model.parameters(), max_norm)
+    assert isinstance(norm, torch.Tensor) and torch.allclose(norm, expected)
+    clipped = torch.linalg.vector_norm(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    assert clipped.item() == pytest.approx(max_norm, rel=1e-5)
