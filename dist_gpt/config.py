@@ -1,0 +1,347 @@
+"""Typed configuration: sections, one override path, strict validation.
+
+Every option is a key of a section and is set as `--section.key=value` (or `--section.key value`).
+Precedence, lowest first: the section defaults, the preset (which names a recipe), the TOML file
+(`--config FILE`), the command line. A few short flags are aliases of keys:
+
+    --preset NAME      preset to start from (see `dist_gpt.presets`)
+    --recipe NAME      train.recipe: classic | modern (the architecture/optimizer/schedule bundle)
+    --config FILE      TOML file with [section] tables of keys
+    --resume X         checkpoint.resume: auto | none | PATH
+    --force            checkpoint.force=true
+    --init-from DIR    train.init_from
+
+An unknown key, a bad type or a bad value is a `ConfigError` raised before any rank starts work.
+Each component receives only its own section.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .checkpoint.config import CheckpointConfig
+from .data import DataConfig
+from .errors import ConfigError
+from .metrics import LogConfig
+from .model import GPTConfig
+from .optim import OptimConfig
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+@dataclass
+class TrainConfig:
+    """The `train` section: the run, the batch arithmetic, precision and fault policy."""
+
+    name: str = field(default="cpu", metadata={"help": "run name; the run directory is runs/<name> unless train.run_dir is set"})
+    run_dir: str | None = field(default=None, metadata={"help": "run directory (checkpoints, TensorBoard, logs); on several nodes it must be on a shared filesystem"})
+    recipe: str = field(default="modern", metadata={"help": "training recipe bundle: classic (GPT-2/nanoGPT) | modern (rope, rmsnorm, qk-norm, relu², Muon, WSD)"})
+    steps: int = field(default=1000, metadata={"help": "optimizer steps to train (may be raised on resume)"})
+    global_batch: int = field(default=32, metadata={"help": "sequences per optimizer step summed over all ranks; gradient accumulation = global_batch / (micro_batch × world size)"})
+    micro_batch: int = field(default=16, metadata={"help": "sequences per rank per forward pass"})
+    precision: str = field(default="auto", metadata={"help": "auto | fp32 | bf16 | fp16 (auto: bf16 autocast on GPU and on CPUs with native bf16, else fp32)"})
+    compile: bool = field(default=False, metadata={"help": "torch.compile the model (pays off on GPU and for long CPU runs; costs 15-35 s of compile on CPU)"})
+    seed: int = field(default=1337, metadata={"help": "seed of initialisation, data order and dropout"})
+    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda"})
+    init_from: str | None = field(default=None, metadata={"help": "start from the weights of this checkpoint, run directory or .safetensors (fresh optimizer, step 0)"})
+    nan_policy: str = field(default="stop", metadata={"help": "on a NaN/inf loss: skip (drop the step) | rollback (reload the last checkpoint and skip the bad batches) | stop"})
+    nan_max_rollbacks: int = field(default=3, metadata={"help": "rollbacks allowed before the run stops (nan_policy=rollback)"})
+    timeout_s: float = field(default=600.0, metadata={"help": "collective timeout: a rank that stops answering fails the job after this many seconds"})
+    threads: int | None = field(default=None, metadata={"help": "CPU threads per rank (default: the cores this rank may use / ranks on the node)"})
+
+    def __post_init__(self) -> None:
+        _choice("train.recipe", self.recipe, ("classic", "modern"))
+        _choice("train.precision", self.precision, ("auto", "fp32", "bf16", "fp16"))
+        _choice("train.device", self.device, ("auto", "cpu", "cuda"))
+        _choice("train.nan_policy", self.nan_policy, ("skip", "rollback", "stop"))
+        for key in ("steps", "global_batch", "micro_batch"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"train.{key} must be at least 1, got {getattr(self, key)}")
+        if self.global_batch % self.micro_batch:
+            raise ConfigError(
+                f"train.global_batch={self.global_batch} is not a multiple of train.micro_batch={self.micro_batch}")
+
+
+@dataclass
+class EvalConfig:
+    """The `eval` section: validation loss and text samples, coordinated by rank 0."""
+
+    interval: int = field(default=200, metadata={"help": "evaluate every this many steps (and always at the end); 0 = only at the end"})
+    at_start: bool = field(default=True, metadata={"help": "also evaluate before the first step"})
+    max_blocks: int | None = field(default=256, metadata={"help": "validation blocks per evaluation, a fixed set (none = the whole validation split)"})
+    batch_size: int | None = field(default=None, metadata={"help": "sequences per evaluation forward pass (default train.micro_batch)"})
+    sample_tokens: int = field(default=200, metadata={"help": "tokens of text sampled at each evaluation (0 = none)"})
+    prompt: str = field(default="\n", metadata={"help": "fixed prompt of the evaluation samples"})
+    temperature: float = field(default=0.8, metadata={"help": "sampling temperature of the evaluation samples"})
+    top_k: int | None = field(default=200, metadata={"help": "top-k of the evaluation samples (none = off)"})
+
+    def __post_init__(self) -> None:
+        if self.interval < 0 or self.sample_tokens < 0:
+            raise ConfigError("eval.interval and eval.sample_tokens must be >= 0")
+        if self.max_blocks is not None and self.max_blocks < 1:
+            raise ConfigError(f"eval.max_blocks must be at least 1 or none, got {self.max_blocks}")
+
+
+SECTIONS: dict[str, type] = {
+    "model": GPTConfig,
+    "data": DataConfig,
+    "optim": OptimConfig,
+    "train": TrainConfig,
+    "eval": EvalConfig,
+    "checkpoint": CheckpointConfig,
+    "log": LogConfig,
+}
+
+# Short flags and the keys they stand for. A flag without "=" whose key is a bool is set to true.
+ALIASES = {
+    "recipe": "train.recipe",
+    "resume": "checkpoint.resume",
+    "force": "checkpoint.force",
+    "init-from": "train.init_from",
+}
+
+
+@dataclass
+class Config:
+    model: GPTConfig
+    data: DataConfig
+    optim: OptimConfig
+    train: TrainConfig
+    eval: EvalConfig
+    checkpoint: CheckpointConfig
+    log: LogConfig
+    preset: str = "cpu"
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"preset": self.preset}
+        for name in SECTIONS:
+            out[name] = dataclasses.asdict(getattr(self, name))
+        return out
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.train.run_dir or f"runs/{self.train.name}")
+
+
+def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key} must be one of {' | '.join(allowed)}, got {value!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Typed values
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
+    """(int | None) -> (int, True); int -> (int, False)."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0], len(args) < len(typing.get_args(tp))
+    return tp, False
+
+
+def _type_name(tp: Any) -> str:
+    base, optional = _unwrap_optional(tp)
+    name = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}[base]
+    return name + (" or none" if optional else "")
+
+
+def parse_value(key: str, tp: Any, raw: Any) -> Any:
+    """Convert a CLI string or a TOML value to the field's type, or raise a ConfigError."""
+    base, optional = _unwrap_optional(tp)
+    if optional and (raw is None or (isinstance(raw, str) and raw.lower() in ("none", "null"))):
+        return None
+    bad = ConfigError(f"option --{key} expects {_type_name(tp)}, got {raw!r}")
+    if isinstance(raw, str) and base is not str:
+        text = raw.strip().lower()
+        if base is bool:
+            if text in ("true", "1", "yes", "on"):
+                return True
+            if text in ("false", "0", "no", "off"):
+                return False
+            raise bad
+        try:
+            return int(text) if base is int else float(text)
+        except ValueError:
+            raise bad from None
+    if base is bool:
+        if isinstance(raw, bool):
+            return raw
+        raise bad
+    if base is int:
+        if isinstance(raw, int) and not isinstance(raw, bool):
+            return raw
+        raise bad
+    if base is float:
+        if isinstance(raw, (int, float)) and not isinstance(raw, bool):
+            return float(raw)
+        raise bad
+    if isinstance(raw, str):
+        return raw
+    raise bad
+
+
+def _lookup(section: str, key: str) -> Any:
+    """The type of `section.key`, or a ConfigError that suggests the nearest real option."""
+    full = f"{section}.{key}"
+    if section not in SECTIONS:
+        raise ConfigError(f"unknown option --{full}: sections are {', '.join(SECTIONS)}{_suggest(full)}")
+    types_ = _field_types(SECTIONS[section])
+    if key not in types_:
+        raise ConfigError(f"unknown option --{full}{_suggest(full)} (see --help)")
+    return types_[key]
+
+
+def _all_keys() -> list[str]:
+    return [f"{s}.{f.name}" for s, cls in SECTIONS.items() for f in dataclasses.fields(cls)]
+
+
+def _suggest(key: str) -> str:
+    close = difflib.get_close_matches(key, _all_keys(), n=1)
+    return f" (did you mean --{close[0]}?)" if close else ""
+
+
+# ---------------------------------------------------------------------------------------------
+# Sources of overrides: preset, TOML file, command line. Each yields {"section.key": value}.
+
+
+def _flatten(tree: dict[str, Any], origin: str) -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for section, table in tree.items():
+        if not isinstance(table, dict):
+            raise ConfigError(f"{origin}: top-level key {section!r} must be a [section] table")
+        for key, value in table.items():
+            tp = _lookup(section, key)
+            flat[f"{section}.{key}"] = parse_value(f"{section}.{key}", tp, value)
+    return flat
+
+
+def load_toml(path: str) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            tree = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} not found: check the path given to --config") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
+    tree.pop("preset", None)
+    return _flatten(tree, path)
+
+
+@dataclass
+class CommandLine:
+    preset: str | None = None
+    config_file: str | None = None
+    help: bool = False
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+
+def parse_argv(argv: list[str]) -> CommandLine:
+    cl = CommandLine()
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        i += 1
+        if arg in ("-h", "--help"):
+            cl.help = True
+            continue
+        if not arg.startswith("--"):
+            raise ConfigError(f"unexpected argument {arg!r}: options are --section.key=value (see --help)")
+        name, eq, value = arg[2:].partition("=")
+        if name in ("preset", "config"):
+            if not eq:
+                if i >= len(argv):
+                    raise ConfigError(f"--{name} needs a value")
+                value, i = argv[i], i + 1
+            setattr(cl, "preset" if name == "preset" else "config_file", value)
+            continue
+        key = ALIASES.get(name, name)
+        if "." not in key:
+            raise ConfigError(f"unknown option --{name}{_suggest(key)} (see --help)")
+        section, _, k = key.partition(".")
+        tp = _lookup(section, k)
+        if not eq:
+            # `--flag` alone sets a bool key; otherwise the value is the next argument.
+            if _unwrap_optional(tp)[0] is bool and (i >= len(argv) or argv[i].startswith("--")):
+                value = "true"
+            elif i < len(argv):
+                value, i = argv[i], i + 1
+            else:
+                raise ConfigError(f"--{name} needs a value")
+        cl.overrides[key] = parse_value(key, tp, value)
+    return cl
+
+
+# ---------------------------------------------------------------------------------------------
+# Resolution
+
+
+def build(preset: str = "cpu", file: str | None = None, overrides: dict[str, Any] | None = None) -> Config:
+    """Resolve preset -> recipe bundle -> preset keys -> TOML file -> overrides into a Config."""
+    from .presets import preset_overrides
+
+    flat: dict[str, Any] = {}
+    file_flat = load_toml(file) if file else {}
+    cli = dict(overrides or {})
+    # The recipe can come from any layer; the bundle goes under the preset's own keys.
+    recipe_override = cli.get("train.recipe", file_flat.get("train.recipe"))
+    flat.update(preset_overrides(preset, recipe_override))
+    flat.update(file_flat)
+    flat.update(cli)
+    sections: dict[str, Any] = {}
+    for name, cls in SECTIONS.items():
+        kwargs = {k.split(".", 1)[1]: v for k, v in flat.items() if k.split(".", 1)[0] == name}
+        for k in kwargs:
+            _lookup(name, k)
+        sections[name] = cls(**kwargs)  # __post_init__ validates the final values
+    return Config(preset=preset, **sections)
+
+
+def parse(argv: list[str] | None = None) -> Config | None:
+    """Parse the command line; prints --help and returns None when asked for help."""
+    cl = parse_argv(list(sys.argv[1:] if argv is None else argv))
+    cfg = build(cl.preset or "cpu", cl.config_file, cl.overrides)
+    if cl.help:
+        print(help_text(cfg))
+        return None
+    return cfg
+
+
+def help_text(cfg: Config) -> str:
+    from .presets import PRESETS
+
+    lines = [
+        "usage: torchrun --nproc_per_node=N -m dist_gpt.train [--preset NAME] [--config FILE] [--section.key=value ...]",
+        "",
+        f"presets: {', '.join(PRESETS)} (defaults below are those of --preset {cfg.preset})",
+        "aliases: --recipe -> --train.recipe, --resume -> --checkpoint.resume, --force -> --checkpoint.force, --init-from -> --train.init_from",
+    ]
+    for name, cls in SECTIONS.items():
+        lines += ["", f"[{name}]"]
+        section = getattr(cfg, name)
+        for f in dataclasses.fields(cls):
+            value = json.dumps(getattr(section, f.name))
+            lines.append(f"  --{name}.{f.name}={value}")
+            lines.append(f"      {f.metadata.get('help', '')}")
+    return "\n".join(lines)
+
+
+def from_dict(tree: dict[str, Any]) -> Config:
+    """Rebuild a Config saved by `Config.to_dict()` (e.g. from a checkpoint's meta.json)."""
+    sections = {name: cls(**tree[name]) for name, cls in SECTIONS.items() if name in tree}
+    return Config(preset=tree.get("preset", "cpu"), **sections)

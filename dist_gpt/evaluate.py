@@ -1,0 +1,139 @@
+"""Validation loss in nats and bits per byte, split across ranks; text samples from rank 0.
+
+    python -m dist_gpt.evaluate --run runs/cpu                        # the run's latest checkpoint
+    python -m dist_gpt.evaluate --checkpoint runs/cpu/checkpoints/step_0001000
+    python -m dist_gpt.evaluate --model model.safetensors --data data/stdlib
+    torchrun --standalone --nproc_per_node=2 -m dist_gpt.evaluate --run runs/cpu   # split over 2 ranks
+
+The command line evaluates on the dataset's whole validation split (every block once). During
+training the same code evaluates the fixed `eval.max_blocks` subset every `eval.interval` steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+
+import torch
+
+from . import dist
+
+
+@torch.no_grad()
+def validation_loss(model, val, precision, device) -> tuple[float, int]:
+    """Mean loss over this rank's share of `val`, reduced over ranks -> (nats per token, blocks)."""
+    was_training = model.training
+    model.eval()
+    # (sum of per-token losses, tokens, blocks) on this rank, summed over ranks below.
+    acc = torch.zeros(3, dtype=torch.float64, device=device)
+    for x, y in val:  # x, y: (b, T)
+        with precision.autocast():
+            loss = model(x, y)
+        acc[0] += loss.double() * y.numel()  # stays on the device: no sync per batch
+        acc[1] += y.numel()
+        acc[2] += y.size(0)
+    model.train(was_training)
+    total, tokens, blocks = dist.all_reduce_sum(acc).tolist()
+    return total / max(tokens, 1), int(blocks)
+
+
+def bits_per_byte(loss_nats: float, bytes_per_token: float) -> float:
+    return loss_nats / math.log(2) / bytes_per_token
+
+
+class Evaluator:
+    """Decides when evaluation is due, runs it on every rank, and reports it from rank 0."""
+
+    def __init__(self, fwd_model, raw_model, val, data, precision, cfg, log) -> None:
+        self.fwd_model, self.raw_model = fwd_model, raw_model
+        self.val, self.data, self.precision, self.cfg, self.log = val, data, precision, cfg, log
+        self.last_step: int | None = None
+        self.last_loss = float("nan")
+        self.last_bpb = float("nan")
+
+    def due(self, step: int, resumed_step: int) -> bool:
+        if step == resumed_step:  # evaluated just before that checkpoint was saved
+            return False
+        if step == 0:
+            return self.cfg.at_start
+        return self.cfg.interval > 0 and step % self.cfg.interval == 0
+
+    def loss_at(self, step: int) -> float | None:
+        return self.last_loss if self.last_step == step else None
+
+    def run(self, step: int) -> float:
+        device = next(self.raw_model.parameters()).device
+        loss, blocks = validation_loss(self.fwd_model, self.val, self.precision, device)
+        self.last_step, self.last_loss = step, loss
+        self.last_bpb = bits_per_byte(loss, self.data.bytes_per_token("val"))
+        self.log.eval(step, loss=loss, bpb=self.last_bpb, blocks=blocks)
+        if self.cfg.sample_tokens and self.log.is_main:
+            self.log.text(step, "sample", self.sample())
+        return loss
+
+    def sample(self) -> str:
+        """Rank 0 only, no collectives. The RNG is forked so sampling never moves training's stream."""
+        device = next(self.raw_model.parameters()).device
+        ids = self.data.tokenizer.encode(self.cfg.prompt) or [self.data.eot_id or 0]
+        idx = torch.tensor([ids[-self.raw_model.cfg.block_size:]], dtype=torch.long, device=device)
+        gen = torch.Generator(device=device).manual_seed(1234)
+        with self.precision.autocast():
+            out = self.raw_model.generate(idx, self.cfg.sample_tokens, temperature=self.cfg.temperature,
+                                          top_k=self.cfg.top_k, eot_id=self.data.eot_id, generator=gen)
+        return self.cfg.prompt + self.data.tokenizer.decode(out[0, idx.size(1):].tolist())
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="python -m dist_gpt.evaluate", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--run", help="run directory: evaluates its latest checkpoint")
+    src.add_argument("--checkpoint", help="a checkpoint directory (runs/NAME/checkpoints/step_...)")
+    src.add_argument("--model", help="an exported .safetensors file")
+    p.add_argument("--data", help="dataset directory (default: the one the model was trained on)")
+    p.add_argument("--batch-size", type=int, default=16, help="sequences per forward pass (default 16)")
+    p.add_argument("--max-blocks", type=int, default=None, help="evaluate only this many blocks (default: all)")
+    p.add_argument("--precision", default="fp32", help="auto | fp32 | bf16 | fp16 (default fp32)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    from .data import Dataset, ValBlocks
+    from .errors import UserError
+    from .model import GPT
+    from .precision import Precision
+    from .weights import load_weights
+
+    code = 0
+    try:
+        args = parse_args(argv)
+        env = dist.init(args.device)
+        loaded = load_weights(args.run or args.checkpoint or args.model, device="cpu")
+        data = Dataset.open(args.data or loaded.data_path)
+        if data.vocab_size > loaded.config.vocab_size:
+            from .errors import DataError
+            raise DataError(f"dataset {args.data} has {data.vocab_size} tokens but the model only "
+                            f"{loaded.config.vocab_size}: evaluate on a dataset made with the model's tokenizer")
+        model = GPT(loaded.config)
+        model.load_state_dict(loaded.state_dict)
+        model.to(env.device)
+        val = ValBlocks(data, block_size=loaded.config.block_size, batch_size=args.batch_size, rank=env.rank,
+                        world_size=env.world_size, max_blocks=args.max_blocks, device=env.device)
+        loss, blocks = validation_loss(model, val, Precision(args.precision, env.device), env.device)
+        if env.is_main:
+            bpb = bits_per_byte(loss, data.bytes_per_token("val"))
+            print(f"{loaded.source}: val loss {loss:.4f} nats/token, {bpb:.4f} bits/byte "
+                  f"over {blocks} blocks of {loaded.config.block_size} tokens")
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        code = 2
+    dist.shutdown(code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,103 @@
+"""A run describes itself: resolved config, code version, libraries, world, batch arithmetic.
+
+Rank 0 writes `config.json` (the resolved config, loadable with `--config` after conversion, and
+by `dist_gpt.config.from_dict`), `run.json` (git SHA, versions, hardware, world size, tokens per
+step) at the start and `final.json` (the final losses and where everything went) at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import ConfigError
+
+
+def git_sha() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def resolve_model_config(model_cfg, data):
+    """The model's vocabulary must hold every token id of the dataset."""
+    if model_cfg.vocab_size < data.vocab_size:
+        raise ConfigError(f"model.vocab_size={model_cfg.vocab_size} is smaller than the dataset's vocabulary "
+                          f"({data.vocab_size} tokens): pass --model.vocab_size={data.vocab_size} "
+                          "(or a multiple of 64 above it)")
+    return model_cfg
+
+
+def _write_json(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+    tmp.replace(path)
+
+
+def describe_run(cfg, env, model, data, accum: int, log) -> None:
+    tokens_per_step = cfg.train.global_batch * cfg.model.block_size
+    info = {
+        "git_sha": git_sha(),
+        "argv": sys.argv,
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "platform": platform.platform(),
+        "device": str(env.device),
+        "device_name": torch.cuda.get_device_name(env.device) if env.device.type == "cuda" else platform.processor(),
+        "world_size": env.world_size,
+        "backend": env.backend,
+        "threads_per_rank": torch.get_num_threads(),
+        "grad_accum": accum,
+        "tokens_per_step": tokens_per_step,
+        "params": model.num_params(),
+        "flops_per_token": model.flops_per_token(),
+        "dataset": {"path": cfg.data.path, "fingerprint": data.fingerprint, "vocab_size": data.vocab_size,
+                    "train_tokens": data.num_tokens("train"), "val_tokens": data.num_tokens("val")},
+        "started_at": time.time(),
+    }
+    if env.is_main:
+        _write_json(cfg.run_dir / "config.json", cfg.to_dict())
+        _write_json(cfg.run_dir / "run.json", info)
+    log.print(f"dist_gpt: preset {cfg.preset}, recipe {cfg.train.recipe}, {model.num_params() / 1e6:.2f}M params, "
+              f"world {env.world_size} × {env.device.type} ({env.backend or 'no process group'}), "
+              f"{torch.get_num_threads()} threads/rank")
+    log.print(f"batch: {cfg.train.global_batch} seqs × {cfg.model.block_size} tokens = {tokens_per_step:,} tokens/step "
+              f"= {cfg.train.micro_batch} micro × {accum} accum × {env.world_size} ranks; "
+              f"{cfg.train.steps} steps = {cfg.train.steps * tokens_per_step / 1e6:.1f}M tokens "
+              f"({cfg.train.steps * tokens_per_step / max(1, data.num_tokens('train')):.2f} epochs)")
+    log.print(f"data: {cfg.data.path} ({data.num_tokens('train'):,} train / {data.num_tokens('val'):,} val tokens, "
+              f"vocab {data.vocab_size}); run dir: {cfg.run_dir}; git {info['git_sha'] or 'unknown'}")
+    log.hparams(cfg.to_dict())
+
+
+def write_final(cfg, env, state, evaluator, checkpoint: Path | None, log) -> None:
+    final = {
+        "step": state.step,
+        "tokens": state.tokens,
+        "val_loss": evaluator.last_loss,
+        "val_bpb": evaluator.last_bpb,
+        "best_val_loss": None if math.isinf(state.best_val) else state.best_val,
+        "checkpoint": str(checkpoint) if checkpoint else None,
+        "run_dir": str(cfg.run_dir),
+    }
+    if env.is_main:
+        _write_json(cfg.run_dir / "final.json", final)
+    log.print(f"done: {state.step} steps, {state.tokens / 1e6:.2f}M tokens. "
+              f"val loss {evaluator.last_loss:.4f} nats/token, {evaluator.last_bpb:.4f} bits/byte")
+    log.print(f"checkpoint: {checkpoint}\nrun dir: {cfg.run_dir}  (config.json, run.json, final.json, metrics.jsonl)\n"
+              f"sample:      python -m dist_gpt.sample --run {cfg.run_dir}\n"
+              f"tensorboard: tensorboard --logdir {cfg.run_dir.parent}")
+

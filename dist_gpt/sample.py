@@ -1,0 +1,90 @@
+"""Stream text from a trained model.
+
+    python -m dist_gpt.sample --run runs/cpu --prompt "def " --max-new-tokens 300
+    python -m dist_gpt.sample --checkpoint runs/cpu/checkpoints/step_0001000 --num-samples 3 --top-p 0.9
+    python -m dist_gpt.sample --model model.safetensors --temperature 0 --prompt "import "
+
+Reads a run directory (its latest checkpoint), a checkpoint directory, or an exported
+.safetensors file. Tokens are printed as they are generated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from .errors import UserError
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="python -m dist_gpt.sample", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--run", help="run directory: samples from its latest checkpoint")
+    src.add_argument("--checkpoint", help="a checkpoint directory")
+    src.add_argument("--model", help="an exported .safetensors file")
+    p.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
+    p.add_argument("--num-samples", type=int, default=1, help="independent samples (default 1)")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="tokens per sample (default 256)")
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default 0.8)")
+    p.add_argument("--top-k", type=int, default=None, help="keep the k likeliest tokens (default off)")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold (default off)")
+    p.add_argument("--seed", type=int, default=1337, help="sampling seed (default 1337)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    return p.parse_args(argv)
+
+
+class StreamDecoder:
+    """Turns a growing list of ids into text increments; holds back an incomplete UTF-8 character."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer, self.ids, self.shown = tokenizer, [], ""
+
+    def push(self, token: int) -> str:
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids)
+        if text.endswith("\ufffd"):  # the rest of a multi-byte character is still to come
+            return ""
+        new, self.shown = text[len(self.shown):], text
+        return new
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .model import GPT
+    from .weights import load_weights
+
+    try:
+        args = parse_args(argv)
+        device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                              ("cpu" if args.device == "auto" else args.device))
+        loaded = load_weights(args.run or args.checkpoint or args.model, device="cpu")
+        model = GPT(loaded.config)
+        model.load_state_dict(loaded.state_dict)
+        model.to(device).eval()
+        tok = loaded.tokenizer
+        prompt_ids = tok.encode(args.prompt) or [loaded.eot_id or 0]
+        idx = torch.tensor([prompt_ids[-loaded.config.block_size:]], dtype=torch.long, device=device)
+        gen = torch.Generator(device=device).manual_seed(args.seed)
+        for i in range(args.num_samples):
+            if args.num_samples > 1:
+                print(f"--- sample {i + 1} ---")
+            sys.stdout.write(args.prompt)
+            decoder = StreamDecoder(tok)
+            for nxt in model.stream(idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                                    top_p=args.top_p, eot_id=loaded.eot_id, generator=gen):
+                token = int(nxt[0, 0])
+                if token == loaded.eot_id:
+                    break
+                sys.stdout.write(decoder.push(token))
+                sys.stdout.flush()
+            sys.stdout.write("\n")
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
