@@ -4,62 +4,35 @@ import copy
 
 import pytest
 import torch
-from torch import nn
 
 from dist_gpt.errors import CheckpointError, ConfigError
+from dist_gpt.model import GPT, GPTConfig
 from dist_gpt.optim import LRSchedule, OptimConfig, build_optimizers, clip_grad_norm, param_group_name
 
 
-class _Block(nn.Module):
-    """Same parameter names as dist_gpt.model's block: norm1, attn.qkv/proj, norm2, mlp.fc/proj."""
-
-    def __init__(self, d: int):
-        super().__init__()
-        self.norm1, self.norm2 = nn.LayerNorm(d), nn.LayerNorm(d)
-        self.attn = nn.Module()
-        self.attn.qkv, self.attn.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
-        self.mlp = nn.Module()
-        self.mlp.fc, self.mlp.proj = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
-
-    def forward(self, x):  # (B, T, d); attention replaced by a causal running mean: names matter here, not quality
-        q, k, v = self.attn.qkv(self.norm1(x)).chunk(3, dim=-1)
-        w = torch.tril(torch.ones(x.size(1), x.size(1)))
-        x = x + self.attn.proj((q * k).sigmoid() * ((w / w.sum(-1, keepdim=True)) @ v))
-        return x + self.mlp.proj(torch.relu(self.mlp.fc(self.norm2(x))))
+def tiny_gpt(tied=True, **overrides):
+    """A tiny real GPT; the names that decide the groups are tok_emb, pos_emb, blocks.{i}.*, norm_f, head."""
+    torch.manual_seed(0)
+    cfg = dict(vocab_size=32, block_size=8, n_layer=2, n_head=2, n_embd=16, bias=True, tie_embeddings=tied)
+    return GPT(GPTConfig(**(cfg | overrides)))
 
 
-class TinyGPT(nn.Module):
-    """A stand-in with GPT's parameter names: tok_emb, pos_emb, blocks.{i}.*, norm_f, head."""
-
-    def __init__(self, vocab=32, d=16, n_layer=2, block=8, tied=True):
-        super().__init__()
-        self.tok_emb, self.pos_emb = nn.Embedding(vocab, d), nn.Embedding(block, d)
-        self.blocks = nn.ModuleList(_Block(d) for _ in range(n_layer))
-        self.norm_f = nn.LayerNorm(d)
-        self.head = nn.Linear(d, vocab, bias=False)
-        if tied:
-            self.head.weight = self.tok_emb.weight
-
-    def forward(self, idx, targets):
-        x = self.tok_emb(idx) + self.pos_emb(torch.arange(idx.size(1)))
-        for block in self.blocks:
-            x = block(x)
-        logits = self.head(self.norm_f(x))
-        return nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten())
+MODERN = dict(norm="rmsnorm", positions="rope", qk_norm=True, mlp="relu2", zero_init=True, bias=False)
 
 
 def _groups(optimizers):
     return {g["name"]: g for opt in optimizers for g in opt.param_groups}
 
 
+@pytest.mark.parametrize("arch", [{}, MODERN, {"mlp": "swiglu"}])
 @pytest.mark.parametrize("tied", [True, False])
-def test_muon_gets_exactly_the_hidden_matrices(tied):
-    model = TinyGPT(tied=tied)
+def test_muon_gets_exactly_the_hidden_matrices(tied, arch):
+    model = tiny_gpt(tied=tied, **arch)
     adamw, muon = build_optimizers(model, OptimConfig(name="muon"), "cpu")
     assert isinstance(adamw, torch.optim.AdamW) and isinstance(muon, torch.optim.Muon)
     named = dict(model.named_parameters())  # a tied head appears once, as tok_emb.weight
     hidden = {id(p) for n, p in named.items() if n.startswith("blocks.") and p.ndim == 2}
-    assert len(hidden) == 2 * 4
+    assert len(hidden) == 2 * 4  # per block: qkv, attn.proj, mlp.fc, mlp.proj
     muon_ids = [id(p) for g in muon.param_groups for p in g["params"]]
     adamw_ids = [id(p) for g in adamw.param_groups for p in g["params"]]
     assert set(muon_ids) == hidden
@@ -67,14 +40,15 @@ def test_muon_gets_exactly_the_hidden_matrices(tied):
     assert len(muon_ids) + len(adamw_ids) == len(named) == len(set(muon_ids + adamw_ids))
 
     groups = _groups([adamw, muon])
-    assert {id(p) for p in groups["embed"]["params"]} == {id(model.tok_emb.weight), id(model.pos_emb.weight)}
+    embeddings = {id(model.tok_emb.weight)} | ({id(model.pos_emb.weight)} if hasattr(model, "pos_emb") else set())
+    assert {id(p) for p in groups["embed"]["params"]} == embeddings
     assert ("head" in groups) == (not tied)
     assert "decay" not in groups  # every matrix outside the blocks is an embedding or the head
     assert all(p.ndim == 1 for p in groups["no_decay"]["params"]) and groups["no_decay"]["weight_decay"] == 0
 
 
 def test_adamw_decays_matrices_only():
-    model = TinyGPT()
+    model = tiny_gpt()
     (adamw,) = build_optimizers(model, OptimConfig(name="adamw", weight_decay=0.1), "cpu")
     groups = _groups([adamw])
     assert set(groups) == {"embed", "decay", "no_decay"}
@@ -87,7 +61,7 @@ def test_adamw_decays_matrices_only():
 
 def test_group_learning_rates_and_wrapper_prefixes():
     cfg = OptimConfig(name="muon", lr=1e-3, embed_lr=5e-3, head_lr=2e-3, muon_lr=0.05, warmup_steps=0)
-    groups = _groups(build_optimizers(TinyGPT(tied=False), cfg, "cpu"))
+    groups = _groups(build_optimizers(tiny_gpt(tied=False), cfg, "cpu"))
     assert {n: g["base_lr"] for n, g in groups.items()} == {"embed": 5e-3, "head": 2e-3, "no_decay": 1e-3, "muon": 0.05}
     weight = torch.zeros(4, 4)
     assert param_group_name("module._orig_mod.blocks.3.mlp.fc.weight", weight, use_muon=True) == "muon"
@@ -96,7 +70,7 @@ def test_group_learning_rates_and_wrapper_prefixes():
 
 def test_lr_schedule_apply_scales_every_group():
     cfg = OptimConfig(name="muon", lr=1e-3, embed_lr=4e-3, warmup_steps=10)
-    optimizers = build_optimizers(TinyGPT(), cfg, "cpu")
+    optimizers = build_optimizers(tiny_gpt(), cfg, "cpu")
     mult = LRSchedule(cfg, total_steps=100).apply(optimizers, step=4)
     assert mult == pytest.approx(0.5)
     for group in _groups(optimizers).values():
@@ -163,7 +137,7 @@ def test_optimizer_state_round_trip_is_bitwise(name):
     torch.manual_seed(0)
     cfg = OptimConfig(name=name, warmup_steps=2, weight_decay=0.1, muon_weight_decay=0.01)
     data = [(torch.randint(0, 32, (4, 8)), torch.randint(0, 32, (4, 8))) for _ in range(8)]
-    model = TinyGPT()
+    model = tiny_gpt()
     optimizers = build_optimizers(model, cfg, "cpu")
     sched = LRSchedule(cfg, total_steps=8)
     _train(model, optimizers, sched, data[:4], start=0)
@@ -171,7 +145,7 @@ def test_optimizer_state_round_trip_is_bitwise(name):
     saved_opts = copy.deepcopy([opt.state_dict() for opt in optimizers])
     uninterrupted = _train(model, optimizers, sched, data[4:], start=4)
 
-    resumed_model = TinyGPT()
+    resumed_model = tiny_gpt()
     resumed_model.load_state_dict(saved_model)
     resumed_opts = build_optimizers(resumed_model, cfg, "cpu")
     for opt, state in zip(resumed_opts, saved_opts):
@@ -185,8 +159,8 @@ def test_optimizer_state_round_trip_is_bitwise(name):
 def test_missing_muon_is_a_clear_error(monkeypatch):
     monkeypatch.delattr(torch.optim, "Muon")
     with pytest.raises(ConfigError, match=r"optim.name=muon needs torch>=2.9.*--optim.name=adamw"):
-        build_optimizers(TinyGPT(), OptimConfig(name="muon"), "cpu")
-    build_optimizers(TinyGPT(), OptimConfig(name="adamw"), "cpu")  # the classic recipe still works
+        build_optimizers(tiny_gpt(), OptimConfig(name="muon"), "cpu")
+    build_optimizers(tiny_gpt(), OptimConfig(name="adamw"), "cpu")  # the classic recipe still works
 
 
 @pytest.mark.parametrize("key,value", [("name", "sgd"), ("schedule", "linear"), ("lr", 0.0), ("beta2", 1.0),
@@ -197,7 +171,7 @@ def test_bad_values_name_the_key(key, value):
 
 
 def test_clip_grad_norm():
-    model = TinyGPT()
+    model = tiny_gpt()
     model(torch.randint(0, 32, (2, 8)), torch.randint(0, 32, (2, 8))).backward()
     grads = [p.grad.clone() for p in model.parameters()]
     expected = torch.linalg.vector_norm(torch.cat([g.flatten() for g in grads]))
