@@ -1,0 +1,243 @@
+"""Metrics: TensorBoard scalars, text and hparams, a console line with an ETA, and MFU (section `log`).
+
+Only rank 0 logs: `make_logger(...)` returns a `MetricsLogger` there and a `NullLogger` (same
+methods, does nothing) on every other rank, so the training loop never branches on rank.
+TensorBoard events go to `<run_dir>/tensorboard/`; watch them with
+`tensorboard --logdir <run_dir>` (or `--logdir runs` to compare runs).
+
+MFU (model FLOPs utilisation) = flops_per_token * tokens_per_s / peak FLOP/s of the devices,
+with flops_per_token the training (forward + backward) FLOPs of the model and the peak the dense
+tensor-core rate of the device for the run's precision, looked up by device name in `PEAK_TFLOPS`
+(or given with `--log.peak_tflops`); "n/a" where unknown, e.g. on CPUs.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from dist_gpt.errors import ConfigError
+
+
+@dataclass
+class LogConfig:
+    """Section `log`: what rank 0 reports and how often."""
+
+    interval: int = field(default=10, metadata={"help": "print a console line (and log train scalars) every this many steps"})
+    tensorboard: bool = field(default=True, metadata={"help": "write TensorBoard events to <run dir>/tensorboard"})
+    peak_tflops: float | None = field(default=None, metadata={"help": "peak TFLOP/s of one device for MFU; unset = looked up from the GPU's name (n/a if unknown)"})
+
+    def __post_init__(self) -> None:
+        if self.interval < 1:
+            raise ConfigError(f"log.interval={self.interval} must be >= 1")
+        if self.peak_tflops is not None and not self.peak_tflops > 0:
+            raise ConfigError(f"log.peak_tflops={self.peak_tflops} must be > 0 (or unset)")
+
+
+# Dense (no 2:4 sparsity) peak TFLOP/s per device, from the vendors' datasheets and whitepapers:
+# (name pattern, 16-bit tensor rate with fp32 accumulation, bf16 supported, fp32 rate as used by
+# matmuls -- TF32 tensor cores on Ampere and later, which precision.py turns on --, full SM count).
+# First match wins, so specific names come before the general ones (H100 NVL before H100).
+PEAK_TFLOPS: list[tuple[str, float, bool, float, int]] = [
+    (r"\bB200\b", 2250.0, True, 1100.0, 148),
+    (r"\bH200 NVL\b", 835.0, True, 418.0, 132),
+    (r"\bG?H200\b", 989.4, True, 494.7, 132),       # H200 SXM, GH200
+    (r"\bH100 NVL\b", 835.0, True, 418.0, 132),
+    (r"\bH100\b.*PCIe", 756.0, True, 378.0, 114),
+    (r"\bH100\b", 989.4, True, 494.7, 132),         # "NVIDIA H100 80GB HBM3" is the SXM part
+    (r"\bA100\b", 312.0, True, 156.0, 108),         # SXM and PCIe alike
+    (r"\bA10G\b", 70.0, True, 35.0, 80),            # AWS part, not in a datasheet: estimate, override if known
+    (r"\bA10\b", 125.0, True, 62.5, 72),
+    (r"\bA40\b", 149.7, True, 74.8, 84),
+    (r"\bL40S\b", 362.0, True, 183.0, 142),
+    (r"\bL40\b", 181.0, True, 90.5, 142),
+    (r"\bL4\b", 121.0, True, 60.0, 58),
+    (r"RTX A6000", 154.8, True, 77.4, 84),
+    (r"RTX 4090", 165.2, True, 82.6, 128),          # GeForce: fp32 accumulation runs at half rate
+    (r"RTX 3090 Ti", 80.0, True, 40.0, 84),
+    (r"RTX 3090", 71.0, True, 35.6, 82),
+    (r"V100.*SXM", 125.0, False, 15.7, 80),         # Volta: fp16 tensor cores, no bf16, no TF32
+    (r"V100", 112.0, False, 14.0, 80),
+    (r"\bT4\b", 65.0, False, 8.1, 40),
+    (r"MI300X", 1307.4, True, 653.7, 304),
+]
+
+
+def peak_flops_for_name(name: str, dtype_name: str, sm_count: int | None = None) -> float | None:
+    """Peak FLOP/s of the device called `name` for `dtype_name` (fp32 | bf16 | fp16), or None.
+    A MIG slice ("... MIG 3g.40gb") gets the share of the peak its `sm_count` SMs provide."""
+    for pattern, half, has_bf16, fp32, full_sms in PEAK_TFLOPS:
+        if re.search(pattern, name, flags=re.IGNORECASE):
+            if dtype_name == "bf16" and not has_bf16:
+                return None
+            tflops = fp32 if dtype_name == "fp32" else half
+            if "MIG" in name:
+                if not sm_count:
+                    return None
+                tflops *= min(1.0, sm_count / full_sms)
+            return tflops * 1e12
+    return None
+
+
+def device_peak_flops(device: torch.device | str, dtype_name: str) -> float | None:
+    """Peak FLOP/s of one `device` for the precision `dtype_name`; None ("n/a") off CUDA or when the
+    GPU is not in the table."""
+    device = torch.device(device)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    props = torch.cuda.get_device_properties(device)
+    return peak_flops_for_name(props.name, dtype_name, props.multi_processor_count)
+
+
+def resolve_peak_flops(cfg: LogConfig, device: torch.device | str, dtype_name: str) -> float | None:
+    """`log.peak_tflops` if set, else the table's value for this device."""
+    if cfg.peak_tflops is not None:
+        return cfg.peak_tflops * 1e12
+    return device_peak_flops(device, dtype_name)
+
+
+def mfu(flops_per_token: float, tokens_per_s: float, peak_flops: float | None, num_devices: int = 1) -> float | None:
+    """Model FLOPs utilisation in [0, 1]: `tokens_per_s` summed over `num_devices` devices, each
+    with `peak_flops`. None when the peak is unknown."""
+    if not peak_flops:
+        return None
+    return flops_per_token * tokens_per_s / (peak_flops * num_devices)
+
+
+def format_duration(seconds: float) -> str:
+    """3725 -> '1h02m'; 192 -> '3m12s'; 45 -> '45s'."""
+    s = max(0, int(round(seconds)))
+    if s >= 86400:
+        return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+    if s >= 3600:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    if s >= 60:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s}s"
+
+
+def format_value(value) -> str:
+    """Short, readable numbers for the console: 2.3412, 6.00e-04, 12.3k, n/a."""
+    if isinstance(value, torch.Tensor):
+        value = value.item()
+    if value is None:
+        return "n/a"
+    if isinstance(value, (bool, str)):
+        return str(value)
+    if isinstance(value, int) and abs(value) < 100_000:
+        return str(value)
+    value = float(value)
+    if not math.isfinite(value) or value == 0:
+        return str(value if value else 0)
+    for scale, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(value) >= scale * 10:  # 12.3k, never 1.23k (which reads as 1230 +- 5)
+            return f"{value / scale:.3g}{suffix}"
+    return f"{value:.2e}" if abs(value) < 1e-3 else f"{value:.4g}"
+
+
+def _flatten(config: dict, prefix: str = "") -> dict:
+    """{'model': {'n_layer': 4}} -> {'model.n_layer': 4}; values TensorBoard's hparams accept."""
+    flat = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{name}."))
+        elif isinstance(value, (bool, int, float, str)):
+            flat[name] = value
+        else:  # None and anything else: shown as text
+            flat[name] = str(value)
+    return flat
+
+
+class NullLogger:
+    """What ranks other than 0 get: every method of MetricsLogger, doing nothing."""
+
+    tb_dir: Path | None = None
+
+    def scalars(self, step: int, values: dict) -> None: ...
+    def console(self, step: int, values: dict) -> None: ...
+    def text(self, step: int, tag: str, text: str) -> None: ...
+    def hparams(self, config: dict, metrics: dict) -> None: ...
+    def print(self, msg: str) -> None: ...
+    def flush(self) -> None: ...
+    def close(self) -> None: ...
+
+
+class MetricsLogger(NullLogger):
+    """Rank 0's logger (constructed with is_main=False it stays silent, like NullLogger)."""
+
+    def __init__(self, run_dir: str | Path, cfg: LogConfig, is_main: bool, total_steps: int):
+        self.cfg, self.is_main, self.total_steps = cfg, is_main, total_steps
+        self.writer = None
+        self.tb_dir = Path(run_dir) / "tensorboard" if cfg.tensorboard and is_main else None
+        if self.tb_dir is not None:
+            from torch.utils.tensorboard import SummaryWriter  # slow import: only where used
+
+            # flush every 10 s so `tensorboard --logdir` shows a short CPU run while it trains
+            self.writer = SummaryWriter(log_dir=str(self.tb_dir), flush_secs=10)
+        self._eta_origin: tuple[float, int] | None = None  # (time, step) of the first console line
+        self._last_step = 0  # hparams metrics are logged at the latest step seen
+
+    def scalars(self, step: int, values: dict) -> None:
+        """One TensorBoard scalar per entry ('train/loss': 2.3); None (e.g. MFU n/a) is skipped."""
+        self._last_step = max(self._last_step, step)
+        if self.writer is None:
+            return
+        for tag, value in values.items():
+            if value is not None:
+                self.writer.add_scalar(tag, float(value), step)
+
+    def console(self, step: int, values: dict) -> None:
+        """`step 120/2000 | loss 2.341 | lr 6.00e-04 | ... | eta 3m12s`, with `step` the number of
+        optimizer steps done (1 .. total_steps). The ETA extrapolates the mean time per step since
+        the first console line (so start-up and compilation do not count)."""
+        self._last_step = max(self._last_step, step)
+        if not self.is_main:
+            return
+        now = time.perf_counter()
+        if self._eta_origin is None:
+            self._eta_origin = (now, step)
+        t0, s0 = self._eta_origin
+        eta = format_duration((now - t0) / (step - s0) * (self.total_steps - step)) if step > s0 else "--"
+        fields = [f"step {step}/{self.total_steps}"] + [f"{k} {format_value(v)}" for k, v in values.items()]
+        print(" | ".join(fields + [f"eta {eta}"]), flush=True)
+
+    def text(self, step: int, tag: str, text: str) -> None:
+        """Text under `tag`, e.g. a sample. Indented four spaces so TensorBoard's Markdown renders it
+        as a code block, keeping newlines and spacing (the stored string carries the indent)."""
+        if self.writer is not None:
+            self.writer.add_text(tag, "\n".join("    " + line for line in text.split("\n")), step)
+
+    def hparams(self, config: dict, metrics: dict) -> None:
+        """The run's (nested) config as hparams, with `metrics` ({'hparam/val_loss': 1.4}) as the
+        scalars the HPARAMS tab shows against them. Written into this run's own event file."""
+        if self.writer is None:
+            return
+        from torch.utils.tensorboard.summary import hparams
+
+        for summary in hparams(_flatten(config), {k: float(v) for k, v in metrics.items()}):
+            self.writer.file_writer.add_summary(summary)
+        self.scalars(self._last_step, metrics)
+
+    def print(self, msg: str) -> None:
+        if self.is_main:
+            print(msg, flush=True)
+
+    def flush(self) -> None:
+        if self.writer is not None:
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+
+def make_logger(run_dir: str | Path, cfg: LogConfig, is_main: bool, total_steps: int) -> NullLogger:
+    """MetricsLogger on rank 0, NullLogger elsewhere."""
+    return MetricsLogger(run_dir, cfg, is_main, total_steps) if is_main else NullLogger()

@@ -1,0 +1,132 @@
+"""Metrics logger: TensorBoard events read back with TensorBoard's own reader, the console line and
+its ETA, the quiet non-main ranks, the MFU peak table."""
+
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
+
+import dist_gpt.metrics as metrics
+from dist_gpt.errors import ConfigError
+from dist_gpt.metrics import (LogConfig, MetricsLogger, NullLogger, device_peak_flops, format_duration,
+                              format_value, make_logger, mfu, peak_flops_for_name, resolve_peak_flops)
+
+
+def _events(tb_dir):
+    acc = EventAccumulator(str(tb_dir), size_guidance={"scalars": 0, "tensors": 0})
+    acc.Reload()
+    return acc
+
+
+def test_scalars_text_and_hparams_read_back(tmp_path):
+    log = make_logger(tmp_path, LogConfig(), is_main=True, total_steps=20)
+    for step in (10, 20):
+        log.scalars(step, {"train/loss": 5.0 / step, "train/lr": 1e-3, "perf/mfu": None})
+    log.text(20, "sample", "def f(x):\n    return x")
+    log.hparams({"model": {"n_layer": 4, "norm": "rmsnorm", "head_dim": None}, "optim": {"lr": 6e-4}},
+                {"hparam/val_loss": 1.25})
+    log.close()
+
+    acc = _events(tmp_path / "tensorboard")
+    loss = acc.Scalars("train/loss")
+    assert [(e.step, e.value) for e in loss] == [(10, 0.5), (20, 0.25)]
+    assert "perf/mfu" not in acc.Tags()["scalars"]  # n/a values are skipped, not logged as 0
+    assert [e.value for e in acc.Scalars("hparam/val_loss")] == [1.25]
+    assert acc.Scalars("hparam/val_loss")[0].step == 20
+
+    (sample,) = acc.Tensors("sample/text_summary")
+    assert sample.step == 20
+    assert sample.tensor_proto.string_val[0].decode() == "    def f(x):\n        return x"
+
+    content = acc.PluginTagToContent("hparams")["_hparams_/session_start_info"]
+    hparams = HParamsPluginData.FromString(content).session_start_info.hparams
+    assert hparams["model.n_layer"].number_value == 4
+    assert hparams["model.norm"].string_value == "rmsnorm"
+    assert hparams["model.head_dim"].string_value == "None"
+    assert hparams["optim.lr"].number_value == pytest.approx(6e-4)
+
+
+def test_non_main_ranks_stay_quiet(tmp_path, capsys):
+    log = make_logger(tmp_path, LogConfig(), is_main=False, total_steps=10)
+    assert isinstance(log, NullLogger) and not isinstance(log, MetricsLogger)
+    quiet = MetricsLogger(tmp_path, LogConfig(), is_main=False, total_steps=10)
+    for logger in (log, quiet):
+        logger.scalars(1, {"train/loss": 1.0})
+        logger.console(1, {"loss": 1.0})
+        logger.text(1, "sample", "hi")
+        logger.hparams({"a": 1}, {"m": 1.0})
+        logger.print("hello")
+        logger.close()
+    assert capsys.readouterr().out == ""
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_tensorboard_off_writes_nothing(tmp_path, capsys):
+    log = make_logger(tmp_path, LogConfig(tensorboard=False), is_main=True, total_steps=10)
+    log.scalars(1, {"train/loss": 1.0})
+    log.print("done")
+    log.close()
+    assert capsys.readouterr().out == "done\n"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_console_line_with_eta(tmp_path, capsys, monkeypatch):
+    clock = iter([100.0, 110.0])
+    monkeypatch.setattr(metrics.time, "perf_counter", lambda: next(clock))
+    log = make_logger(tmp_path, LogConfig(tensorboard=False), is_main=True, total_steps=100)
+    log.console(10, {"loss": 2.34567, "lr": 6e-4, "tok/s": 12345.6, "mfu": None})
+    log.console(20, {"loss": 2.1})  # 1 s per step, 80 steps to go
+    first, second = capsys.readouterr().out.splitlines()
+    assert first == "step 10/100 | loss 2.346 | lr 6.00e-04 | tok/s 12.3k | mfu n/a | eta --"
+    assert second == "step 20/100 | loss 2.1 | eta 1m20s"
+
+
+def test_formatting():
+    assert [format_value(v) for v in (2.34567, 6e-4, 12345.6, 3.2e7, 7, 250_000, None, True, 0.0)] == [
+        "2.346", "6.00e-04", "12.3k", "32M", "7", "250k", "n/a", "True", "0"]
+    assert [format_duration(s) for s in (45, 192, 3725, 2 * 86400 + 3 * 3600)] == ["45s", "3m12s", "1h02m", "2d03h"]
+
+
+@pytest.mark.parametrize("name,dtype,tflops", [
+    ("NVIDIA H100 80GB HBM3", "bf16", 989.4),
+    ("NVIDIA H100 PCIe", "bf16", 756.0),
+    ("NVIDIA H100 NVL", "fp16", 835.0),
+    ("NVIDIA H200", "bf16", 989.4),
+    ("NVIDIA GH200 480GB", "fp32", 494.7),
+    ("NVIDIA A100-SXM4-80GB", "bf16", 312.0),
+    ("NVIDIA A100 80GB PCIe", "fp32", 156.0),
+    ("NVIDIA A10G", "bf16", 70.0),
+    ("NVIDIA A10", "bf16", 125.0),
+    ("NVIDIA L4", "bf16", 121.0),
+    ("NVIDIA L40S", "bf16", 362.0),
+    ("NVIDIA GeForce RTX 4090", "bf16", 165.2),
+    ("NVIDIA GeForce RTX 3090", "fp16", 71.0),
+    ("NVIDIA GeForce RTX 3090 Ti", "fp16", 80.0),
+    ("Tesla V100-SXM2-16GB", "fp16", 125.0),
+    ("Tesla V100-PCIE-32GB", "fp32", 14.0),
+    ("Tesla V100-SXM2-16GB", "bf16", None),  # Volta has no bf16
+    ("Tesla T4", "fp16", 65.0),
+    ("Some Future GPU", "bf16", None),
+])
+def test_peak_table(name, dtype, tflops):
+    peak = peak_flops_for_name(name, dtype)
+    assert peak == (None if tflops is None else pytest.approx(tflops * 1e12))
+
+
+def test_mig_slice_gets_its_share_of_the_peak():
+    assert peak_flops_for_name("NVIDIA H100 80GB HBM3 MIG 3g.40gb", "bf16", sm_count=66) == pytest.approx(494.7e12)
+    assert peak_flops_for_name("NVIDIA H100 80GB HBM3 MIG 3g.40gb", "bf16") is None
+
+
+def test_peak_override_and_mfu():
+    assert device_peak_flops("cpu", "bf16") is None
+    assert resolve_peak_flops(LogConfig(), "cpu", "fp32") is None
+    assert resolve_peak_flops(LogConfig(peak_tflops=2.5), "cpu", "fp32") == 2.5e12
+    # 1e9 FLOPs/token at 100k tokens/s on 2 devices of 100 TFLOP/s each: 1e14 / 2e14
+    assert mfu(1e9, 1e5, 100e12, num_devices=2) == pytest.approx(0.5)
+    assert mfu(1e9, 1e5, None) is None
+
+
+@pytest.mark.parametrize("kwargs,key", [({"interval": 0}, "log.interval"), ({"peak_tflops": 0.0}, "log.peak_tflops")])
+def test_bad_values_name_the_key(kwargs, key):
+    with pytest.raises(ConfigError, match=key):
+        LogConfig(**kwargs)
