@@ -3,7 +3,9 @@
 Only rank 0 logs: `make_logger(...)` returns a `MetricsLogger` there and a `NullLogger` (same
 methods, does nothing) on every other rank, so the training loop never branches on rank.
 TensorBoard events go to `<run_dir>/tensorboard/`; watch them with
-`tensorboard --logdir <run_dir>` (or `--logdir runs` to compare runs).
+`tensorboard --logdir <run_dir>` (or `--logdir runs` to compare runs). Every scalar is also
+appended to `<run_dir>/metrics.jsonl` (`{"step": 10, "time": ..., "train/loss": 2.3, ...}` per
+line; a resumed run appends, so a step can repeat: the last line for a step wins).
 
 MFU (model FLOPs utilisation) = flops_per_token * tokens_per_s / peak FLOP/s of the devices,
 with flops_per_token the training (forward + backward) FLOPs of the model and the peak the dense
@@ -13,8 +15,10 @@ tensor-core rate of the device for the run's precision, looked up by device name
 
 from __future__ import annotations
 
+import json
 import math
 import re
+import resource
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -109,6 +113,16 @@ def mfu(flops_per_token: float, tokens_per_s: float, peak_flops: float | None, n
     return flops_per_token * tokens_per_s / (peak_flops * num_devices)
 
 
+def peak_memory_gib(device: torch.device | str) -> float | None:
+    """Peak memory of this process in GiB: allocated tensors on CUDA, resident set size on CPU."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    if device.type == "cpu":
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+    return None
+
+
 def format_duration(seconds: float) -> str:
     """3725 -> '1h02m'; 192 -> '3m12s'; 45 -> '45s'."""
     s = max(0, int(round(seconds)))
@@ -134,9 +148,9 @@ def format_value(value) -> str:
     value = float(value)
     if not math.isfinite(value) or value == 0:
         return str(value if value else 0)
-    for scale, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if abs(value) >= scale * 10:  # 12.3k, never 1.23k (which reads as 1230 +- 5)
-            return f"{value / scale:.3g}{suffix}"
+    if abs(value) >= 1e4:  # 12.3k, 1.5M; below 10k four digits read fine (1234)
+        scale, suffix = next((s, x) for s, x in ((1e9, "G"), (1e6, "M"), (1e3, "k")) if abs(value) >= s)
+        return f"{value / scale:.3g}{suffix}"
     return f"{value:.2e}" if abs(value) < 1e-3 else f"{value:.4g}"
 
 
@@ -155,25 +169,43 @@ def _flatten(config: dict, prefix: str = "") -> dict:
 
 
 class NullLogger:
-    """What ranks other than 0 get: every method of MetricsLogger, doing nothing."""
+    """What ranks other than 0 get: every method of MetricsLogger, doing nothing -- except `due`,
+    which answers the same on every rank because callers may run a collective when it is True."""
 
+    is_main = False
     tb_dir: Path | None = None
 
+    def __init__(self, cfg: LogConfig | None = None, total_steps: int = 0):
+        self.cfg, self.total_steps = cfg or LogConfig(), total_steps
+
+    def due(self, step: int) -> bool:
+        """Whether `step` (optimizer steps done) gets a log line: the first, every `log.interval`-th
+        and the last."""
+        return step == 1 or step % self.cfg.interval == 0 or step == self.total_steps
+
+    def step(self, step: int, **values) -> None: ...
+    def eval(self, step: int, *, loss: float, bpb: float, blocks: int) -> None: ...
     def scalars(self, step: int, values: dict) -> None: ...
     def console(self, step: int, values: dict) -> None: ...
     def text(self, step: int, tag: str, text: str) -> None: ...
-    def hparams(self, config: dict, metrics: dict) -> None: ...
+    def hparams(self, config: dict, metrics: dict | None = None) -> None: ...
     def print(self, msg: str) -> None: ...
     def flush(self) -> None: ...
     def close(self) -> None: ...
 
 
 class MetricsLogger(NullLogger):
-    """Rank 0's logger (constructed with is_main=False it stays silent, like NullLogger)."""
+    """Rank 0's logger: TensorBoard under <run_dir>/tensorboard, every scalar also appended to
+    <run_dir>/metrics.jsonl (one JSON object per call, for scripts), console lines on stdout.
+    Constructed with is_main=False it stays silent, like NullLogger."""
 
     def __init__(self, run_dir: str | Path, cfg: LogConfig, is_main: bool, total_steps: int):
-        self.cfg, self.is_main, self.total_steps = cfg, is_main, total_steps
+        super().__init__(cfg, total_steps)
+        self.is_main = is_main
         self.writer = None
+        self.jsonl = Path(run_dir) / "metrics.jsonl" if is_main else None
+        if is_main:
+            Path(run_dir).mkdir(parents=True, exist_ok=True)
         self.tb_dir = Path(run_dir) / "tensorboard" if cfg.tensorboard and is_main else None
         if self.tb_dir is not None:
             from torch.utils.tensorboard import SummaryWriter  # slow import: only where used
@@ -182,15 +214,58 @@ class MetricsLogger(NullLogger):
             self.writer = SummaryWriter(log_dir=str(self.tb_dir), flush_secs=10)
         self._eta_origin: tuple[float, int] | None = None  # (time, step) of the first console line
         self._last_step = 0  # hparams metrics are logged at the latest step seen
+        self._peak: dict[tuple, float | None] = {}  # (device, dtype) -> peak FLOP/s, looked up once
+        self.best_val = math.inf
+
+    def step(self, step: int, *, loss: float, lr: float, grad_norm: float, step_time: float, data_time: float,
+             tokens_per_s: float, flops_per_token: float, device: torch.device | str, dtype: str,
+             world_size: int | None = None) -> None:
+        """The training scalars and console line of one logged step. `tokens_per_s` counts every
+        rank's tokens (MFU divides by `world_size` devices, by default the process group's size);
+        `step_time` and `data_time` are seconds of this step, the latter spent waiting for data."""
+        if not self.is_main:
+            return
+        key = (str(device), dtype)
+        if key not in self._peak:
+            self._peak[key] = resolve_peak_flops(self.cfg, device, dtype)
+        if world_size is None:
+            dist = torch.distributed
+            world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        util = mfu(flops_per_token, tokens_per_s, self._peak[key], world_size)
+        mem = peak_memory_gib(device)
+        self.scalars(step, {
+            "train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm,
+            "perf/tokens_per_s": tokens_per_s, "perf/mfu": util, "perf/step_time_ms": 1000 * step_time,
+            "perf/data_wait_share": data_time / step_time if step_time > 0 else None, "perf/peak_mem_gib": mem,
+        })
+        self.console(step, {
+            "loss": f"{loss:.4f}", "lr": lr, "gnorm": grad_norm, "tok/s": tokens_per_s,
+            "mfu": None if util is None else f"{100 * util:.1f}%", "ms/step": 1000 * step_time,
+            "data": f"{100 * data_time / step_time:.0f}%" if step_time > 0 else None,
+            "mem": None if mem is None else f"{mem:.2f}GiB",
+        })
+
+    def eval(self, step: int, *, loss: float, bpb: float, blocks: int) -> None:
+        """A validation result: scalars val/loss (nats per token), val/bpb, val/best_loss and a line."""
+        if not self.is_main:
+            return
+        self.best_val = min(self.best_val, loss)
+        self.scalars(step, {"val/loss": loss, "val/bpb": bpb, "val/best_loss": self.best_val})
+        best = " (best)" if loss == self.best_val else f" (best {self.best_val:.4f})"
+        self.print(f"eval step {step}/{self.total_steps} | val loss {loss:.4f} nats/token | {bpb:.4f} bits/byte"
+                   f"{best} | {blocks} blocks")
 
     def scalars(self, step: int, values: dict) -> None:
         """One TensorBoard scalar per entry ('train/loss': 2.3); None (e.g. MFU n/a) is skipped."""
         self._last_step = max(self._last_step, step)
-        if self.writer is None:
+        if not self.is_main:
             return
-        for tag, value in values.items():
-            if value is not None:
-                self.writer.add_scalar(tag, float(value), step)
+        values = {tag: float(v) for tag, v in values.items() if v is not None}
+        with open(self.jsonl, "a") as f:
+            f.write(json.dumps({"step": step, "time": time.time(), **values}) + "\n")
+        if self.writer is not None:
+            for tag, value in values.items():
+                self.writer.add_scalar(tag, value, step)
 
     def console(self, step: int, values: dict) -> None:
         """`step 120/2000 | loss 2.341 | lr 6.00e-04 | ... | eta 3m12s`, with `step` the number of
@@ -213,16 +288,18 @@ class MetricsLogger(NullLogger):
         if self.writer is not None:
             self.writer.add_text(tag, "\n".join("    " + line for line in text.split("\n")), step)
 
-    def hparams(self, config: dict, metrics: dict) -> None:
+    def hparams(self, config: dict, metrics: dict | None = None) -> None:
         """The run's (nested) config as hparams, with `metrics` ({'hparam/val_loss': 1.4}) as the
         scalars the HPARAMS tab shows against them. Written into this run's own event file."""
+        metrics = metrics or {}
         if self.writer is None:
             return
         from torch.utils.tensorboard.summary import hparams
 
         for summary in hparams(_flatten(config), {k: float(v) for k, v in metrics.items()}):
             self.writer.file_writer.add_summary(summary)
-        self.scalars(self._last_step, metrics)
+        if metrics:
+            self.scalars(self._last_step, metrics)
 
     def print(self, msg: str) -> None:
         if self.is_main:
@@ -240,4 +317,4 @@ class MetricsLogger(NullLogger):
 
 def make_logger(run_dir: str | Path, cfg: LogConfig, is_main: bool, total_steps: int) -> NullLogger:
     """MetricsLogger on rank 0, NullLogger elsewhere."""
-    return MetricsLogger(run_dir, cfg, is_main, total_steps) if is_main else NullLogger()
+    return MetricsLogger(run_dir, cfg, is_main, total_steps) if is_main else NullLogger(cfg, total_steps)

@@ -1,6 +1,8 @@
 """Metrics logger: TensorBoard events read back with TensorBoard's own reader, the console line and
 its ETA, the quiet non-main ranks, the MFU peak table."""
 
+import json
+
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
@@ -56,17 +58,54 @@ def test_non_main_ranks_stay_quiet(tmp_path, capsys):
         logger.hparams({"a": 1}, {"m": 1.0})
         logger.print("hello")
         logger.close()
+        logger.step(1, loss=1.0, lr=1e-3, grad_norm=1.0, step_time=0.1, data_time=0.0, tokens_per_s=1.0,
+                    flops_per_token=1.0, device="cpu", dtype="fp32")
+        logger.eval(1, loss=1.0, bpb=1.0, blocks=1)
     assert capsys.readouterr().out == ""
     assert list(tmp_path.iterdir()) == []
 
 
-def test_tensorboard_off_writes_nothing(tmp_path, capsys):
-    log = make_logger(tmp_path, LogConfig(tensorboard=False), is_main=True, total_steps=10)
-    log.scalars(1, {"train/loss": 1.0})
+def test_tensorboard_off_keeps_only_the_jsonl(tmp_path, capsys):
+    log = make_logger(tmp_path / "run", LogConfig(tensorboard=False), is_main=True, total_steps=10)
+    log.scalars(1, {"train/loss": 1.0, "perf/mfu": None})
+    log.scalars(2, {"train/loss": 0.5})
     log.print("done")
     log.close()
     assert capsys.readouterr().out == "done\n"
-    assert list(tmp_path.iterdir()) == []
+    assert [p.name for p in (tmp_path / "run").iterdir()] == ["metrics.jsonl"]
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["train/loss"]) for r in lines] == [(1, 1.0), (2, 0.5)]
+    assert "perf/mfu" not in lines[0]
+
+
+def test_due_is_the_same_on_every_rank(tmp_path):
+    cfg = LogConfig(interval=10, tensorboard=False)
+    main = make_logger(tmp_path, cfg, is_main=True, total_steps=25)
+    other = make_logger(tmp_path, cfg, is_main=False, total_steps=25)
+    due = [s for s in range(1, 26) if main.due(s)]
+    assert due == [1, 10, 20, 25] == [s for s in range(1, 26) if other.due(s)]
+    assert main.is_main and not other.is_main
+
+
+def test_step_and_eval(tmp_path, capsys):
+    log = make_logger(tmp_path, LogConfig(peak_tflops=1.0), is_main=True, total_steps=100)
+    # 1e6 FLOPs/token x 1e6 tokens/s over 2 devices of 1 TFLOP/s: MFU 0.5
+    log.step(10, loss=2.5, lr=3e-4, grad_norm=0.75, step_time=0.2, data_time=0.05, tokens_per_s=1e6,
+             flops_per_token=1e6, device="cpu", dtype="fp32", world_size=2)
+    log.eval(10, loss=1.5, bpb=2.0, blocks=64)
+    log.eval(20, loss=1.75, bpb=2.3, blocks=64)
+    log.close()
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("step 10/100 | loss 2.5000 | lr 3.00e-04 | gnorm 0.75 | tok/s 1M | mfu 50.0% | "
+                             "ms/step 200 | data 25% | mem ")
+    assert out[1:] == ["eval step 10/100 | val loss 1.5000 nats/token | 2.0000 bits/byte (best) | 64 blocks",
+                       "eval step 20/100 | val loss 1.7500 nats/token | 2.3000 bits/byte (best 1.5000) | 64 blocks"]
+    acc = _events(tmp_path / "tensorboard")
+    assert acc.Scalars("perf/mfu")[0].value == pytest.approx(0.5)
+    assert acc.Scalars("perf/data_wait_share")[0].value == pytest.approx(0.25)
+    assert acc.Scalars("perf/peak_mem_gib")[0].value > 0  # CPU: the process's peak resident set
+    assert [e.value for e in acc.Scalars("val/best_loss")] == [1.5, 1.5]
+    assert [e.value for e in acc.Scalars("val/bpb")] == pytest.approx([2.0, 2.3])
 
 
 def test_console_line_with_eta(tmp_path, capsys, monkeypatch):
@@ -81,8 +120,8 @@ def test_console_line_with_eta(tmp_path, capsys, monkeypatch):
 
 
 def test_formatting():
-    assert [format_value(v) for v in (2.34567, 6e-4, 12345.6, 3.2e7, 7, 250_000, None, True, 0.0)] == [
-        "2.346", "6.00e-04", "12.3k", "32M", "7", "250k", "n/a", "True", "0"]
+    assert [format_value(v) for v in (2.34567, 6e-4, 1234.5, 12345.6, 1e6, 3.2e7, 7, 250_000, None, True, 0.0)] == [
+        "2.346", "6.00e-04", "1234", "12.3k", "1M", "32M", "7", "250k", "n/a", "True", "0"]
     assert [format_duration(s) for s in (45, 192, 3725, 2 * 86400 + 3 * 3600)] == ["45s", "3m12s", "1h02m", "2d03h"]
 
 
