@@ -1,0 +1,24 @@
+"""The `data` config section (block size is `model.block_size`; batch sizes are `train.*`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from dist_gpt.errors import ConfigError
+
+
+@dataclass
+class DataConfig:
+    path: str = field(default="data/stdlib", metadata={
+        "help": "dataset directory made by `python -m tools.prepare` (manifest.json + shards)"})
+    prepare_if_missing: bool = field(default=True, metadata={
+        "help": "build the default stdlib byte dataset when data.path is data/stdlib and missing"})
+    prefetch: bool = field(default=True, metadata={
+        "help": "on CUDA, read and copy the next batch in a background thread while the current one "
+                "computes (on CPU batches are read inline: the thread would only compete for cores)"})
+    verify: bool = field(default=False, metadata={
+        "help": "check every shard's checksum and token ids at start (reads the whole dataset once)"})
+
+    def __post_init__(self):
+        if not self.path:
+            raise ConfigError("data.path must name a dataset directory")

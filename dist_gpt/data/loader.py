@@ -1,0 +1,211 @@
+"""Batches for the training loop: `TrainBatches` (train) and `ValBlocks` (evaluation).
+
+`TrainBatches.next()` returns this rank's micro-batches of the next global batch as a list of
+`grad_accum = B // (m * W)` pairs `(x, y)`, each `(m, T)` int64 on the device. Which blocks they
+hold is decided by `sampler.py` from (seed, sample index) alone, so the only state is the number
+of global batches consumed (`position`) and the sample index the next one starts at.
+
+On CUDA the rows are gathered into a pinned host buffer and copied with `non_blocking=True` on a
+side stream; with `prefetch` the next global batch is read and copied by a background thread
+while the current one computes. The thread computes exactly what `next()` would, so prefetching
+never changes results.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import numpy as np
+import torch
+
+from dist_gpt.data.dataset import Dataset
+from dist_gpt.data.sampler import TrainLayout, ValLayout, rank_samples
+from dist_gpt.errors import DataError
+
+_PINNED_SLOTS = 3  # host buffers in flight on CUDA: being filled, being copied, spare
+
+
+def _check_batch_shape(global_batch: int, micro_batch: int, world_size: int) -> int:
+    if micro_batch < 1 or world_size < 1 or global_batch % (micro_batch * world_size):
+        raise DataError(
+            f"global batch {global_batch} is not a multiple of micro_batch * world_size = "
+            f"{micro_batch} * {world_size}; change train.batch_size or train.micro_batch_size"
+        )
+    return global_batch // (micro_batch * world_size)
+
+
+class _HostToDevice:
+    """Turns (R, L) token rows into (2, R, T) int64 (inputs, targets) on the device."""
+
+    def __init__(self, device: torch.device, rows: int, block_size: int):
+        self.device = torch.device(device)
+        self.cuda = self.device.type == "cuda"
+        self.shape = (2, rows, block_size)
+        if self.cuda:
+            self.stream = torch.cuda.Stream(device=self.device)
+            self.slots = [torch.empty(self.shape, dtype=torch.int64, pin_memory=True) for _ in range(_PINNED_SLOTS)]
+            self.done = [None] * _PINNED_SLOTS
+            self.next_slot = 0
+
+    def convert(self, rows: np.ndarray) -> tuple[torch.Tensor, "torch.cuda.Event | None"]:
+        if not self.cuda:
+            host = torch.empty(self.shape, dtype=torch.int64)  # fresh: the caller may keep it
+            self._fill(host, rows)
+            return host if self.device.type == "cpu" else host.to(self.device), None
+        slot = self.next_slot
+        self.next_slot = (slot + 1) % _PINNED_SLOTS
+        if self.done[slot] is not None:
+            self.done[slot].synchronize()  # the copy out of this pinned buffer has finished
+        host = self.slots[slot]
+        self._fill(host, rows)
+        with torch.cuda.device(self.device), torch.cuda.stream(self.stream):
+            dev = host.to(self.device, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record(self.stream)
+        self.done[slot] = event
+        return dev, event
+
+    @staticmethod
+    def _fill(host: torch.Tensor, rows: np.ndarray) -> None:
+        out = host.numpy()
+        np.copyto(out[0], rows[:, :-1], casting="unsafe")  # x: tokens 0..T-1
+        np.copyto(out[1], rows[:, 1:], casting="unsafe")   # y: tokens 1..T
+
+    def wait(self, dev: torch.Tensor, event) -> torch.Tensor:
+        """Make the compute stream wait for the copy; keep the memory alive for that stream."""
+        if event is not None:
+            stream = torch.cuda.current_stream(self.device)
+            stream.wait_event(event)
+            dev.record_stream(stream)
+        return dev
+
+
+class TrainBatches:
+    """This rank's share of a deterministic stream of global batches of random train blocks."""
+
+    def __init__(self, ds: Dataset, block_size: int, global_batch: int, micro_batch: int, rank: int = 0,
+                 world_size: int = 1, seed: int = 0, device: torch.device | str = "cpu",
+                 prefetch: bool = True, prefetch_on_cpu: bool = False):
+        self.grad_accum = _check_batch_shape(global_batch, micro_batch, world_size)
+        if not 0 <= rank < world_size:
+            raise DataError(f"rank {rank} is outside world size {world_size}")
+        self.ds, self.block_size, self.global_batch, self.micro_batch = ds, block_size, global_batch, micro_batch
+        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.layout = TrainLayout([s.num_tokens for s in ds.shards["train"]], block_size + 1, seed)
+        self.reader = ds.reader("train")
+        rows = self.grad_accum * micro_batch
+        self._rows = np.empty((rows, block_size + 1), dtype=ds.dtype)  # reused: read buffer
+        self._h2d = _HostToDevice(torch.device(device), rows, block_size)
+        self.position = 0       # global batches consumed
+        self._next_sample = 0   # global sample index the next batch starts at (= position * B)
+        # The thread runs on CUDA only unless asked: on a CPU its hand-off costs more than it
+        # overlaps (the model's own threads already use the cores). Results are identical either way.
+        threaded = prefetch and (self._h2d.cuda or prefetch_on_cpu)
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="dist_gpt-prefetch") if threaded else None
+        self._ahead: tuple[int, Future] | None = None  # (first sample, future) of the batch read ahead
+
+    @property
+    def blocks_per_epoch(self) -> int:
+        return self.layout.blocks_per_epoch
+
+    @property
+    def epoch(self) -> float:
+        return self._next_sample / self.layout.blocks_per_epoch
+
+    def _build(self, first_sample: int):
+        samples = rank_samples(0, self.global_batch, self.micro_batch, self.rank, self.world_size, first_sample)
+        shard, start = self.layout.locate(samples)
+        self.reader.read(shard, start, self._rows)
+        return self._h2d.convert(self._rows)
+
+    def next(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        first = self._next_sample
+        if self._ahead is not None and self._ahead[0] != first:
+            self._drop_ahead()
+        if self._ahead is not None:
+            dev, event = self._ahead[1].result()
+        else:
+            dev, event = self._build(first)
+        self._ahead = None
+        self.position += 1
+        self._next_sample += self.global_batch
+        if self._pool is not None:
+            self._ahead = (self._next_sample, self._pool.submit(self._build, self._next_sample))
+        both = self._h2d.wait(dev, event)  # (2, grad_accum * m, T)
+        m = self.micro_batch
+        return [(both[0, a * m:(a + 1) * m], both[1, a * m:(a + 1) * m]) for a in range(self.grad_accum)]
+
+    def __iter__(self):
+        while True:
+            yield self.next()
+
+    def _drop_ahead(self) -> None:
+        if self._ahead is not None:
+            self._ahead[1].result()  # let it finish: it writes the shared read buffer
+            self._ahead = None
+
+    def skip(self, n: int) -> None:
+        """Skip n global batches without reading them."""
+        self._drop_ahead()
+        self.position += n
+        self._next_sample += n * self.global_batch
+
+    def state_dict(self) -> dict:
+        return {"position": self.position, "next_sample": self._next_sample, "seed": self.seed,
+                "block_size": self.block_size, "dataset": self.ds.fingerprint}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Resume the same global stream; any world size or micro batch, same seed and dataset."""
+        if state.get("dataset", self.ds.fingerprint) != self.ds.fingerprint:
+            raise DataError(f"the checkpoint was trained on another dataset than {self.ds.path} "
+                            "(fingerprint differs); point data.path at the original dataset or start a new run")
+        for key in ("seed", "block_size"):
+            if key in state and state[key] != getattr(self, key):
+                raise DataError(f"the checkpoint's data stream used {key}={state[key]}, this run has "
+                                f"{getattr(self, key)}; resume with the same value or start a new run")
+        self._drop_ahead()
+        self.position = int(state["position"])
+        self._next_sample = int(state.get("next_sample", self.position * self.global_batch))
+
+    def close(self) -> None:
+        self._drop_ahead()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+        self.reader.close()
+
+
+class ValBlocks:
+    """A fixed, deterministic validation set, split across ranks; iterate for (x, y) batches."""
+
+    def __init__(self, ds: Dataset, block_size: int, batch_size: int, rank: int = 0, world_size: int = 1,
+                 max_blocks: int | None = None, device: torch.device | str = "cpu"):
+        if batch_size < 1:
+            raise DataError(f"validation batch size must be at least 1, got {batch_size}")
+        self.layout = ValLayout([s.num_tokens for s in ds.shards["val"]], block_size + 1, max_blocks)
+        self.ds, self.block_size, self.batch_size = ds, block_size, batch_size
+        self.shard, self.start = self.layout.for_rank(rank, world_size)
+        self.device = torch.device(device)
+
+    def __len__(self) -> int:
+        """Blocks across all ranks (each rank iterates its own share: every W-th block)."""
+        return len(self.layout)
+
+    @property
+    def num_local_blocks(self) -> int:
+        return int(self.shard.size)
+
+    def __iter__(self):
+        reader = self.ds.reader("val")
+        try:
+            for i in range(0, self.shard.size, self.batch_size):
+                shard, start = self.shard[i:i + self.batch_size], self.start[i:i + self.batch_size]
+                rows = reader.read(shard, start, np.empty((shard.size, self.block_size + 1), dtype=self.ds.dtype))
+                both = torch.from_numpy(rows.astype(np.int64))
+                x, y = both[:, :-1].contiguous(), both[:, 1:].contiguous()
+                if self.device.type == "cuda":
+                    x, y = x.pin_memory().to(self.device, non_blocking=True), y.pin_memory().to(self.device, non_blocking=True)
+                elif self.device.type != "cpu":
+                    x, y = x.to(self.device), y.to(self.device)
+                yield x, y
+        finally:
+            reader.close()

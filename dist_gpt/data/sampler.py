@@ -1,0 +1,134 @@
+"""Where each training and validation block lives: pure functions of (seed, sample index).
+
+Train. A block is `L = block_size + 1` tokens (inputs and shifted targets). Shard s of length
+`len_s` holds `n_s = (len_s - L + 1) // L` non-overlapping blocks, so each epoch has
+`N = sum(n_s)` blocks (the same N every epoch). Global sample i is block
+`perm_e(i mod N)` of epoch `e = i // N`, where `perm_e` is a keyed permutation (key = seed, e):
+within an epoch no block is drawn twice, and every block of every shard is equally likely, so
+shards are drawn in proportion to their tokens. A shard's blocks start at a random offset in
+`[0, len_s - n_s * L]` (at least L - 1 wide) drawn afresh per (epoch, shard), so over epochs
+blocks start at every position. Nothing here has state: any rank computes any sample.
+
+Validation. Non-overlapping blocks from the start of each val shard, in order; optionally a fixed
+seeded subset of them. Rank r of W takes every W-th block starting at r.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from dist_gpt.data.permutation import FeistelPermutation, mix64, mix_int
+from dist_gpt.errors import DataError
+
+VAL_SUBSET_KEY = 0x5EED_0F_7A1  # fixed: the val subset never depends on the training seed
+WINDOW = 4096  # samples located per vectorized call; numpy's per-call overhead dominates small batches
+
+
+class TrainLayout:
+    """Maps global sample indices to (shard, start token) for one (dataset split, L, seed)."""
+
+    def __init__(self, shard_tokens: list[int], block_len: int, seed: int):
+        self.block_len, self.seed = block_len, seed
+        lengths = np.asarray(shard_tokens, dtype=np.int64)
+        self.blocks_per_shard = np.maximum(0, (lengths - block_len + 1) // block_len)
+        self.slack = lengths - self.blocks_per_shard * block_len  # offsets are drawn in [0, slack]
+        self.cum = np.concatenate([[0], np.cumsum(self.blocks_per_shard)])  # (S+1,)
+        self.blocks_per_epoch = int(self.cum[-1])
+        if self.blocks_per_epoch == 0:
+            raise DataError(
+                f"the train split ({int(lengths.sum())} tokens in {len(lengths)} shards) has no block of "
+                f"block_size + 1 = {block_len} tokens in any shard; use a smaller model.block_size or more data"
+            )
+        self._perms: dict[int, FeistelPermutation] = {}
+        self._windows: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # a cache of locate_exact()
+
+    def _perm(self, epoch: int) -> FeistelPermutation:
+        perm = self._perms.get(epoch)
+        if perm is None:
+            if len(self._perms) > 4:
+                self._perms.clear()
+            perm = self._perms[epoch] = FeistelPermutation(self.blocks_per_epoch, mix_int(self.seed, epoch, 1))
+        return perm
+
+    def _offsets(self, epoch: int, shard: np.ndarray) -> np.ndarray:
+        """The epoch's random start offset of each given shard, in [0, slack]."""
+        key = np.uint64(mix_int(self.seed, epoch, 2))
+        h = mix64(shard.astype(np.uint64) ^ key)
+        return (h % (self.slack[shard] + 1).astype(np.uint64)).astype(np.int64)
+
+    def locate(self, samples: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Global sample indices (int64 array) -> (shard index, start token), both int64 arrays.
+
+        Same answer as `locate_exact`, computed WINDOW consecutive samples at a time and cached
+        (a cache of a pure function: it changes speed, never results).
+        """
+        samples = np.asarray(samples, dtype=np.int64)
+        shard = np.empty_like(samples)
+        start = np.empty_like(samples)
+        windows = samples // WINDOW
+        for w in np.unique(windows).tolist():
+            cached = self._windows.get(w)
+            if cached is None:
+                if len(self._windows) >= 4:
+                    self._windows.pop(next(iter(self._windows)))
+                cached = self._windows[w] = self.locate_exact(np.arange(w * WINDOW, (w + 1) * WINDOW))
+            sel = windows == w
+            shard[sel] = cached[0][samples[sel] - w * WINDOW]
+            start[sel] = cached[1][samples[sel] - w * WINDOW]
+        return shard, start
+
+    def locate_exact(self, samples: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The definition: each sample's (shard, start) from (seed, index) alone."""
+        samples = np.asarray(samples, dtype=np.int64)
+        shard = np.empty_like(samples)
+        start = np.empty_like(samples)
+        epochs = samples // self.blocks_per_epoch
+        for epoch in np.unique(epochs).tolist():  # a batch spans at most two epochs
+            sel = epochs == epoch
+            block = self._perm(epoch)(samples[sel] - epoch * self.blocks_per_epoch)
+            s = np.searchsorted(self.cum, block, side="right") - 1
+            shard[sel] = s
+            start[sel] = self._offsets(epoch, s) + (block - self.cum[s]) * self.block_len
+        return shard, start
+
+
+class ValLayout:
+    """The fixed list of validation blocks: (shard, start) pairs, the same at every evaluation."""
+
+    def __init__(self, shard_tokens: list[int], block_len: int, max_blocks: int | None = None):
+        lengths = np.asarray(shard_tokens, dtype=np.int64)
+        per_shard = lengths // block_len
+        shard = np.repeat(np.arange(len(lengths)), per_shard)
+        first = np.concatenate([[0], np.cumsum(per_shard)])[:-1]
+        start = (np.arange(shard.size) - np.repeat(first, per_shard)) * block_len
+        if shard.size == 0:
+            raise DataError(
+                f"the val split ({int(lengths.sum())} tokens) has no block of block_size + 1 = {block_len} "
+                f"tokens; use a smaller model.block_size or a larger validation split"
+            )
+        if max_blocks is not None and max_blocks < shard.size:
+            if max_blocks < 1:
+                raise DataError(f"max_blocks must be at least 1, got {max_blocks}")
+            chosen = np.sort(FeistelPermutation(shard.size, VAL_SUBSET_KEY)(np.arange(max_blocks)))
+            shard, start = shard[chosen], start[chosen]
+        self.shard, self.start = shard, start
+
+    def __len__(self) -> int:
+        return int(self.shard.size)
+
+    def for_rank(self, rank: int, world_size: int) -> tuple[np.ndarray, np.ndarray]:
+        return self.shard[rank::world_size], self.start[rank::world_size]
+
+
+def rank_samples(position: int, global_batch: int, micro_batch: int, rank: int, world_size: int,
+                 first_sample: int | None = None) -> np.ndarray:
+    """This rank's global sample indices for global batch `position`, micro-step by micro-step.
+
+    Global batch g holds samples g*B .. g*B+B-1; rank r's micro-step a takes
+    g*B + (a*W + r)*m .. +m-1. Returns shape (grad_accum * m,) in micro-step order.
+    """
+    base = position * global_batch if first_sample is None else first_sample
+    grad_accum = global_batch // (micro_batch * world_size)
+    steps = np.arange(grad_accum, dtype=np.int64)[:, None]
+    within = np.arange(micro_batch, dtype=np.int64)[None, :]
+    return (base + (steps * world_size + rank) * micro_batch + within).reshape(-1)

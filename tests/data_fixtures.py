@@ -1,0 +1,37 @@
+"""Small datasets for the data tests, built through the real writer (no mocks)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from dist_gpt.data.tokenizers import ByteTokenizer
+from dist_gpt.data.writer import DatasetWriter, write_dataset
+
+
+def counting_dataset(directory: Path, shard_lengths=(5000, 3000, 7000, 1200), val_lengths=(2500, 900),
+                     shard_tokens: int | None = None) -> Path:
+    """A byte dataset with one shard per length; token = (position + 37 * shard) % 251."""
+    def make(n, k):
+        return ((np.arange(n) + 37 * k) % 251).astype(np.uint8)
+
+    train = [make(n, k) for k, n in enumerate(shard_lengths)]
+    val = [make(n, 100 + k) for k, n in enumerate(val_lengths)]
+    w = DatasetWriter(Path(directory), ByteTokenizer(), shard_tokens or max(shard_lengths + val_lengths))
+    for a in train:
+        w.write("train", a, source_bytes=a.size, documents=1)
+        w.close_shard("train")
+    for a in val:
+        w.write("val", a, source_bytes=a.size, documents=1)
+        w.close_shard("val")
+    w.finish({"kind": "test"})
+    return directory
+
+
+def random_dataset(directory: Path, train_tokens: int = 20000, val_tokens: int = 4000, seed: int = 0) -> Path:
+    rng = np.random.default_rng(seed)
+    write_dataset(directory, ByteTokenizer(), {"train": [rng.integers(0, 256, train_tokens, dtype=np.uint8)],
+                                               "val": [rng.integers(0, 256, val_tokens, dtype=np.uint8)]},
+                  shard_tokens=train_tokens // 3 + 1)
+    return Path(directory)

@@ -1,0 +1,101 @@
+"""The shard format: round trip for every dtype, and a clear error naming the file for each kind
+of damage (flipped byte, truncation, wrong magic) and for a vocabulary the dtype cannot hold."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from dist_gpt.data import Dataset
+from dist_gpt.data.format import (HEADER_SIZE, ShardWriter, dtype_code_for_vocab, open_memmap, read_header,
+                                  verify_payload, write_shard)
+from dist_gpt.errors import DataError
+from tests.data_fixtures import random_dataset
+
+FP = "ab" * 32
+
+
+@pytest.mark.parametrize("vocab, code", [(256, 1), (300, 2), (65536, 2), (65537, 4), (200_000, 4)])
+def test_round_trip_each_dtype(tmp_path, vocab, code):
+    assert dtype_code_for_vocab(vocab) == code
+    tokens = np.random.default_rng(0).integers(0, vocab, 10_001)
+    tokens[:2] = [0, vocab - 1]
+    path = tmp_path / "s.bin"
+    write_shard(path, tokens, vocab, FP)
+    header = read_header(path)
+    assert (header.dtype_code, header.vocab_size, header.num_tokens, header.tokenizer_fingerprint) == (code, vocab, 10_001, FP)
+    verify_payload(path, header)
+    assert np.array_equal(open_memmap(path, header), tokens)
+    # plain numpy reads it at the documented offset, as docs/FORMAT.md says
+    assert np.array_equal(np.memmap(path, dtype=f"<u{code}", mode="r", offset=HEADER_SIZE), tokens)
+    assert path.stat().st_size == HEADER_SIZE + code * 10_001
+
+
+def test_vocabulary_too_large_for_dtype_is_refused(tmp_path):
+    with pytest.raises(DataError, match="does not fit uint8"):
+        ShardWriter(tmp_path / "a.bin", 1, 300, FP)
+    with pytest.raises(DataError, match="does not fit uint16"):
+        write_shard(tmp_path / "b.bin", [1, 2], 70_000, FP, dtype_code=2)
+    with pytest.raises(DataError, match="uint32"):
+        dtype_code_for_vocab(1 << 33)
+    with pytest.raises(DataError, match="vocabulary size"):  # ids past the vocabulary never get in
+        write_shard(tmp_path / "c.bin", np.array([5, 300], dtype=np.uint16), 300, FP)
+    assert not list(tmp_path.iterdir())  # and nothing half-written stays behind
+
+
+def _shard(tmp_path):
+    path = tmp_path / "train_00000.bin"
+    write_shard(path, np.arange(5000) % 256, 256, FP)
+    return path
+
+
+def test_flipped_payload_byte_is_caught_by_verify(tmp_path):
+    path = _shard(tmp_path)
+    raw = bytearray(path.read_bytes())
+    raw[HEADER_SIZE + 1234] ^= 0x01
+    path.write_bytes(raw)
+    with pytest.raises(DataError, match=f"{path}.*checksum"):
+        verify_payload(path, read_header(path))
+
+
+def test_flipped_header_byte_is_caught_on_open(tmp_path):
+    path = _shard(tmp_path)
+    raw = bytearray(path.read_bytes())
+    raw[20] ^= 0x10  # inside the token count
+    path.write_bytes(raw)
+    with pytest.raises(DataError, match=f"{path}.*header"):
+        read_header(path)
+
+
+def test_truncated_and_wrong_magic(tmp_path):
+    path = _shard(tmp_path)
+    raw = path.read_bytes()
+    path.write_bytes(raw[:-10])
+    with pytest.raises(DataError, match=f"{path}.*truncated"):
+        read_header(path)
+    path.write_bytes(raw[:100])
+    with pytest.raises(DataError, match=f"{path}.*truncated"):
+        read_header(path)
+    path.write_bytes(b"NOTASHRD" + raw[8:])
+    with pytest.raises(DataError, match=f"{path}.*magic"):
+        read_header(path)
+
+
+def test_dataset_open_names_the_bad_shard_and_what_to_rerun(tmp_path):
+    d = random_dataset(tmp_path / "ds")
+    Dataset.open(d, verify=True)
+    shard = d / "train_00001.bin"
+    raw = bytearray(shard.read_bytes())
+    shard.write_bytes(raw[:-1])
+    with pytest.raises(DataError, match=f"{shard}.*re-run"):
+        Dataset.open(d)
+    raw[-1] ^= 0xFF
+    shard.write_bytes(raw)
+    Dataset.open(d)  # a payload byte flip is not seen by the cheap open ...
+    with pytest.raises(DataError, match=f"{shard}.*checksum"):
+        Dataset.open(d, verify=True)  # ... but by data.verify=true
+    (d / "manifest.json").unlink()
+    with pytest.raises(DataError, match="manifest.json is missing.*tools.prepare"):
+        Dataset.open(d)
+    with pytest.raises(DataError, match="does not exist"):
+        Dataset.open(tmp_path / "nowhere")

@@ -1,0 +1,184 @@
+"""The sampler's contract: disjoint blocks within an epoch, full coverage, determinism, exact state
+round-trip, and the same global stream of blocks on 1, 2 and 4 ranks."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from dist_gpt.data import Dataset, TrainBatches, ValBlocks
+from dist_gpt.data.format import open_memmap, read_header
+from dist_gpt.data.permutation import FeistelPermutation
+from dist_gpt.data.sampler import WINDOW, TrainLayout
+from dist_gpt.errors import DataError
+from tests.data_fixtures import counting_dataset, random_dataset
+
+T = 15  # block_size; blocks are T + 1 = 16 tokens
+
+
+@pytest.fixture
+def ds(tmp_path):
+    return Dataset.open(counting_dataset(tmp_path / "ds"))
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 5, 64, 100, 1000, 4097])
+def test_permutation_is_a_bijection(n):
+    for key in (0, 1, 12345):
+        out = FeistelPermutation(n, key)(np.arange(n))
+        assert sorted(out.tolist()) == list(range(n))
+    if n >= 64:  # and a shuffle, not the identity
+        assert (FeistelPermutation(n, 7)(np.arange(n)) != np.arange(n)).mean() > 0.9
+
+
+def _blocks(layout: TrainLayout, samples) -> list[tuple[int, int]]:
+    shard, start = layout.locate(np.asarray(samples))
+    return list(zip(shard.tolist(), start.tolist()))
+
+
+def test_epoch_is_disjoint_and_covers_every_block(ds):
+    lengths = [s.num_tokens for s in ds.shards["train"]]
+    layout = TrainLayout(lengths, T + 1, seed=3)
+    n = layout.blocks_per_epoch
+    assert n == sum((x - T) // (T + 1) for x in lengths)
+    for epoch in range(3):
+        blocks = _blocks(layout, range(epoch * n, (epoch + 1) * n))
+        assert len(set(blocks)) == n  # no block twice
+        for s, length in enumerate(lengths):
+            starts = sorted(st for sh, st in blocks if sh == s)
+            # this shard's share is exactly its non-overlapping blocks: proportional to its tokens
+            assert len(starts) == layout.blocks_per_shard[s]
+            assert all(b - a == T + 1 for a, b in zip(starts, starts[1:]))  # one offset, no overlap
+            assert starts[0] >= 0 and starts[-1] + T + 1 <= length
+    # a fresh offset and order each epoch
+    e0 = _blocks(layout, range(0, n))
+    e1 = _blocks(layout, range(n, 2 * n))
+    assert e0 != e1 and set(e0) != set(e1)
+
+
+def test_offsets_reach_every_phase_over_epochs(ds):
+    layout = TrainLayout([s.num_tokens for s in ds.shards["train"]], T + 1, seed=0)
+    n = layout.blocks_per_epoch
+    phases = {start % (T + 1) for e in range(60) for sh, start in _blocks(layout, [e * n]) }
+    assert len(phases) > (T + 1) // 2
+
+
+def test_cached_windows_equal_the_definition(ds):
+    layout = TrainLayout([s.num_tokens for s in ds.shards["train"]], T + 1, seed=5)
+    samples = np.concatenate([np.arange(0, 50), np.arange(WINDOW - 7, WINDOW + 9), [10 * WINDOW + 3, 3]])
+    fast = layout.locate(samples)
+    exact = layout.locate_exact(samples)
+    assert all(np.array_equal(a, b) for a, b in zip(fast, exact))
+
+
+def _global_stream(ds, world_size, micro, batches=6, B=8, seed=11, **kw):
+    """Reassemble each global batch from every rank's micro-batches (per the sampling contract)."""
+    loaders = [TrainBatches(ds, T, B, micro, rank=r, world_size=world_size, seed=seed, **kw) for r in range(world_size)]
+    stream = []
+    for _ in range(batches):
+        per_rank = [ld.next() for ld in loaders]
+        rows = [None] * B
+        for r, micro_steps in enumerate(per_rank):
+            assert len(micro_steps) == B // (micro * world_size)
+            for a, (x, y) in enumerate(micro_steps):
+                assert x.shape == (micro, T) and x.dtype == torch.int64 and x.is_contiguous() and y.is_contiguous()
+                assert torch.equal(x[:, 1:], y[:, :-1])  # targets are inputs shifted by one
+                for j in range(micro):
+                    rows[(a * world_size + r) * micro + j] = torch.cat([x[j], y[j, -1:]])
+        stream.append(torch.stack(rows))
+    return torch.stack(stream)
+
+
+def test_world_size_independence(ds):
+    one = _global_stream(ds, 1, 2)
+    assert torch.equal(one, _global_stream(ds, 1, 8))
+    assert torch.equal(one, _global_stream(ds, 2, 2))
+    assert torch.equal(one, _global_stream(ds, 4, 1))
+    assert torch.equal(one, _global_stream(ds, 4, 2))
+
+
+def test_blocks_hold_the_file_tokens(ds):
+    batches = TrainBatches(ds, T, 8, 8, seed=2)
+    layout = batches.layout
+    shards = [open_memmap(s.path, read_header(s.path)) for s in ds.shards["train"]]
+    for g in range(3):
+        (x, y), = batches.next()
+        shard, start = layout.locate(np.arange(g * 8, g * 8 + 8))
+        for j in range(8):
+            want = np.asarray(shards[shard[j]][start[j]:start[j] + T + 1], dtype=np.int64)
+            assert torch.equal(torch.cat([x[j], y[j, -1:]]), torch.from_numpy(want))
+
+
+def test_determinism_and_seed(ds):
+    assert torch.equal(_global_stream(ds, 1, 4, seed=1), _global_stream(ds, 1, 4, seed=1))
+    assert not torch.equal(_global_stream(ds, 1, 4, seed=1), _global_stream(ds, 1, 4, seed=2))
+
+
+def test_prefetch_thread_gives_the_same_stream(ds):
+    plain = _global_stream(ds, 2, 2, prefetch=False)
+    assert torch.equal(plain, _global_stream(ds, 2, 2, prefetch=True, prefetch_on_cpu=True))
+
+
+def test_state_round_trip_and_skip(ds):
+    ref = TrainBatches(ds, T, 8, 4, seed=9)
+    stream = [ref.next() for _ in range(7)]
+    first = TrainBatches(ds, T, 8, 4, seed=9, prefetch_on_cpu=True)
+    for _ in range(4):
+        first.next()
+    state = first.state_dict()
+    assert state["position"] == 4
+    resumed = TrainBatches(ds, T, 8, 2, rank=0, world_size=2, seed=9)  # another layout resumes it
+    resumed.load_state_dict(state)
+    assert resumed.position == 4
+    got = resumed.next()
+    # ref: grad_accum 2 of m=4, so its first micro-step holds samples 0..3 of batch 4;
+    # resumed rank 0 of 2 with m=2: its first micro-step holds samples 0..1
+    assert torch.equal(got[0][0], stream[4][0][0][0:2])
+    skipped = TrainBatches(ds, T, 8, 4, seed=9)
+    skipped.skip(6)
+    assert skipped.position == 6
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(skipped.next(), stream[6]))
+    with pytest.raises(DataError, match="seed"):
+        TrainBatches(ds, T, 8, 4, seed=10).load_state_dict(state)
+
+
+def test_epochs_roll_over_without_stopping(ds):
+    batches = TrainBatches(ds, T, 8, 8, seed=0)
+    per_epoch = batches.blocks_per_epoch
+    for _ in range(per_epoch // 8 * 2 + 3):
+        batches.next()
+    assert batches.epoch > 2
+
+
+def test_bad_batch_shapes_are_clear(ds):
+    with pytest.raises(DataError, match="multiple"):
+        TrainBatches(ds, T, 10, 4, world_size=1)
+    with pytest.raises(DataError, match="block_size"):
+        TrainBatches(ds, 100_000, 8, 8)
+
+
+def test_val_blocks_fixed_split_and_complete(ds):
+    lengths = [s.num_tokens for s in ds.shards["val"]]
+    expect = sum(n // (T + 1) for n in lengths)
+    val = ValBlocks(ds, T, batch_size=3)
+    assert len(val) == expect
+    full = [torch.cat([x, y[:, -1:]], 1) for x, y in val]
+    assert sum(b.shape[0] for b in full) == expect
+    again = [torch.cat([x, y[:, -1:]], 1) for x, y in val]
+    assert all(torch.equal(a, b) for a, b in zip(full, again))  # same blocks every evaluation
+    everything = torch.cat(full)
+    for world in (2, 3):
+        shares = [torch.cat([torch.cat([x, y[:, -1:]], 1) for x, y in ValBlocks(ds, T, 2, rank=r, world_size=world)])
+                  for r in range(world)]
+        assert sum(s.shape[0] for s in shares) == expect
+        for r, share in enumerate(shares):  # rank r holds blocks r, r + W, ...
+            assert torch.equal(share, everything[r::world])
+
+
+def test_val_subset_is_fixed(tmp_path):
+    ds = Dataset.open(random_dataset(tmp_path / "r"))
+    a = [x for x, _ in ValBlocks(ds, T, 4, max_blocks=10)]
+    b = [x for x, _ in ValBlocks(ds, T, 4, max_blocks=10)]
+    assert sum(x.shape[0] for x in a) == 10 and all(torch.equal(p, q) for p, q in zip(a, b))
+    assert len(ValBlocks(ds, T, 4, max_blocks=10)) == 10
+    assert len(ValBlocks(ds, T, 4, max_blocks=10**9)) == 4000 // (T + 1)
