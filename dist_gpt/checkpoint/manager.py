@@ -1,0 +1,237 @@
+"""Checkpointer: save (sync or async), atomic commit, retention, latest/best, safe load.
+
+    ckpt = Checkpointer(run_dir / "checkpoints", cfg.checkpoint, rank, world_size)
+    if ckpt.due(step):
+        ckpt.save(step, {"model_optim": ModelOptimizerState(model, optimizers)}, meta, val_loss)
+    ckpt.wait()                                   # before exit and before rolling back
+    meta = ckpt.load(ckpt.latest(), state)
+
+A save, on every rank (it is collective):
+  1. rank 0 clears a stale `.tmp_step_N/` and writes meta.json into it; barrier.
+  2. every rank writes its share of the tensors with DCP into `.tmp_step_N/` (DCP spreads the
+     replicated DDP tensors over the ranks), plus CRC32s of what it wrote; DCP then gathers the
+     results and rank 0 writes `.metadata`, so by the time it returns every rank has finished.
+  3. rank 0 commits: merges the checksums into the manifest, renames `.tmp_step_N/` to `step_N/`,
+     writes DONE last (fsync'd), then applies retention; barrier.
+With async_save, step 2 runs in a background thread after the state was copied (training blocks
+only for the copy) and rank 0 commits as soon as it completes; `wait()` joins it.
+
+Works in a world of 1 without any process group, and under torchrun on any number of ranks; a
+checkpoint saved on W ranks loads on any other number (DDP state is replicated).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import threading
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
+
+from ..errors import CheckpointError
+from .config import CheckpointConfig
+from .layout import (
+    DONE,
+    META,
+    SUMS_SUFFIX,
+    build_manifest,
+    clean_partials,
+    fsync_dir,
+    list_checkpoints,
+    remove_checkpoint,
+    step_dir_name,
+    tmp_dir_name,
+    write_json_durably,
+)
+from .loading import load_checkpoint, single_process_quiet, unwrap_dcp_error
+from .planners import TensorOnlySavePlanner
+from .retention import apply_retention
+from .writer import ChecksummedFileSystemWriter
+
+
+@dataclass
+class _Pending:
+    """An async save in flight; rank 0 commits it once its future completes."""
+
+    step: int
+    tmp: Path
+    final: Path
+    val_loss: float | None
+    future: Future
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    committed: bool = False
+    error: BaseException | None = None
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+class Checkpointer:
+    def __init__(self, root: str | Path, cfg: CheckpointConfig, rank: int = 0, world_size: int = 1):
+        self.root = Path(root)
+        self.cfg = cfg
+        self.rank, self.world_size = rank, world_size
+        self._pending: _Pending | None = None
+        self._async_group = None
+        self._last_saved: tuple[int, Path] | None = None
+
+    # -- when ---------------------------------------------------------------------------------
+    def due(self, step: int) -> bool:
+        """Whether checkpoint.interval asks for a save at this step (the final save is the caller's)."""
+        return self.cfg.interval > 0 and step > 0 and step % self.cfg.interval == 0
+
+    # -- save ---------------------------------------------------------------------------------
+    def save(self, step: int, state: dict[str, Any], meta: dict, val_loss: float | None = None) -> Path:
+        """Write a checkpoint of `state` (tensors, via DCP) and `meta` (JSON) at `step`; every rank calls it.
+
+        Returns the checkpoint's final path (with async_save it is committed once the background
+        write completes; `wait()` guarantees it). Saving the same step twice in one process is a no-op.
+        """
+        self.wait()
+        if self._last_saved is not None and self._last_saved[0] == step:
+            return self._last_saved[1]
+        meta_text = json.dumps(meta, indent=1, sort_keys=True)  # every rank: a bad meta fails everywhere
+        tmp, final = self.root / tmp_dir_name(step), self.root / step_dir_name(step)
+        self._agree(self._on_rank0(lambda: self._prepare(tmp, meta_text), f"could not create {tmp}"))
+        writer = ChecksummedFileSystemWriter(tmp)
+        no_dist = not _distributed()
+        try:
+            if self.cfg.async_save:
+                with single_process_quiet():
+                    future = dcp.async_save(state, storage_writer=writer, planner=TensorOnlySavePlanner(),
+                                            process_group=self._async_process_group(), no_dist=no_dist)
+                future = getattr(future, "upload_completion", future)
+                pending = self._pending = _Pending(step, tmp, final, val_loss, future)
+                if self.rank == 0:
+                    future.add_done_callback(lambda _f: self._commit_pending(pending))
+                self._last_saved = (step, final)
+                return final
+            with single_process_quiet():
+                dcp.save(state, storage_writer=writer, planner=TensorOnlySavePlanner(), no_dist=no_dist)
+        except CheckpointException as e:
+            raise unwrap_dcp_error(e, f"writing checkpoint {tmp}") from None
+        except OSError as e:
+            raise CheckpointError(f"could not write checkpoint {tmp}: {e}; free space or fix permissions "
+                                  f"under {self.root}") from None
+        self._agree(self._on_rank0(lambda: self._commit(step, tmp, final, val_loss), f"could not commit {final}"))
+        self._last_saved = (step, final)
+        return final
+
+    def wait(self) -> None:
+        """Finish an in-flight async save (every rank calls it); raise its error on every rank."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        try:
+            pending.future.result()  # DCP makes a failed write fail on every rank alike
+        except CheckpointException as e:
+            self._last_saved = None
+            raise unwrap_dcp_error(e, f"writing checkpoint {pending.tmp}") from None
+        except OSError as e:
+            self._last_saved = None
+            raise CheckpointError(f"could not write checkpoint {pending.tmp}: {e}") from None
+        if self.rank == 0:
+            self._commit_pending(pending)
+        try:
+            self._agree(str(pending.error) if pending.error is not None else None)
+        except CheckpointError:
+            self._last_saved = None
+            raise
+
+    def _on_rank0(self, work, what: str) -> str | None:
+        """Run rank-0-only work; return its error message (None when it worked or on other ranks)."""
+        if self.rank != 0:
+            return None
+        try:
+            work()
+        except OSError as e:
+            return f"{what}: {e}; free space or fix permissions under {self.root}"
+        return None
+
+    def _agree(self, error: str | None) -> None:
+        """Rank 0's outcome reaches every rank (a barrier too): all continue or all raise."""
+        if _distributed():
+            box = [error]
+            dist.broadcast_object_list(box, src=0)
+            error = box[0]
+        if error is not None:
+            raise CheckpointError(error)
+
+    def _prepare(self, tmp: Path, meta_text: str) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)  # a crash left it: its step is being written again now
+        tmp.mkdir()
+        with open(tmp / META, "w") as f:
+            f.write(meta_text)
+            f.flush()
+            os.fsync(f.fileno())
+
+    def _commit(self, step: int, tmp: Path, final: Path, val_loss: float | None) -> None:
+        """Rank 0, after every rank finished writing: rename, then DONE last, then retention."""
+        manifest = build_manifest(tmp, step, val_loss, self.world_size)
+        for sums in tmp.glob("*" + SUMS_SUFFIX):
+            sums.unlink()
+        if final.exists():
+            # The same step from an earlier run (e.g. resumed from an older checkpoint): replaced.
+            remove_checkpoint(final)
+        os.rename(tmp, final)
+        fsync_dir(self.root)
+        write_json_durably(final / DONE, manifest)
+        fsync_dir(final)
+        apply_retention(self.root, self.cfg.keep_last, self.cfg.keep_every, self.cfg.keep_best)
+
+    def _commit_pending(self, pending: _Pending) -> None:
+        """Rank 0: commit a finished async save (from its done-callback, or from wait())."""
+        with pending.lock:
+            if pending.committed or pending.error is not None or pending.future.exception() is not None:
+                return
+            try:
+                self._commit(pending.step, pending.tmp, pending.final, pending.val_loss)
+                pending.committed = True
+            except OSError as e:
+                pending.error = CheckpointError(f"could not commit {pending.final}: {e}")
+
+    def _async_process_group(self):
+        """A gloo group of its own: the background thread's collectives must never interleave with
+        the training loop's on the default group (and NCCL groups cannot carry DCP's CPU objects)."""
+        if not _distributed():
+            return None
+        if self._async_group is None:
+            self._async_group = dist.new_group(backend="gloo")
+        return self._async_group
+
+    # -- find ---------------------------------------------------------------------------------
+    def latest(self) -> Path | None:
+        """The newest complete checkpoint; rank 0 also removes what crashes left behind."""
+        if self.rank == 0:
+            pending = self._pending
+            if pending is None:
+                clean_partials(self.root)
+            else:
+                with pending.lock:  # never race the background commit's rename -> DONE
+                    clean_partials(self.root, keep=(pending.tmp, pending.final))
+        done = [c for c in list_checkpoints(self.root) if c.complete]
+        return done[-1].path if done else None
+
+    def best(self) -> Path | None:
+        """The complete checkpoint with the lowest validation loss (the newest among equals)."""
+        scored = [c for c in list_checkpoints(self.root) if c.complete and c.val_loss is not None]
+        return min(scored, key=lambda c: (c.val_loss, -c.step)).path if scored else None
+
+    def has_checkpoints(self) -> bool:
+        return any(c.complete for c in list_checkpoints(self.root))
+
+    # -- load ---------------------------------------------------------------------------------
+    def load(self, path: str | Path, state: dict[str, Any]) -> dict:
+        """Load `state` from the checkpoint at `path` (collective) and return its meta."""
+        self.wait()
+        return load_checkpoint(path, state)
