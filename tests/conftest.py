@@ -1,0 +1,73 @@
+"""Shared fixtures: a tiny dataset made from a text kept in the repository, and real launchers.
+
+The integration tests run the real entry points (`python -m dist_gpt.train`, `torchrun`) on the
+`debug` preset, in fp32 so losses can be compared exactly, with per-step losses read back from the
+run's `metrics.jsonl`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+ASSETS = Path(__file__).resolve().parent / "assets"
+
+# Every integration run: the debug preset, fp32, dropout 0, a loss logged at every step.
+EXACT = ["--preset", "debug", "--train.precision=fp32", "--model.dropout=0", "--log.interval=1",
+         "--log.tensorboard=false", "--eval.sample_tokens=0"]
+
+
+def _env(extra: dict | None = None) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DIST_GPT_FAULT", "TORCHELASTIC"))}
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env["PYTHONUNBUFFERED"] = "1"
+    # torchrun restarts with gloo need the rendezvous store not to be shared with the restarted
+    # workers (see docs/CLUSTER.md); harmless without restarts.
+    env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
+    env.update(extra or {})
+    return env
+
+
+def run_train(args: list[str], nproc: int = 1, env: dict | None = None, timeout: float = 300,
+              max_restarts: int = 0, module: str = "dist_gpt.train", check: bool = True,
+              cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """Run an entry point in 1 process (plain python) or `nproc` processes (torchrun, gloo)."""
+    if nproc == 1 and max_restarts == 0:
+        cmd = [sys.executable, "-m", module, *args]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               f"--max-restarts={max_restarts}", "-m", module, *args]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=_env(env), cwd=cwd or REPO)
+    if check and out.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {out.returncode}\n--- stdout\n{out.stdout[-4000:]}"
+                             f"\n--- stderr\n{out.stderr[-6000:]}")
+    return out
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    """step -> training loss, from the run's metrics.jsonl (the last record of a step wins)."""
+    out: dict[int, float] = {}
+    for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if "train/loss" in rec:
+            out[rec["step"]] = rec["train/loss"]
+    return out
+
+
+def final(run_dir: Path) -> dict:
+    return json.loads((Path(run_dir) / "final.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    """A byte-level dataset of the license texts in tests/assets (80 KB), made by tools.prepare."""
+    out = tmp_path_factory.mktemp("data") / "licenses"
+    subprocess.run([sys.executable, "-m", "tools.prepare", str(ASSETS / "licenses.txt"), "--tokenizer", "byte",
+                    "--out", str(out)], check=True, capture_output=True, text=True, env=_env(), cwd=REPO)
+    return out

@@ -1,0 +1,113 @@
+"""Exact resume, resume on another world size, crashes, signals and the NaN policies (fp32, gloo)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import EXACT, final, losses, run_train
+
+STEPS = 20
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_data, tmp_path_factory):
+    """One uninterrupted 2-rank run, computed once for every comparison in this module."""
+    run = tmp_path_factory.mktemp("ref") / "run"
+    run_train([*EXACT, f"--data.path={tiny_data}", f"--train.run_dir={run}"], nproc=2)
+    return losses(run)
+
+
+def _args(tiny_data, run, *extra):
+    return [*EXACT, f"--data.path={tiny_data}", f"--train.run_dir={run}", *extra]
+
+
+def test_resume_is_bitwise_exact_on_the_same_world_size(tiny_data, tmp_path, reference):
+    run = tmp_path / "run"
+    run_train(_args(tiny_data, run, "--train.steps=10"), nproc=2)       # stops at 10 (checkpoint at the end)
+    run_train(_args(tiny_data, run, f"--train.steps={STEPS}"), nproc=2)  # --resume auto continues
+    got = losses(run)
+    assert [got[s] for s in range(1, STEPS + 1)] == [reference[s] for s in range(1, STEPS + 1)]
+
+
+def test_two_rank_checkpoint_continues_on_one_rank(tiny_data, tmp_path, reference):
+    run = tmp_path / "run"
+    run_train(_args(tiny_data, run, "--train.steps=10"), nproc=2)
+    run_train(_args(tiny_data, run, f"--train.steps={STEPS}", "--train.micro_batch=4"), nproc=1)
+    got = losses(run)
+    worst = max(abs(got[s] - reference[s]) / reference[s] for s in range(11, STEPS + 1))
+    print(f"2 -> 1 rank resume: largest relative loss difference {worst:.2e}")
+    assert worst < 1e-5
+    # The identical data stream: the sampler's position continues where the 2-rank run stopped.
+    meta = json.loads(sorted((run / "checkpoints").glob("step_*"))[-1].joinpath("meta.json").read_text())
+    assert meta["batches"]["position"] == STEPS
+
+
+def test_sigkilled_rank_restarted_by_torchrun_gives_identical_losses(tiny_data, tmp_path, reference):
+    run = tmp_path / "run"
+    out = run_train(_args(tiny_data, run, "--checkpoint.interval=5"), nproc=2, max_restarts=1,
+                    env={"DIST_GPT_FAULT_KILL_AT": "13:1"})
+    got = losses(run)
+    assert [got[s] for s in range(1, STEPS + 1)] == [reference[s] for s in range(1, STEPS + 1)]
+    assert final(run)["step"] == STEPS
+    assert "restart" in (out.stdout + out.stderr).lower() or "SIGKILL" in out.stderr
+
+
+@pytest.mark.parametrize("sig", ["SIGUSR1", "SIGUSR2", "SIGTERM"])
+def test_stop_signals_checkpoint_and_leave_the_requeue_marker(tiny_data, tmp_path, sig, reference):
+    run = tmp_path / "run"
+    run_train(_args(tiny_data, run), nproc=2, env={"DIST_GPT_FAULT_SIGNAL_AT": f"7:{sig}"})
+    marker = json.loads((run / "requeue.json").read_text())
+    assert marker["signal"] == sig and marker["step"] == 8
+    assert (run / "checkpoints" / "step_0000008" / "DONE").exists()
+    assert not (run / "final.json").exists()
+    # The requeued job (same command) finishes with the uninterrupted run's losses.
+    run_train(_args(tiny_data, run), nproc=2)
+    got = losses(run)
+    assert [got[s] for s in range(1, STEPS + 1)] == [reference[s] for s in range(1, STEPS + 1)]
+
+
+def test_resume_none_refuses_a_used_run_directory(tiny_data, tmp_path):
+    run = tmp_path / "run"
+    run_train(_args(tiny_data, run, "--train.steps=3"))
+    out = run_train(_args(tiny_data, run, "--train.steps=3", "--resume", "none"), check=False)
+    assert out.returncode == 2 and "--force" in out.stderr and "Traceback" not in out.stderr
+    run_train(_args(tiny_data, run, "--train.steps=3", "--resume", "none", "--force"))
+    assert list(run.glob("checkpoints.old-*")), "the old checkpoints are moved aside, not deleted"
+
+
+def test_changed_model_shape_is_a_clear_message(tiny_data, tmp_path):
+    run = tmp_path / "run"
+    run_train(_args(tiny_data, run, "--train.steps=3"))
+    out = run_train(_args(tiny_data, run, "--train.steps=6", "--model.n_layer=3"), check=False)
+    assert out.returncode == 2 and "model.n_layer=2 there but 3 here" in out.stderr
+    out = run_train(_args(tiny_data, run, "--train.steps=6", "--train.global_batch=16"), check=False)
+    assert out.returncode == 2 and "train.global_batch" in out.stderr
+
+
+def test_nan_policy_skip_drops_the_step(tiny_data, tmp_path):
+    run = tmp_path / "run"
+    out = run_train(_args(tiny_data, run, "--train.steps=6", "--train.nan_policy=skip"),
+                    env={"DIST_GPT_FAULT_NAN_AT": "3"})
+    assert "step skipped" in out.stdout
+    assert final(run)["step"] == 6
+    meta = json.loads((run / "checkpoints" / "step_0000006" / "meta.json").read_text())
+    assert meta["run"]["skipped"] == [3] and meta["batches"]["position"] == 7
+
+
+def test_nan_policy_rollback_reloads_and_skips_the_batch(tiny_data, tmp_path):
+    run = tmp_path / "run"
+    out = run_train(_args(tiny_data, run, "--train.steps=8", "--train.nan_policy=rollback",
+                          "--checkpoint.interval=2"), env={"DIST_GPT_FAULT_NAN_AT": "5"})
+    assert "rolled back to step_0000004" in out.stdout
+    meta = json.loads((run / "checkpoints" / "step_0000008" / "meta.json").read_text())
+    assert meta["run"]["bad_positions"] == [5] and meta["run"]["rollbacks"] == 1
+    assert meta["batches"]["position"] == 9  # batches 0..8 with 5 skipped
+
+
+def test_nan_policy_stop_is_a_clear_error(tiny_data, tmp_path):
+    run = tmp_path / "run"
+    out = run_train(_args(tiny_data, run, "--train.steps=6"), env={"DIST_GPT_FAULT_NAN_AT": "2"}, check=False)
+    assert out.returncode == 3
+    assert "non-finite loss at step 2" in out.stdout + out.stderr

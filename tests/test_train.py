@@ -1,0 +1,60 @@
+"""The real training entry point, in real processes (gloo on CPU)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import EXACT, final, losses, run_train
+
+
+def test_debug_preset_end_to_end_on_two_ranks_with_tensorboard(tiny_data, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = tmp_path / "run"
+    out = run_train(["--preset", "debug", f"--data.path={tiny_data}", f"--train.run_dir={run}",
+                     "--train.precision=fp32"], nproc=2)
+    assert "val loss" in out.stdout.splitlines()[-1] or "bits/byte" in out.stdout
+    fin = final(run)
+    assert fin["step"] == 20 and fin["val_loss"] < 5.55  # below ln(256): it learned something
+    info = json.loads((run / "run.json").read_text())
+    assert info["world_size"] == 2 and info["tokens_per_step"] == 8 * 32
+    assert json.loads((run / "config.json").read_text())["train"]["steps"] == 20
+    acc = EventAccumulator(str(run / "tensorboard"), size_guidance={"scalars": 0, "tensors": 0})
+    acc.Reload()
+    tags = acc.Tags()
+    for tag in ("train/loss", "val/loss", "val/bpb", "train/lr", "train/grad_norm", "perf/tokens_per_s"):
+        assert tag in tags["scalars"], f"{tag} missing from {tags['scalars']}"
+    assert [e.step for e in acc.Scalars("val/loss")][-1] == 20
+    assert any(t.startswith("sample") for t in tags["tensors"])
+    # Only rank 0 logs: one console line per log interval, not two.
+    assert sum("step    5" in line or "step 5/" in line for line in out.stdout.splitlines()) <= 1
+
+
+def test_one_and_two_ranks_agree_with_the_same_global_batch(tiny_data, tmp_path):
+    args = [*EXACT, f"--data.path={tiny_data}", "--train.steps=12", "--eval.interval=0", "--eval.at_start=false",
+            "--checkpoint.interval=0"]
+    run_train([*args, f"--train.run_dir={tmp_path / 'one'}"], nproc=1)
+    run_train([*args, f"--train.run_dir={tmp_path / 'two'}"], nproc=2)
+    one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert sorted(one) == sorted(two) == list(range(1, 13))
+    worst = max(abs(one[s] - two[s]) / abs(one[s]) for s in one)
+    print(f"largest relative loss difference 1 vs 2 ranks over 12 steps: {worst:.2e}")
+    assert worst < 1e-5
+    assert json.loads((tmp_path / "one" / "run.json").read_text())["tokens_per_step"] == \
+        json.loads((tmp_path / "two" / "run.json").read_text())["tokens_per_step"]
+
+
+def test_bad_dataset_path_is_a_clear_error(tmp_path):
+    out = run_train(["--preset", "debug", f"--data.path={tmp_path / 'nope'}", "--data.prepare_if_missing=false",
+                     f"--train.run_dir={tmp_path / 'r'}"], check=False)
+    assert out.returncode == 2
+    assert out.stderr.strip().startswith("error:") and "nope" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_vocab_too_small_for_dataset_is_refused(tiny_data, tmp_path):
+    out = run_train(["--preset", "debug", f"--data.path={tiny_data}", "--model.vocab_size=100",
+                     f"--train.run_dir={tmp_path / 'r'}"], check=False)
+    assert out.returncode == 2 and "model.vocab_size" in out.stderr and "Traceback" not in out.stderr
