@@ -132,9 +132,13 @@ class Norm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(dim)) if bias and kind == "layernorm" else None
 
     def forward(self, x):
+        # in fp32 and back to x's dtype: under bf16 autocast q and k arrive in bf16 (qk_norm) and
+        # must leave in bf16 for the flash kernels; the residual stream stays fp32 anyway
         if self.kind == "layernorm":
-            return F.layer_norm(x, self.weight.shape, self.weight, self.bias, eps=1e-5)
-        return F.rms_norm(x, self.weight.shape, self.weight, eps=1e-6)
+            y = F.layer_norm(x.float(), self.weight.shape, self.weight, self.bias, eps=1e-5)
+        else:
+            y = F.rms_norm(x.float(), self.weight.shape, self.weight, eps=1e-6)
+        return y.type_as(x)
 
 
 def rope_tables(pos: torch.Tensor, head_dim: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
