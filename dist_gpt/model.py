@@ -165,17 +165,17 @@ class KVCache:
     Allocated on first use with the keys' dtype (bf16 under autocast). `pos` counts the cached
     tokens; the model advances it after a forward pass through all layers."""
 
-    def __init__(self, max_len: int):
-        self.max_len = max_len
+    def __init__(self, n_layer: int, max_len: int):
+        self.n_layer, self.max_len = n_layer, max_len
         self.pos = 0
         self.k = self.v = None
 
-    def update(self, layer: int, n_layer: int, k: torch.Tensor, v: torch.Tensor):
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         """Store k, v (B, nh, T, hd) of the new tokens; return all keys and values so far (B, nh, pos+T, hd)."""
         B, nh, T, hd = k.shape
         if self.k is None:
-            self.k = k.new_zeros(n_layer, B, nh, self.max_len, hd)
-            self.v = v.new_zeros(n_layer, B, nh, self.max_len, hd)
+            self.k = k.new_zeros(self.n_layer, B, nh, self.max_len, hd)
+            self.v = v.new_zeros(self.n_layer, B, nh, self.max_len, hd)
         end = self.pos + T
         self.k[layer, :, :, self.pos:end] = k
         self.v[layer, :, :, self.pos:end] = v
@@ -185,7 +185,7 @@ class KVCache:
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: GPTConfig, layer: int):
         super().__init__()
-        self.layer, self.n_layer = layer, cfg.n_layer
+        self.layer = layer  # index into the KV cache
         self.n_head, self.head_dim = cfg.n_head, cfg.head_size
         width = cfg.n_head * cfg.head_size  # may differ from n_embd (the notebook: 20 * 19 = 380 vs 384)
         self.qkv = nn.Linear(cfg.n_embd, 3 * width, bias=cfg.qkv_bias)
@@ -210,7 +210,7 @@ class CausalSelfAttention(nn.Module):
         past = 0
         if cache is not None:
             past = cache.pos
-            k, v = cache.update(self.layer, self.n_layer, k, v)  # (B, nh, past+T, hd)
+            k, v = cache.update(self.layer, k, v)  # (B, nh, past+T, hd)
         dropout_p = self.dropout if self.training else 0.0
         if past == 0:
             # queries and keys cover the same positions: the plain causal mask (flash kernels on GPU)
@@ -398,11 +398,11 @@ class GPT(nn.Module):
         try:
             seq = idx
             pending = idx[:, -L:]  # tokens the model has not yet seen
-            cache = KVCache(L) if use_cache else None
+            cache = KVCache(self.cfg.n_layer, L) if use_cache else None
             done = torch.zeros(idx.size(0), 1, dtype=torch.bool, device=idx.device)
             for _ in range(max_new_tokens):
                 if use_cache and cache.pos + pending.size(1) > L:
-                    cache, pending = KVCache(L), seq[:, -max(1, L // 2):]
+                    cache, pending = KVCache(self.cfg.n_layer, L), seq[:, -max(1, L // 2):]
                 if not use_cache:
                     pending = seq[:, -L:]
                 logits = self._logits(self._trunk(pending, cache)[:, -1:])[:, -1]  # (B, V)

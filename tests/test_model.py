@@ -66,7 +66,7 @@ def check_cache(model: GPT, vocab: int, t: int):
     then one token at a time) and compare every position's logits with one full forward pass."""
     idx = torch.randint(0, vocab, (2, t), generator=torch.Generator().manual_seed(2))
     full = model(idx)
-    cache = KVCache(t)
+    cache = KVCache(model.cfg.n_layer, t)
     pieces = [(0, t // 3), (t // 3, t // 3 + 3)] + [(i, i + 1) for i in range(t // 3 + 3, t)]
     with torch.no_grad():
         got = torch.cat([model._logits(model._trunk(idx[:, s:e], cache)) for s, e in pieces], dim=1)
