@@ -1,0 +1,112 @@
+"""Export a checkpoint's model as one .safetensors file with its config and tokenizer.
+
+    python -m dist_gpt.export --checkpoint runs/cpu --out model.safetensors            # the run's latest
+    python -m dist_gpt.export --checkpoint runs/cpu --best --out best.safetensors      # its best by val loss
+    python -m dist_gpt.export --checkpoint runs/cpu/checkpoints/step_0001000 --out model.safetensors
+
+The file holds the model's tensors only (no optimizer state) and, in its string table, the
+GPTConfig, the dataset's identity, the tokenizer's spec and, for a tokenizer.json tokenizer, the
+file's text; that file is also written beside the export as `<name>.tokenizer.json`. Read it back
+with `python -m dist_gpt.sample --model model.safetensors` or `dist_gpt.weights.load_weights`.
+An existing output is never overwritten unless --force is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+from .errors import ConfigError, UserError
+from .weights import (
+    EXPORT_FORMAT,
+    KEY_CONFIG,
+    KEY_CRC32,
+    KEY_DATASET,
+    KEY_FORMAT,
+    KEY_SOURCE,
+    KEY_STEP,
+    KEY_TOKENIZER_FILE,
+    KEY_TOKENIZER_JSON,
+    KEY_TOKENIZER_SPEC,
+    KEY_VAL_LOSS,
+    dataset_tokenizer,
+    load_weights,
+    tensors_crc32,
+)
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="python -m dist_gpt.export", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="a checkpoint directory or a run directory (its latest)")
+    p.add_argument("--out", required=True, help="the .safetensors file to write")
+    p.add_argument("--best", action="store_true", help="with a run directory: its best checkpoint by val loss")
+    p.add_argument("--force", action="store_true", help="overwrite --out (and its tokenizer file) if it exists")
+    return p.parse_args(argv)
+
+
+def export(checkpoint: str | Path, out: str | Path, which: str = "latest", force: bool = False) -> list[Path]:
+    """Write the export (and the tokenizer file beside it when there is one); return the files written."""
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    if out.suffix != ".safetensors":
+        raise ConfigError(f"--out {out}: the file name must end in .safetensors")
+    tok_out = out.with_name(out.stem + ".tokenizer.json")
+    loaded = load_weights(checkpoint, which=which)
+    spec, tok_json = dataset_tokenizer(loaded.data_path)
+    if spec is None:
+        spec = loaded.tokenizer_spec
+    if spec is None or (spec.get("kind") == "hf" and tok_json is None):
+        print(f"note: dataset {loaded.data_path} not found: the export names its tokenizer "
+              f"({loaded.dataset.get('tokenizer')}) but cannot carry it", file=sys.stderr)
+    elif spec.get("kind") != "tiktoken":  # tiktoken may need a download; the others are checked here
+        loaded.tokenizer_spec, loaded.tokenizer_json = spec, tok_json
+        _ = loaded.tokenizer  # raises DataError if it is not the tokenizer the model was trained with
+    written = [out] + ([tok_out] if tok_json is not None else [])
+    for f in written:
+        if f.exists() and not force:
+            raise ConfigError(f"{f} already exists: choose another --out or pass --force to overwrite it")
+    info = {
+        "format": "pt",
+        KEY_FORMAT: EXPORT_FORMAT,
+        KEY_CONFIG: json.dumps(asdict(loaded.config), sort_keys=True),
+        KEY_DATASET: json.dumps(loaded.dataset, sort_keys=True),
+        KEY_SOURCE: str(loaded.source),
+        KEY_STEP: "" if loaded.step is None else str(loaded.step),
+        KEY_VAL_LOSS: "" if loaded.val_loss is None else repr(loaded.val_loss),
+        KEY_CRC32: str(tensors_crc32(loaded.state_dict)),
+    }
+    if spec is not None:
+        info[KEY_TOKENIZER_SPEC] = json.dumps(spec, sort_keys=True)
+    if tok_json is not None:
+        info[KEY_TOKENIZER_JSON] = tok_json
+        info[KEY_TOKENIZER_FILE] = tok_out.name
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    save_file({k: v.contiguous() for k, v in loaded.state_dict.items()}, str(tmp), metadata=info)
+    os.replace(tmp, out)
+    if tok_json is not None:
+        tok_out.write_bytes(tok_json.encode("utf-8"))  # the exact bytes: the fingerprint is their sha256
+    n = sum(t.numel() for t in loaded.state_dict.values())
+    print(f"exported {loaded.source} (step {loaded.step}, {n:,} parameters) to {out}"
+          + (f" and {tok_out.name}" if tok_json is not None else ""))
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = parse_args(argv)
+        export(args.checkpoint, args.out, "best" if args.best else "latest", args.force)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,202 @@
+"""A model's weights, GPTConfig and tokenizer from a run, a checkpoint or an exported .safetensors.
+
+    loaded = load_weights("runs/cpu")                              # the run's latest checkpoint
+    loaded = load_weights("runs/cpu", which="best")                # its best by validation loss
+    loaded = load_weights("runs/cpu/checkpoints/step_0001000")     # one checkpoint
+    loaded = load_weights("model.safetensors")                     # an export (python -m dist_gpt.export)
+    model = GPT(loaded.config); model.load_state_dict(loaded.state_dict)
+    loaded.tokenizer.decode(ids)                                   # loaded on first use
+
+A checkpoint is read through the safe reader (no pickle beyond DCP's metadata classes), and only
+the model's tensors are read: the optimizer state stays on disk. An export is read with
+safetensors, whose format holds raw tensors and a string table only, and checked against the
+CRC32 recorded at export.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+import zlib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .checkpoint import load_checkpoint, read_manifest, read_meta, read_metadata, resolve_checkpoint
+from .errors import CheckpointError, DataError
+from .model import GPTConfig
+
+# Keys of the string table of an exported .safetensors file.
+KEY_FORMAT = "dist_gpt.format"
+KEY_CONFIG = "dist_gpt.model_config"
+KEY_DATASET = "dist_gpt.dataset"
+KEY_TOKENIZER_SPEC = "dist_gpt.tokenizer_spec"
+KEY_TOKENIZER_JSON = "dist_gpt.tokenizer_json"
+KEY_TOKENIZER_FILE = "dist_gpt.tokenizer_file"
+KEY_STEP = "dist_gpt.step"
+KEY_VAL_LOSS = "dist_gpt.val_loss"
+KEY_SOURCE = "dist_gpt.source"
+KEY_CRC32 = "dist_gpt.crc32"
+EXPORT_FORMAT = "1"
+
+
+@dataclass
+class LoadedWeights:
+    config: GPTConfig
+    state_dict: dict[str, torch.Tensor]
+    source: Path                      # the checkpoint directory or .safetensors file read
+    step: int | None
+    val_loss: float | None
+    dataset: dict[str, Any]           # path, fingerprint, tokenizer_fingerprint, tokenizer, vocab_size, eot_id
+    tokenizer_spec: dict | None = None
+    tokenizer_json: str | None = None  # the HF tokenizer.json text carried by an export
+    _tokenizer: Any = field(default=None, repr=False)
+
+    @property
+    def eot_id(self) -> int | None:
+        return self.dataset.get("eot_id")
+
+    @property
+    def data_path(self) -> str | None:
+        return self.dataset.get("path")
+
+    @property
+    def tokenizer(self):
+        """The tokenizer the model was trained with, verified by its fingerprint (built on first use)."""
+        if self._tokenizer is None:
+            self._tokenizer = _build_tokenizer(self)
+        return self._tokenizer
+
+
+def tensors_crc32(tensors: dict[str, torch.Tensor]) -> int:
+    """CRC32 over every tensor's bytes in sorted key order (what an export records and a load checks)."""
+    crc = 0
+    for key in sorted(tensors):
+        flat = tensors[key].detach().cpu().contiguous().reshape(-1)  # (numel,) so a 0-d tensor can be viewed as bytes
+        crc = zlib.crc32(flat.view(torch.uint8).numpy() if flat.numel() else b"", crc)
+    return crc
+
+
+def load_weights(path: str | Path, device: str | torch.device = "cpu", which: str = "latest") -> LoadedWeights:
+    """Weights and settings from a run directory (`which`: latest | best), a checkpoint or a .safetensors."""
+    path = Path(path)
+    if path.suffix == ".safetensors" or path.is_file():
+        loaded = _from_safetensors(path)
+    else:
+        loaded = _from_checkpoint(resolve_checkpoint(path, which))
+    loaded.state_dict = {k: v.to(device) for k, v in loaded.state_dict.items()}
+    return loaded
+
+
+def model_prefix(keys) -> str:
+    """The DCP key prefix of the model's tensors: `<state name>.model.` of the one ModelOptimizerState."""
+    names = sorted({k.split(".", 2)[0] for k in keys if k.count(".") >= 2 and k.split(".", 2)[1] == "model"})
+    if len(names) != 1:
+        raise CheckpointError(f"expected one model in the checkpoint, found {len(names)} ({', '.join(names)})")
+    return f"{names[0]}.model."
+
+
+def _gpt_config(raw: Any, where: Path) -> GPTConfig:
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{where} carries no model config: it was not written by dist_gpt's trainer")
+    known = {f.name for f in fields(GPTConfig)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise CheckpointError(f"{where} has model settings this dist_gpt does not know ({', '.join(unknown)}): "
+                              "read it with the dist_gpt version that wrote it")
+    return GPTConfig(**raw)
+
+
+def _from_checkpoint(ckpt: Path) -> LoadedWeights:
+    manifest = read_manifest(ckpt)
+    meta = read_meta(ckpt, manifest)
+    md = read_metadata(ckpt, manifest)
+    prefix = model_prefix(md.state_dict_metadata)
+    # Templates shaped from the metadata: only the model's tensors are read, never the optimizer's.
+    model = {k[len(prefix):]: torch.empty(tuple(e.size), dtype=e.properties.dtype)
+             for k, e in md.state_dict_metadata.items() if k.startswith(prefix)}
+    state: dict[str, Any] = {prefix.split(".")[0]: {"model": model}}
+    load_checkpoint(ckpt, state, strict_prefixes=(prefix,), no_dist=True)
+    config = _gpt_config(meta.get("config", {}).get("model"), ckpt / "meta.json")
+    dataset = meta.get("dataset") or {}
+    return LoadedWeights(config, model, ckpt, meta.get("step", manifest.get("step")), manifest.get("val_loss"),
+                         dataset, tokenizer_spec=dataset.get("tokenizer_spec"))
+
+
+def _from_safetensors(file: Path) -> LoadedWeights:
+    from safetensors import SafetensorError, safe_open
+
+    if not file.is_file():
+        raise CheckpointError(f"{file} does not exist: pass an exported .safetensors file "
+                              "(python -m dist_gpt.export), a run directory or a checkpoint directory")
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            info = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{file} is not a readable .safetensors file ({e}): export it again") from None
+    if info.get(KEY_FORMAT) != EXPORT_FORMAT:
+        raise CheckpointError(f"{file} was not exported by dist_gpt (no {KEY_FORMAT} in its metadata): "
+                              "export it with python -m dist_gpt.export")
+    if KEY_CRC32 in info and str(tensors_crc32(tensors)) != info[KEY_CRC32]:
+        raise CheckpointError(f"{file} is corrupt: its tensors do not match the CRC32 recorded at export; "
+                              "export it again")
+    try:
+        raw_config = json.loads(info[KEY_CONFIG])
+        dataset = json.loads(info.get(KEY_DATASET, "{}"))
+        spec = json.loads(info[KEY_TOKENIZER_SPEC]) if KEY_TOKENIZER_SPEC in info else None
+    except (KeyError, ValueError) as e:
+        raise CheckpointError(f"{file} has a damaged dist_gpt metadata table ({e}): export it again") from None
+    tok_json = info.get(KEY_TOKENIZER_JSON)
+    beside = info.get(KEY_TOKENIZER_FILE)
+    if tok_json is None and beside and (file.parent / beside).is_file():
+        tok_json = (file.parent / beside).read_bytes().decode("utf-8")
+    step = int(info[KEY_STEP]) if info.get(KEY_STEP, "").isdigit() else None
+    val = float(info[KEY_VAL_LOSS]) if info.get(KEY_VAL_LOSS) else None
+    return LoadedWeights(_gpt_config(raw_config, file), tensors, file, step,
+                         val if val is not None and math.isfinite(val) else None, dataset, spec, tok_json)
+
+
+def dataset_tokenizer(data_path: str | None) -> tuple[dict | None, str | None]:
+    """(spec, tokenizer.json text or None) from a dataset directory's manifest, or (None, None)."""
+    if not data_path:
+        return None, None
+    manifest_file = Path(data_path) / "manifest.json"
+    try:
+        spec = json.loads(manifest_file.read_text())["tokenizer"]["spec"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None, None
+    tok_file = spec.get("file") if isinstance(spec, dict) else None
+    file = Path(data_path) / tok_file if tok_file else None
+    # Bytes, not read_text(): newline translation would change the file's sha256 fingerprint.
+    text = file.read_bytes().decode("utf-8") if file is not None and file.is_file() else None
+    return spec, text
+
+
+def _build_tokenizer(w: LoadedWeights):
+    from .data.tokenizers import tokenizer_from_spec
+
+    spec, text = w.tokenizer_spec, w.tokenizer_json
+    if spec is None:
+        spec, text = dataset_tokenizer(w.data_path)
+    if spec is None:
+        raise DataError(f"the tokenizer of {w.source} is not available: its dataset {w.data_path} (manifest.json) "
+                        "is gone; restore the dataset there or export the model while it exists")
+    if spec.get("kind") == "hf":
+        if text is None:
+            raise DataError(f"the tokenizer file of {w.source} is missing (dataset {w.data_path}): "
+                            "restore the dataset or export the model while it exists")
+        with tempfile.TemporaryDirectory() as tmp:  # HFTokenizer parses the file into memory
+            (Path(tmp) / spec["file"]).write_bytes(text.encode("utf-8"))
+            tok = tokenizer_from_spec(spec, Path(tmp))
+    else:
+        tok = tokenizer_from_spec(spec, Path(w.data_path) if w.data_path else None)
+    expect = w.dataset.get("tokenizer_fingerprint")
+    if expect and tok.fingerprint != expect:
+        raise DataError(f"the tokenizer found for {w.source} is not the one it was trained with (fingerprint "
+                        f"{tok.fingerprint[:12]} != {expect[:12]}): the dataset {w.data_path} was rebuilt; "
+                        "use the original dataset")
+    return tok
