@@ -6,7 +6,8 @@
 
 Everything after `--` goes to `python -m dist_gpt.train`. Run it from the repository root: jobs start in
 the directory you submit from. The job's logs are logs/submitit/<job id>_<rank>_log.{out,err}; the run
-(checkpoints, TensorBoard, final.json) is --train.run_dir, by default runs/submitit-<job id>.
+(checkpoints, TensorBoard, final.json) is the trainer's run directory (--train.run_dir, by default
+runs/<train.name>), resolved here at submission, so submitting the same command again resumes it.
 `--wait` blocks until the job is done and prints its final metrics (final.json) as one JSON line.
 
 submitit starts one task per rank (srun, no torchrun) and `TorchDistributedEnvironment().export()` turns
@@ -43,45 +44,44 @@ from pathlib import Path
 import cloudpickle
 import submitit
 
+from dist_gpt.errors import UserError
+
 MARKER = "requeue.json"
 FORWARDED = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM)
 REQUEUE_SIGNALS = ("SIGUSR1", "SIGUSR2")
 
 
-def run_dir_from_args(train_args: list[str]) -> str | None:
-    """The run directory the trainer will use if the arguments name it: --train.run_dir, else runs/<train.name>."""
-    for key, fmt in (("--train.run_dir", "{}"), ("--train.name", "runs/{}")):
-        for i, arg in enumerate(train_args):
-            if arg.startswith(key + "="):
-                return fmt.format(arg.split("=", 1)[1])
-            if arg == key and i + 1 < len(train_args):
-                return fmt.format(train_args[i + 1])
-    return None
+def resolve_run_dir(train_args: list[str]) -> Path:
+    """The run directory the trainer will use (preset, --config TOML, command line), made absolute.
+
+    Parsing here also rejects a bad option at submission instead of after the wait in the queue.
+    """
+    from dist_gpt import config
+
+    cfg = config.parse(train_args)
+    if cfg is None:  # --help was printed
+        raise SystemExit(0)
+    return cfg.run_dir.resolve()
 
 
 class TrainJob(submitit.helpers.Checkpointable):
     """The submitted callable: one per task (rank). Holds only what a requeue must resubmit."""
 
-    def __init__(self, train_args: list[str], workdir: str) -> None:
-        self.train_args = list(train_args)
+    def __init__(self, train_args: list[str], run_dir: Path, workdir: str) -> None:
+        self.train_args = [*train_args, f"--train.run_dir={run_dir}"]
+        self.run_dir = Path(run_dir)
         self.workdir = workdir
 
     def __call__(self) -> dict | None:
         job = submitit.JobEnvironment()
         # set_cuda_visible_devices=False: dist_gpt selects cuda:LOCAL_RANK itself, which needs every GPU visible.
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
-        args = list(self.train_args)
-        run_dir = run_dir_from_args(args)
-        if run_dir is None:
-            run_dir = f"runs/submitit-{job.job_id}"
-            args.append(f"--train.run_dir={run_dir}")
-        run_dir_path = Path(self.workdir, run_dir)
-        marker = run_dir_path / MARKER
+        marker = self.run_dir / MARKER
         if job.global_rank == 0:
             marker.unlink(missing_ok=True)  # left by a run whose task was killed: must not requeue this one
 
         submitit_preempt = signal.getsignal(_preempt_signal())
-        code = _run_trainer(args, self.workdir)
+        code = _run_trainer(self.train_args, self.workdir)
 
         if job.global_rank != 0:
             if code != 0:
@@ -98,8 +98,8 @@ class TrainJob(submitit.helpers.Checkpointable):
                                f"requeued; resubmit the same command to resume from {stop.get('checkpoint')}")
         if code != 0:
             raise RuntimeError(f"dist_gpt.train exited with status {code}; see this job's log")
-        final = json.loads((run_dir_path / "final.json").read_text())
-        return {**final, "run_dir": str(run_dir_path)}
+        final = json.loads((self.run_dir / "final.json").read_text())
+        return {**final, "run_dir": str(self.run_dir)}
 
 
 def _preempt_signal() -> signal.Signals:
@@ -169,11 +169,16 @@ def make_executor(a: argparse.Namespace) -> submitit.core.core.Executor:
 
 def main(argv: list[str] | None = None) -> int:
     a, train_args = parse_args(argv)
+    try:
+        run_dir = resolve_run_dir(train_args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     # Pickle TrainJob by value: the job then needs only submitit and dist_gpt, not this checkout on its path.
     if TrainJob.__module__ != "__main__":  # (__main__ is pickled by value anyway)
         cloudpickle.register_pickle_by_value(sys.modules[TrainJob.__module__])
-    job = make_executor(a).submit(TrainJob(train_args, os.getcwd()))
-    print(f"submitted job {job.job_id}; logs: {job.paths.stdout}", flush=True)
+    job = make_executor(a).submit(TrainJob(train_args, run_dir, os.getcwd()))
+    print(f"submitted job {job.job_id}; logs: {job.paths.stdout}; run: {run_dir}", flush=True)
     if not a.wait:
         return 0
     print(json.dumps(job.results()[0]), flush=True)  # rank 0 returns the metrics

@@ -8,7 +8,8 @@
 #
 # Every argument after the script name goes to `python -m dist_gpt.train` unchanged. sbatch flags on the
 # command line override the #SBATCH lines below. The log is logs/slurm/<job name>-<job id>.out, appended
-# to across requeues; the run (checkpoints, TensorBoard) is --train.run_dir, by default runs/slurm-<job id>.
+# to across requeues; the run (checkpoints, TensorBoard) is the trainer's run directory (--train.run_dir,
+# by default runs/<train.name>), so submitting the same command again resumes the same run.
 #
 # Time limit and preemption: --signal sends SIGUSR2 to every process of the job step 120 s before the
 # limit (change it with `sbatch --signal=USR1@300`; no "B:", the trainer must receive it). torchrun
@@ -55,32 +56,19 @@ gpus_on_node() {
 }
 NPROC_PER_NODE=${NPROC_PER_NODE:-$(gpus_on_node)}
 
-# The run directory must be known here to find the requeue marker, so pass it to the trainer
-# explicitly; a user's --train.run_dir (or --train.name, whose default run dir is runs/<name>) wins.
-run_dir_from_args() {
-    local arg prev=""
-    for arg in "$@"; do
-        case $arg in
-            --train.run_dir=*) echo "${arg#*=}"; return ;;
-        esac
-        [[ $prev == --train.run_dir ]] && { echo "$arg"; return; }
-        prev=$arg
-    done
-    prev=""
-    for arg in "$@"; do
-        case $arg in
-            --train.name=*) echo "runs/${arg#*=}"; return ;;
-        esac
-        [[ $prev == --train.name ]] && { echo "runs/$arg"; return; }
-        prev=$arg
-    done
-}
-RUN_DIR=$(run_dir_from_args "$@")
-TRAIN_ARGS=("$@")
-if [[ -z $RUN_DIR ]]; then
-    RUN_DIR=runs/slurm-$SLURM_JOB_ID
-    TRAIN_ARGS+=("--train.run_dir=$RUN_DIR")
-fi
+# The run directory exactly as the trainer resolves it (preset, --config TOML, command line), so the
+# requeue marker is looked for where the trainer writes it; a bad option fails here, before srun.
+RUN_DIR=$("$PYTHON" -c '
+import sys
+from dist_gpt import config
+from dist_gpt.errors import UserError
+try:
+    cfg = config.parse(sys.argv[1:])
+except UserError as e:
+    sys.exit(f"error: {e}")
+print(cfg.run_dir if cfg else "")
+ "$@") || exit 2
+[[ -n $RUN_DIR ]] || exit 0  # --help was printed
 MARKER=$RUN_DIR/requeue.json
 # A marker left by a run whose batch script was killed (SIGTERM) must not requeue this one.
 rm -f "$MARKER"
@@ -105,7 +93,7 @@ srun --kill-on-bad-exit=1 --ntasks-per-node=1 --cpus-per-task="${SLURM_CPUS_PER_
     --max-restarts="$MAX_RESTARTS" \
     --signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1,SIGUSR2 \
     --shutdown-timeout="$SHUTDOWN_TIMEOUT" \
-    -m dist_gpt.train "${TRAIN_ARGS[@]}"
+    -m dist_gpt.train "$@"
 rc=$?
 
 if [[ -f $MARKER ]]; then
