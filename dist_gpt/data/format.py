@@ -114,11 +114,12 @@ def read_header(path: Path | str) -> ShardHeader:
     return header
 
 
-def iter_payload(path: Path | str, header: ShardHeader, chunk_tokens: int = 1 << 22):
-    """Yield the payload as numpy arrays of at most chunk_tokens tokens (bounded memory)."""
+def iter_payload(path: Path | str, header: ShardHeader, chunk_tokens: int = 1 << 22, start: int = 0, stop: int | None = None):
+    """Yield tokens [start, stop) as numpy arrays of at most chunk_tokens tokens (bounded memory)."""
+    stop = header.num_tokens if stop is None else stop
     with open(path, "rb") as f:
-        f.seek(HEADER_SIZE)
-        left = header.num_tokens
+        f.seek(HEADER_SIZE + start * header.dtype_code)
+        left = stop - start
         while left > 0:
             n = min(left, chunk_tokens)
             raw = f.read(n * header.dtype_code)
@@ -139,6 +140,20 @@ def verify_payload(path: Path | str, header: ShardHeader) -> None:
             raise DataError(f"{path}: token id {int(chunk[bad])} is >= the vocabulary size {header.vocab_size}")
     if sha.hexdigest() != header.checksum:
         raise DataError(f"{path}: payload checksum mismatch (the file is corrupt)")
+
+
+def truncate_shard(path: Path | str, header: ShardHeader, keep: int) -> ShardHeader:
+    """Cut a shard to its first `keep` tokens (prepare's single-document split, in its staging dir)."""
+    sha = hashlib.sha256()
+    for chunk in iter_payload(path, header, stop=keep):
+        sha.update(chunk)
+    new = ShardHeader(header.dtype_code, header.vocab_size, keep, header.tokenizer_fingerprint, sha.hexdigest())
+    with open(path, "r+b") as f:
+        f.write(new.pack())
+        f.truncate(HEADER_SIZE + keep * header.dtype_code)
+        f.flush()
+        os.fsync(f.fileno())
+    return new
 
 
 def open_memmap(path: Path | str, header: ShardHeader) -> np.ndarray:

@@ -1,0 +1,129 @@
+"""python -m tools.shards verify|stats|decode DIR: check, summarize and read a dataset.
+
+    python -m tools.shards verify data/stdlib          # headers, checksums, every id < vocab
+    python -m tools.shards stats data/stdlib
+    python -m tools.shards decode data/stdlib --split val --start 0 --count 400
+
+`verify` names each bad file and the command to re-run (the one recorded in the manifest).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from dist_gpt.data.format import DTYPE_NAMES, iter_payload, read_header, verify_payload
+from dist_gpt.data.manifest import MANIFEST, SPLITS, load_manifest
+from dist_gpt.data.tokenizers import tokenizer_from_spec
+from dist_gpt.errors import DataError, UserError
+
+PREPARE_HINT = "build it with `python -m tools.prepare ... --out {path}`"
+
+
+def _rerun(manifest: dict) -> str:
+    cmd = manifest.get("command")
+    return f"re-run `{cmd} --force`" if cmd else "re-run the prepare command that made it with --force"
+
+
+def verify_dataset(path: Path, progress=None) -> list[str]:
+    """Every problem found, one line each naming the file (empty list: the dataset is sound)."""
+    path = Path(path)
+    manifest = load_manifest(path, PREPARE_HINT.format(path=path))
+    problems = []
+    tok = manifest["tokenizer"]
+    if tok.get("file"):
+        tok_path = path / tok["file"]
+        try:
+            if hashlib.sha256(tok_path.read_bytes()).hexdigest() != tok["fingerprint"]:
+                problems.append(f"{tok_path}: differs from the tokenizer that made the shards (fingerprint mismatch)")
+        except OSError:
+            problems.append(f"{tok_path}: tokenizer file is missing")
+    for split in SPLITS:
+        entry = manifest["splits"][split]
+        if sum(s["num_tokens"] for s in entry["shards"]) != entry["num_tokens"]:
+            problems.append(f"{path / MANIFEST}: the {split} token count disagrees with its shards")
+        for shard in entry["shards"]:
+            shard_path = path / shard["file"]
+            try:
+                header = read_header(shard_path)
+                want = (manifest["vocab_size"], manifest["dtype"], tok["fingerprint"], shard["num_tokens"], shard["sha256"])
+                got = (header.vocab_size, DTYPE_NAMES[header.dtype_code], header.tokenizer_fingerprint, header.num_tokens, header.checksum)
+                if got != want:
+                    raise DataError(f"{shard_path}: header does not match manifest.json (a shard from another run?)")
+                verify_payload(shard_path, header)
+            except DataError as e:
+                problems.append(str(e))
+            if progress:
+                progress(shard_path)
+    return problems
+
+
+def stats(path: Path) -> str:
+    manifest = load_manifest(Path(path), PREPARE_HINT.format(path=path))
+    tok = manifest["tokenizer"]
+    lines = [f"dataset     {path}",
+             f"tokenizer   {tok['name']} (vocab {manifest['vocab_size']}, {manifest['dtype']}, "
+             f"end-of-text id {tok.get('eot_id')}, fingerprint {tok['fingerprint'][:16]})",
+             f"source      {manifest.get('source')}"]
+    for split in SPLITS:
+        e = manifest["splits"][split]
+        bpt = e["source_bytes"] / e["num_tokens"] if e["num_tokens"] else float("nan")
+        lines.append(f"{split:<11} {e['num_tokens']:>14,} tokens  {len(e['shards'])} shards  "
+                     f"{e.get('documents', 0):,} documents  {e['source_bytes']:,} source bytes  {bpt:.3f} bytes/token")
+    return "\n".join(lines)
+
+
+def decode_slice(path: Path, split: str, start: int, count: int) -> str:
+    """Tokens [start, start+count) of a split (across shard boundaries) decoded to text."""
+    path = Path(path)
+    manifest = load_manifest(path, PREPARE_HINT.format(path=path))
+    if split not in SPLITS:
+        raise DataError(f"unknown split {split!r}; choose train or val")
+    tokenizer = tokenizer_from_spec(manifest["tokenizer"]["spec"], path)
+    ids, pos = [], 0
+    for shard in manifest["splits"][split]["shards"]:
+        n = shard["num_tokens"]
+        lo, hi = max(start - pos, 0), min(start + count - pos, n)
+        if lo < hi:
+            header = read_header(path / shard["file"])
+            ids += [a for a in iter_payload(path / shard["file"], header, start=lo, stop=hi)]
+        pos += n
+    tokens = np.concatenate(ids).tolist() if ids else []
+    return tokenizer.decode(tokens)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tools.shards", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, text in (("verify", "check headers, checksums and token ids"), ("stats", "summarize a dataset"),
+                       ("decode", "print a slice of tokens as text")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("dataset", help="dataset directory (manifest.json + shards)")
+        if name == "decode":
+            p.add_argument("--split", default="val", help="train or val (default val)")
+            p.add_argument("--start", type=int, default=0, help="first token (default 0)")
+            p.add_argument("--count", type=int, default=400, help="number of tokens (default 400)")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "verify":
+            manifest = load_manifest(Path(args.dataset), PREPARE_HINT.format(path=args.dataset))
+            problems = verify_dataset(Path(args.dataset))
+            for p in problems:
+                print(f"error: {p}; {_rerun(manifest)}", file=sys.stderr)
+            if problems:
+                return 2
+            shards = sum(len(manifest["splits"][s]["shards"]) for s in SPLITS)
+            tokens = sum(manifest["splits"][s]["num_tokens"] for s in SPLITS)
+            print(f"ok: {args.dataset}: {shards} shards, {tokens:,} tokens, checksums and token ids verified")
+        elif args.command == "stats":
+            print(stats(Path(args.dataset)))
+        else:
+            sys.stdout.write(decode_slice(Path(args.dataset), args.split, args.start, args.count) + "\n")
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
