@@ -145,8 +145,8 @@ def read_manifest(path: Path) -> dict:
                               "(runs/NAME/checkpoints/step_...), a run directory or, where accepted, a .safetensors file")
     done = path / DONE
     if not done.is_file():
-        raise CheckpointError(f"checkpoint {path} is incomplete (no {DONE}): it was interrupted while being "
-                              "written; delete it or pass --resume with another checkpoint")
+        raise CheckpointError(f"checkpoint {path} is incomplete (no {DONE}): delete it or pass --resume with "
+                              "another checkpoint")
     try:
         manifest = json.loads(done.read_text())
         if manifest.get("format") != FORMAT or not isinstance(manifest.get("files"), dict):

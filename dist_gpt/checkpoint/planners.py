@@ -43,6 +43,11 @@ class SafeLoadPlanner(DefaultLoadPlanner):
         saved = metadata.state_dict_metadata
         fix = ("resume with the model and optimizer settings it was saved with (see its meta.json), "
                "or start a fresh run with --resume none")
+        for key, value in self.state_dict.items():
+            shape = tuple(value.size()) if isinstance(value, torch.Tensor) else None
+            if key in saved and shape != tuple(saved[key].size):
+                raise CheckpointError(f"checkpoint {self.ckpt_path} holds {key!r} with shape {list(saved[key].size)} "
+                                      f"but this run's has shape {list(shape or ())}: {fix}")
         missing = [k for k in self.state_dict if k not in saved]
         if missing:
             more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
@@ -53,11 +58,6 @@ class SafeLoadPlanner(DefaultLoadPlanner):
             more = f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""
             raise CheckpointError(f"checkpoint {self.ckpt_path} holds {extra[0]!r}{more} that this run does not "
                                   f"have: it was saved with another model or optimizer; {fix}")
-        for key, value in self.state_dict.items():
-            shape = tuple(value.size()) if isinstance(value, torch.Tensor) else None
-            if shape != tuple(saved[key].size):
-                raise CheckpointError(f"checkpoint {self.ckpt_path} holds {key!r} with shape {list(saved[key].size)} "
-                                      f"but this run's has shape {list(shape or ())}: {fix}")
 
     def load_bytes(self, read_item, value) -> None:
         raise CheckpointError(f"checkpoint {self.ckpt_path}: {read_item.dest_index.fqn!r} is a non-tensor entry; "

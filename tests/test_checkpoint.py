@@ -1,0 +1,172 @@
+"""Checkpointer in one process: exact round trip, async save, atomic commit under crashes, retention."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from checkpoint_worker import build, flat_state, train_step
+from dist_gpt.checkpoint import Checkpointer, CheckpointConfig, ModelOptimizerState, read_metadata
+from dist_gpt.checkpoint.layout import CheckpointInfo
+from dist_gpt.checkpoint.retention import steps_to_keep
+from dist_gpt.errors import CheckpointError, ConfigError
+
+WORKER = Path(__file__).with_name("checkpoint_worker.py")
+
+
+def trained(steps: int = 3):
+    model, opt = build()
+    for s in range(1, steps + 1):
+        train_step(model, opt, s, 0)
+    return model, opt
+
+
+def assert_same_state(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.parametrize("use_async", [False, True])
+def test_round_trip_is_exact_and_keys_are_plain(tmp_path, use_async):
+    model, opt = trained()
+    ckpt = Checkpointer(tmp_path / "checkpoints", CheckpointConfig(async_save=use_async), 0, 1)
+    # torch.compile's wrapper (never run here) must not leak `_orig_mod.` into the keys.
+    path = ckpt.save(3, {"model_optim": ModelOptimizerState(torch.compile(model), [opt])}, {"step": 3, "note": "x"})
+    expected = flat_state(model, opt)
+    train_step(model, opt, 4, 0)  # the live state moves on while an async write may still run
+    ckpt.wait()
+    assert path == tmp_path / "checkpoints" / "step_0000003" and (path / "DONE").is_file()
+    keys = set(read_metadata(path).state_dict_metadata)
+    assert "model_optim.model.0.weight" in keys and "model_optim.optim.state.2.bias.exp_avg_sq" in keys
+    assert not any("module." in k or "_orig_mod" in k or "param_groups" in k for k in keys)
+
+    model2, opt2 = build()
+    meta = ckpt.load(ckpt.latest(), {"model_optim": ModelOptimizerState(model2, [opt2])})
+    assert meta == {"step": 3, "note": "x"}
+    assert_same_state(flat_state(model2, opt2), expected)
+    # and training continues identically from there
+    model3, opt3 = trained(3)
+    train_step(model2, opt2, 4, 0)
+    train_step(model3, opt3, 4, 0)
+    assert_same_state(flat_state(model2, opt2), flat_state(model3, opt3))
+
+
+def test_scalar_optimizer_state_round_trips_as_tensor(tmp_path):
+    model, _ = build()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    train_step(model, opt, 1, 0)
+    for st in opt.state.values():
+        st["count"] = 7  # a plain int, as some optimizers keep
+    ckpt = Checkpointer(tmp_path, CheckpointConfig(), 0, 1)
+    ckpt.save(1, {"s": ModelOptimizerState(model, [opt])}, {})
+    model2, _ = build()
+    opt2 = torch.optim.SGD(model2.parameters(), lr=0.1, momentum=0.9)
+    train_step(model2, opt2, 5, 0)
+    for st in opt2.state.values():
+        st["count"] = 0
+    ckpt.load(ckpt.latest(), {"s": ModelOptimizerState(model2, [opt2])})
+    assert all(st["count"] == 7 and type(st["count"]) is int for st in opt2.state.values())
+    assert_same_state(flat_state(model2, opt2), flat_state(model, opt))
+
+
+def test_non_tensor_state_is_refused_and_nothing_is_committed(tmp_path):
+    model, _ = build()
+    ckpt = Checkpointer(tmp_path, CheckpointConfig(), 0, 1)
+    with pytest.raises(TypeError, match="not a tensor"):
+        ckpt.save(1, {"s": {"w": model[0].weight, "note": "text"}}, {})
+    assert ckpt.latest() is None and not ckpt.has_checkpoints()
+    with pytest.raises(TypeError):
+        ckpt.save(2, {"s": {"w": model[0].weight}}, {"bad": object()})  # meta must be JSON
+
+
+def test_same_step_saved_twice_in_a_process_is_written_once(tmp_path):
+    model, opt = trained(1)
+    ckpt = Checkpointer(tmp_path, CheckpointConfig(), 0, 1)
+    state = {"s": ModelOptimizerState(model, [opt])}
+    first = ckpt.save(1, state, {"n": 1})
+    stamp = (first / "DONE").stat().st_mtime_ns
+    assert ckpt.save(1, state, {"n": 2}) == first and (first / "DONE").stat().st_mtime_ns == stamp
+
+
+def test_due_follows_interval():
+    ckpt = Checkpointer("unused", CheckpointConfig(interval=5), 0, 1)
+    assert [s for s in range(0, 16) if ckpt.due(s)] == [5, 10, 15]
+    assert not any(Checkpointer("unused", CheckpointConfig(interval=0), 0, 1).due(s) for s in range(10))
+
+
+def test_config_validation_names_the_key():
+    with pytest.raises(ConfigError, match="checkpoint.keep_last"):
+        CheckpointConfig(keep_last=-1)
+    with pytest.raises(ConfigError, match="checkpoint.resume"):
+        CheckpointConfig(resume="")
+
+
+@pytest.mark.parametrize("where", ["write", "rename", "done"])
+def test_crash_mid_save_keeps_previous_checkpoint(tmp_path, where):
+    """SIGKILL while writing data, before the rename, and between the rename and DONE."""
+    root = tmp_path / "checkpoints"
+    proc = subprocess.run([sys.executable, str(WORKER), "crash-at", where, str(root)], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == -9, proc.stderr  # killed, as injected
+    leftovers = {p.name for p in root.iterdir()}
+    assert leftovers == {"step_0000001", ".tmp_step_0000002" if where != "done" else "step_0000002"}
+
+    ckpt = Checkpointer(root, CheckpointConfig(), 0, 1)
+    assert ckpt.latest() == root / "step_0000001"
+    assert {p.name for p in root.iterdir()} == {"step_0000001"}  # rank 0 cleaned the partial one
+    model, opt = build()
+    assert ckpt.load(ckpt.latest(), {"model_optim": ModelOptimizerState(model, [opt])}) == {"step": 1}
+    expected_model, expected_opt = trained(1)
+    assert_same_state(flat_state(model, opt), flat_state(expected_model, expected_opt))
+    # and the interrupted step can be saved again
+    train_step(model, opt, 2, 0)
+    assert (ckpt.save(2, {"model_optim": ModelOptimizerState(model, [opt])}, {"step": 2}) / "DONE").is_file()
+
+
+def test_incomplete_checkpoint_is_ignored_and_refused_with_the_fix(tmp_path):
+    model, opt = trained(1)
+    ckpt = Checkpointer(tmp_path, CheckpointConfig(), 0, 1)
+    good = ckpt.save(1, {"s": ModelOptimizerState(model, [opt])}, {})
+    bad = tmp_path / "step_0000009"
+    bad.mkdir()
+    (bad / "meta.json").write_text("{}")
+    assert Checkpointer(tmp_path, CheckpointConfig(), 1, 2).latest() == good  # rank 1 only ignores it
+    with pytest.raises(CheckpointError, match=r"step_0000009 is incomplete \(no DONE\): delete it or pass --resume"):
+        ckpt.load(bad, {"s": ModelOptimizerState(model, [opt])})
+    with pytest.raises(CheckpointError, match="does not exist"):
+        ckpt.load(tmp_path / "step_0000404", {"s": ModelOptimizerState(model, [opt])})
+
+
+def info(step, val=None):
+    return CheckpointInfo(Path(f"step_{step}"), step, True, val)
+
+
+def test_retention_policy_table():
+    ten = [info(s) for s in range(10, 110, 10)]
+    assert steps_to_keep(ten, 3, 0, True) == {80, 90, 100}
+    assert steps_to_keep(ten, 2, 40, False) == {40, 80, 90, 100}
+    assert steps_to_keep(ten, 0, 0, False) == set(range(10, 110, 10))
+    scored = [info(10, 3.0), info(20, 2.0), info(30, 2.5), info(40, 2.0), info(50, 2.7), info(60, None)]
+    assert steps_to_keep(scored, 1, 0, True) == {40, 60}  # best: lowest loss, newest among equals
+    assert steps_to_keep(scored, 1, 0, False) == {60}
+    assert steps_to_keep([info(5, float("nan"))], 1, 0, True) == {5}
+    assert steps_to_keep([], 3, 0, True) == set()
+
+
+def test_retention_on_disk_keeps_exactly_what_it_should(tmp_path):
+    model, opt = trained(1)
+    cfg = CheckpointConfig(keep_last=2, keep_every=4, keep_best=True)
+    ckpt = Checkpointer(tmp_path, cfg, 0, 1)
+    losses = {1: 5.0, 2: 4.0, 3: 1.5, 4: 3.0, 5: 2.0, 6: 2.5, 7: None, 8: 2.2, 9: 3.3, 10: 3.1}
+    for step, loss in losses.items():
+        ckpt.save(step, {"s": ModelOptimizerState(model, [opt])}, {"step": step}, val_loss=loss)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "step_0000003", "step_0000004", "step_0000008", "step_0000009", "step_0000010"]
+    assert ckpt.best() == tmp_path / "step_0000003" and ckpt.latest() == tmp_path / "step_0000010"
+    assert json.loads((ckpt.best() / "DONE").read_text())["val_loss"] == 1.5
