@@ -440,12 +440,19 @@ def _split_tail(writer: DatasetWriter, fraction: float, records: list[tuple[int,
             path.unlink()
         pos += header.num_tokens
     writer.shards["train"] = kept
-    # source bytes of the val part: whole units after the cut, and the cut unit pro rata
+    # source bytes of the val part: exact from each token's byte length where the tokenizer
+    # knows them; otherwise the units after the cut plus the cut unit pro rata
+    writer.close_shard("val")
+    lengths = writer.tokenizer.byte_lengths()
     val_bytes, pos = 0.0, 0
-    for tokens, nbytes in records:
-        if pos + tokens > keep_total and tokens:
-            val_bytes += nbytes * (pos + tokens - max(pos, keep_total)) / tokens
-        pos += tokens
+    if lengths is not None:
+        for name, header in writer.shards["val"]:
+            val_bytes += sum(int(lengths[c].sum()) for c in iter_payload(writer.directory / name, header))
+    else:
+        for tokens, nbytes in records:
+            if pos + tokens > keep_total and tokens:
+                val_bytes += nbytes * (pos + tokens - max(pos, keep_total)) / tokens
+            pos += tokens
     writer.source_bytes["train"] -= round(val_bytes)
     writer.source_bytes["val"] += round(val_bytes)
     writer.documents["val"] = 1  # the document's tail

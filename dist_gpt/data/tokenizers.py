@@ -52,6 +52,10 @@ class ByteTokenizer:
     def decode(self, ids) -> str:
         return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
 
+    def byte_lengths(self) -> np.ndarray:
+        """Source bytes each id stands for (used to count a split's UTF-8 bytes exactly)."""
+        return np.ones(256, dtype=np.int64)
+
 
 class CharTokenizer:
     """One id per character; ids are the sorted characters' positions (the notebook's scheme)."""
@@ -96,6 +100,9 @@ class CharTokenizer:
     def decode(self, ids) -> str:
         return "".join(self.chars[int(i)] for i in ids)
 
+    def byte_lengths(self) -> np.ndarray:
+        return np.array([len(c.encode("utf-8", errors="surrogatepass")) for c in self.chars], dtype=np.int64)
+
 
 class HFTokenizer:
     """A HF `tokenizers` tokenizer.json: trained by `bpe:N`, or the user's own file."""
@@ -136,6 +143,17 @@ class HFTokenizer:
     def decode(self, ids) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
 
+    def byte_lengths(self) -> np.ndarray | None:
+        """Exact for byte-level tokenizers (one vocabulary character per byte); None otherwise."""
+        decoder = json.loads(self._tok.to_str()).get("decoder") or {}
+        if decoder.get("type") != "ByteLevel":
+            return None
+        lengths = np.zeros(self.vocab_size, dtype=np.int64)
+        special = {t.content for t in self._tok.get_added_tokens_decoder().values() if t.special}
+        for token, i in self._tok.get_vocab(with_added_tokens=True).items():
+            lengths[i] = 0 if token in special else len(token)
+        return lengths
+
 
 class TiktokenTokenizer:
     """OpenAI's gpt2 encoding through tiktoken; needs its files cached or a network."""
@@ -166,6 +184,10 @@ class TiktokenTokenizer:
 
     def decode(self, ids) -> str:
         return self._enc.decode([int(i) for i in ids])
+
+    def byte_lengths(self) -> np.ndarray:
+        return np.array([len(self._enc.decode_single_token_bytes(i)) if i != self.eot_id else 0
+                         for i in range(self.vocab_size)], dtype=np.int64)
 
 
 def tokenizer_from_spec(spec: dict, directory: Path | None = None):
