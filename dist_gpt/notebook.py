@@ -384,3 +384,89 @@ def _dropout(state: NotebookState) -> float:
     """The notebook's `dropout` global, as recorded by its Dropout layers (0.2 in the notebook)."""
     ps = {float(getattr(m, "p", 0.0)) for m in state.modules.values() if m.kind == "Dropout"}
     return ps.pop() if len(ps) == 1 else 0.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing the import: a weights-only dist_gpt checkpoint and a .safetensors export.
+
+
+@dataclass
+class ImportResult:
+    run_dir: Path            # holds checkpoints/step_0000000 (read by sample, evaluate, --init-from)
+    checkpoint: Path
+    safetensors: Path
+    model: dict[str, Any]    # the model section of the checkpoint's config
+    params: int
+    train_overrides: list[str]  # options that make `--preset seed` this model
+
+
+def read_vocab(vocab: str | Path):
+    """The notebook's vocabulary: the sorted set of vocab.txt's characters, read as text (universal
+    newlines, so "\\r\\n" counts as "\\n"), as `tools.prepare --tokenizer char --vocab` reads it."""
+    from .data.tokenizers import CharTokenizer
+    from .errors import DataError
+
+    try:
+        text = Path(vocab).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise DataError(f"--vocab {vocab} not found: give the notebook's vocab.txt") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"--vocab {vocab}: cannot read it as UTF-8 text ({e})") from None
+    if not text:
+        raise DataError(f"--vocab {vocab} is empty: give the notebook's vocab.txt")
+    return CharTokenizer("".join(sorted(set(text))))
+
+
+def import_notebook(pkl: str | Path, vocab: str | Path, out: str | Path) -> ImportResult:
+    """Read the notebook's `model-01.pkl` safely and write it as the dist_gpt run directory `out`:
+    `out/checkpoints/step_0000000/` (weights only, step 0) and `out/model.safetensors`."""
+    from . import config as config_mod
+    from .checkpoint import CheckpointConfig, Checkpointer, ModelOptimizerState
+    from .errors import DataError
+    from .export import export
+    from .model import GPT
+
+    pkl, out = Path(pkl), Path(out)
+    ckpt_root, st_file = out / "checkpoints", out / "model.safetensors"
+    for existing in (ckpt_root, st_file):
+        if existing.exists():
+            raise CheckpointError(f"{existing} already exists: choose another --out (nothing was overwritten)")
+    model_keys, state_dict = map_to_dist_gpt(load_notebook_state(pkl), pkl)
+    tok = read_vocab(vocab)
+    if tok.vocab_size != model_keys["vocab_size"]:
+        raise DataError(f"--vocab {vocab} has {tok.vocab_size} distinct characters but {pkl} embeds "
+                        f"{model_keys['vocab_size']}: pass the vocab.txt this model was trained with")
+
+    # The `seed` preset with the sizes read from the tensors: the config `--preset seed` plus the
+    # printed overrides gives, so `--init-from` accepts the checkpoint.
+    cfg = config_mod.build("seed", overrides={f"model.{k}": v for k, v in model_keys.items()}
+                           | {"train.run_dir": str(out), "train.name": out.name})
+    model = GPT(cfg.model)
+    model.load_state_dict(state_dict, strict=True)
+    meta = {
+        "step": 0,
+        "config": cfg.to_dict(),
+        "dataset": {"path": None, "fingerprint": None, "tokenizer": tok.name, "tokenizer_spec": tok.spec,
+                    "tokenizer_fingerprint": tok.fingerprint, "vocab_size": tok.vocab_size, "eot_id": None},
+        "imported_from": {"notebook_pickle": str(pkl.resolve()), "vocab": str(Path(vocab).resolve())},
+    }
+    ckpt = Checkpointer(ckpt_root, CheckpointConfig()).save(0, {"model_optim": ModelOptimizerState(model)}, meta)
+    export(out, st_file)
+    _check_written(out, st_file, state_dict)
+    seed_model = config_mod.build("seed").model
+    overrides = [f"--model.{k}={_cli(v)}" for k, v in model_keys.items() if getattr(seed_model, k) != v]
+    return ImportResult(out, ckpt, st_file, model_keys, model.num_params(non_embedding=False), overrides)
+
+
+def _check_written(out: Path, st_file: Path, state_dict: dict[str, torch.Tensor]) -> None:
+    """Read both outputs back the way sample and --init-from will, and compare every tensor bit for bit."""
+    from .weights import load_weights
+
+    for where in (out, st_file):
+        loaded = load_weights(where).state_dict
+        if loaded.keys() != state_dict.keys() or any(not torch.equal(loaded[k], v) for k, v in state_dict.items()):
+            raise CheckpointError(f"{where} does not read back as written: check the disk and run the import again")
+
+
+def _cli(value: Any) -> str:
+    return "none" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
