@@ -221,9 +221,15 @@ def load_notebook_state(path: str | Path) -> NotebookState:
     path = Path(path)
     try:
         with open(path, "rb") as f:
+            if f.read(4) == b"PK\x03\x04":
+                raise CheckpointError(f"{path} is a torch.save archive, not the notebook's pickle.dump(model, f) "
+                                      "file: give the model-01.pkl the notebook wrote")
+            f.seek(0)
             root = _ModuleUnpickler(f).load()
     except FileNotFoundError:
         raise CheckpointError(f"{path} not found: give the path of the notebook's model-01.pkl") from None
+    except CheckpointError:
+        raise
     except _Refused as e:
         where = f" {e.where}" if e.where else ""
         raise CheckpointError(

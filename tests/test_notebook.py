@@ -167,6 +167,7 @@ def test_a_storage_type_is_the_only_global_a_storage_stream_may_name(tmp_path):
     (b"", "not a readable notebook model pickle"),
     (b"not a pickle at all", "not a readable notebook model pickle"),
     (pickle.dumps([1, 2, 3]), "holds a list"),
+    (b"PK\x03\x04 a torch.save zip archive", "is a torch.save archive"),
 ])
 def test_other_files_give_one_clear_line(tmp_path, content, expect):
     bad = tmp_path / "model-01.pkl"
