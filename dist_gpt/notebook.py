@@ -1,23 +1,24 @@
 """Import the original notebook's model: its `pickle.dump(model)` file, read without running any of it.
 
-    python -m tools.import_notebook model-01.pkl --vocab vocab.txt --out runs/notebook
-    python -m dist_gpt.sample --checkpoint runs/notebook --prompt "Hello"
-    torchrun --nproc_per_node=8 -m dist_gpt.train --preset seed --init-from runs/notebook
+    python -m tools.import_notebook model-01.pkl --vocab vocab.txt --out runs/notebook-import
+    python -m dist_gpt.sample --run runs/notebook-import
+    torchrun --standalone --nproc_per_node=8 -m dist_gpt.train --preset seed --data.path data/notebook \
+        --init-from runs/notebook-import --model.vocab_size=V --train.micro_batch=6
 
 The notebook saves the whole module object. A plain `pickle.load` of such a file imports and calls
 whatever globals the file names, so it could run any code; this reader admits a short list instead:
 
 - the notebook's own class names (`GPTLanguageModel`, `Block`, `MultiHeadAttention`, `Head`,
-  `FeedForward`, recorded as `__main__.X`) and the `torch.nn` layers they hold become `InertModule`s:
-  plain attribute holders whose classes are never imported and whose code never runs;
+  `FeedForward`, recorded as `__main__.X`) and the `torch.nn` layers they hold become
+  `InertModule`s: plain attribute holders; their classes are never imported, their code never runs;
 - tensors and parameters are rebuilt by functions of this file (never torch's `_rebuild_*`);
 - `collections.OrderedDict`.
 
 Every other global is refused with a `CheckpointError` naming the file and the global. Each tensor
 storage in such a pickle is a nested stream that `torch.storage._load_from_bytes` would hand to
 `torch.load(weights_only=False)`; here it goes to `_read_storage_stream`, which parses torch's legacy
-format itself (four small pickles that may name only a storage type, then the raw bytes) and puts
-every storage on the CPU whatever device it was saved from.
+format itself (five small pickles, of which only one may name a global, a storage type; then the
+raw bytes) and puts every storage on the CPU whatever device it was saved from.
 
 `map_to_dist_gpt` then turns the notebook's per-head key/query/value matrices into dist_gpt's fused
 `qkv` layout; `import_notebook` writes a dist_gpt checkpoint (weights only) and a `.safetensors`.
@@ -26,6 +27,7 @@ every storage on the CPU whatever device it was saved from.
 from __future__ import annotations
 
 import io
+import math
 import pickle
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -107,8 +109,11 @@ def _is_int_tuple(x: Any) -> bool:
 
 def _rebuild_tensor(storage: Any, offset: Any, size: Any, stride: Any, requires_grad: Any = False,
                     backward_hooks: Any = None, metadata: Any = None) -> torch.Tensor:
-    if not isinstance(storage, _Storage) or not isinstance(storage.data, torch.Tensor) or not isinstance(offset, int) or not _is_int_tuple(size) \
-            or not _is_int_tuple(stride) or len(size) != len(stride):
+    ok = (isinstance(storage, _Storage) and isinstance(storage.data, torch.Tensor) and isinstance(offset, int)
+          and _is_int_tuple(size) and _is_int_tuple(stride) and len(size) == len(stride))
+    # A saved weight never holds more elements than its storage (no stride-0 broadcasting); this
+    # also keeps a crafted record from asking `clone` for terabytes.
+    if not ok or math.prod(size) > storage.data.numel():
         raise pickle.UnpicklingError("malformed tensor record")
     # as_strided checks that (offset, size, stride) stays inside the storage; clone owns the result.
     return storage.data.as_strided(size, stride, offset).clone()
@@ -237,8 +242,9 @@ def load_notebook_state(path: str | Path) -> NotebookState:
             "its own classes, torch.nn layers and tensors, so this file is not one (nothing in it was run)"
         ) from None
     except Exception as e:  # any malformed pickle: UnpicklingError, EOFError, TypeError, torch's RuntimeError
+        reason = (str(e).splitlines() or [""])[0][:200]
         raise CheckpointError(
-            f"{path} is not a readable notebook model pickle ({type(e).__name__}: {e}); "
+            f"{path} is not a readable notebook model pickle ({type(e).__name__}: {reason}); "
             "give the file the notebook wrote with pickle.dump(model, f)") from None
     if not isinstance(root, InertModule):
         raise CheckpointError(f"{path} holds a {type(root).__name__}, not a pickled notebook model "
@@ -250,6 +256,10 @@ def load_notebook_state(path: str | Path) -> NotebookState:
 
 def _flatten(module: InertModule, prefix: str, state: NotebookState, path: Path) -> None:
     """Walk `_parameters`, `_buffers` and `_modules` as `nn.Module.state_dict` does."""
+    # The notebook's modules form a tree; a crafted file could make a cycle or a lattice that a
+    # walk would follow forever, so a module met twice is refused.
+    if any(m is module for m in state.modules.values()):
+        raise CheckpointError(f"{path}: module {prefix.rstrip('.') or '(root)'} appears twice; not a notebook model")
     state.modules[prefix.rstrip(".")] = module
     attrs = vars(module)
     for group in ("_parameters", "_buffers"):

@@ -187,3 +187,11 @@ def test_a_truncated_notebook_pickle_is_refused(notebook, tmp_path):
 def test_missing_file(tmp_path):
     with pytest.raises(CheckpointError, match="not found"):
         load_notebook_state(tmp_path / "nope.pkl")
+
+
+def test_a_module_cycle_is_refused(tmp_path):
+    # GPTLanguageModel whose _modules holds itself: a walk would never end.
+    cyclic = tmp_path / "model-01.pkl"
+    cyclic.write_bytes(b"\x80\x02c__main__\nGPTLanguageModel\n)\x81q\x00}q\x01U\x08_modules}q\x02U\x04selfh\x00ssb.")
+    with pytest.raises(CheckpointError, match="appears twice"):
+        load_notebook_state(cyclic)
