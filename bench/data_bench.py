@@ -1,0 +1,167 @@
+"""Data layer benchmark: prepare throughput per tokenizer, and sampler throughput.
+
+    python bench/data_bench.py                    # everything (about a minute on 2 cores)
+    python bench/data_bench.py --skip-prepare     # the sampler only
+    python bench/data_bench.py --bpe 8192 --workdir /tmp/data_bench
+
+Prepare: MB/s of `prepare` (encode phase, the default worker count) for each tokenizer on the
+stdlib corpus, next to the tokenizer library alone on the same texts in one process (HF
+`encode_batch` and `encode_batch_fast`, which use every core; tiktoken's `encode_ordinary_batch`;
+for byte, reading the files). Sampler: tokens/s on one core for 12 x 1024-token batches from a 100M-token uint16
+dataset, next to a nanoGPT-style `get_batch` (np.memmap + torch.randint + torch.stack) on the
+same file. Record results in docs/PERFORMANCE.md ("Data").
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dist_gpt.data.sources import stdlib_inputs  # noqa: E402
+from dist_gpt.errors import DataError  # noqa: E402
+
+B, T = 12, 1024
+
+
+def _best(fn, repeats: int) -> float:
+    """Fastest of a few runs (seconds): the machine is shared, the minimum is the least disturbed."""
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
+def bench_prepare(workdir: Path, bpe: int, repeats: int) -> list[dict]:
+    from dist_gpt.data.prepare import PrepareOptions, prepare
+
+    files = stdlib_inputs()
+    nbytes = sum(f.size for f in files)
+    texts = [Path(f.path).read_text(encoding="utf-8") for f in files]
+    rows = []
+    for tok in ("byte", "char", f"bpe:{bpe}", "gpt2"):
+        out = workdir / tok.replace(":", "_")
+        speeds = []
+        try:
+            for _ in range(repeats):
+                shutil.rmtree(out, ignore_errors=True)
+                prepare(PrepareOptions(out=str(out), source="stdlib", tokenizer=tok, progress=False, verify=False))
+                speeds.append(json.loads((out / "manifest.json").read_text())["encode_mb_per_s"])
+        except DataError as e:  # gpt2 offline: report, keep going
+            rows.append({"tokenizer": tok, "error": str(e).split(";")[0]})
+            continue
+        row = {"tokenizer": tok, "prepare_mb_s": max(speeds)}
+        if tok == "byte":
+            row["library"] = "read files"
+            row["library_mb_s"] = nbytes / 1e6 / _best(lambda: [Path(f.path).read_bytes() for f in files], repeats)
+        elif tok.startswith("bpe"):
+            from tokenizers import Tokenizer
+            lib = Tokenizer.from_file(str(out / "tokenizer.json"))
+            row["library"] = "HF encode_batch"
+            row["library_mb_s"] = nbytes / 1e6 / _best(lambda: lib.encode_batch(texts, add_special_tokens=False), repeats)
+            row["library_fast_mb_s"] = nbytes / 1e6 / _best(lambda: lib.encode_batch_fast(texts, add_special_tokens=False), repeats)
+        elif tok == "gpt2":
+            import tiktoken
+            enc = tiktoken.get_encoding("gpt2")
+            row["library"] = "tiktoken encode_ordinary_batch"
+            row["library_mb_s"] = nbytes / 1e6 / _best(lambda: enc.encode_ordinary_batch(texts), repeats)
+        if "library_mb_s" in row:
+            row["ratio"] = row["prepare_mb_s"] / row["library_mb_s"]
+        rows.append(row)
+    return rows
+
+
+def _sampler_dataset(workdir: Path) -> Path:
+    from dist_gpt.data.tokenizers import _sha256_json
+    from dist_gpt.data.writer import DatasetWriter
+
+    class Vocab50257:  # gpt2-sized ids, no tokenizer needed to measure reading
+        name, vocab_size, eot_id, spec = "bench", 50257, None, {"kind": "bench"}
+        fingerprint = _sha256_json(spec)
+
+    out = workdir / "sampler_100m"
+    if not (out / "manifest.json").exists():
+        writer = DatasetWriter(out, Vocab50257(), shard_tokens=100_000_000)
+        rng = np.random.default_rng(0)
+        for _ in range(10):
+            writer.write("train", rng.integers(0, 50257, 10_000_000, dtype=np.uint16))
+        writer.write("val", rng.integers(0, 50257, 100_000, dtype=np.uint16))
+        writer.finish({"kind": "bench"})
+    return out
+
+
+def bench_sampler(workdir: Path, batches: int, repeats: int) -> dict:
+    import torch
+    from dist_gpt.data import Dataset, TrainBatches
+
+    torch.set_num_threads(1)
+    ds = Dataset.open(_sampler_dataset(workdir))
+    loader = TrainBatches(ds, block_size=T, global_batch=B, micro_batch=B, seed=0, prefetch=False)
+    loader.next()
+    ours = _best(lambda: [loader.next() for _ in range(batches)], repeats)
+
+    shard = ds.shards["train"][0].path
+
+    def get_batch():  # nanoGPT's, on the same file (its header skipped)
+        data = np.memmap(shard, dtype=np.uint16, mode="r", offset=256)
+        ix = torch.randint(len(data) - T, (B,))
+        x = torch.stack([torch.from_numpy((data[i:i + T]).astype(np.int64)) for i in ix])
+        y = torch.stack([torch.from_numpy((data[i + 1:i + 1 + T]).astype(np.int64)) for i in ix])
+        return x, y
+
+    get_batch()
+    theirs = _best(lambda: [get_batch() for _ in range(batches)], repeats)
+    tokens = batches * B * T
+    return {"sampler_mtok_s": tokens / ours / 1e6, "nanogpt_get_batch_mtok_s": tokens / theirs / 1e6,
+            "us_per_batch": ours / batches * 1e6}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--workdir", help="where datasets are built (default: a temporary directory, removed after)")
+    p.add_argument("--bpe", type=int, default=8192, help="vocabulary of the bpe:N tokenizer (default 8192)")
+    p.add_argument("--batches", type=int, default=2000, help="sampler batches per timing (default 2000)")
+    p.add_argument("--repeats", type=int, default=3, help="timings per number; the best is reported (default 3)")
+    p.add_argument("--skip-prepare", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the results as JSON")
+    args = p.parse_args()
+    workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="data_bench_"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    try:
+        result = {"cores": len(os.sched_getaffinity(0))}
+        result["sampler"] = bench_sampler(workdir, args.batches, args.repeats)
+        if not args.skip_prepare:
+            result["prepare"] = bench_prepare(workdir, args.bpe, args.repeats)
+    finally:
+        if not args.workdir:
+            shutil.rmtree(workdir, ignore_errors=True)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    s = result["sampler"]
+    print(f"sampler ({B} x {T} tokens, uint16, 100M-token dataset, 1 core): {s['sampler_mtok_s']:.1f}M tokens/s "
+          f"({s['us_per_batch']:.0f} us/batch); nanoGPT get_batch: {s['nanogpt_get_batch_mtok_s']:.1f}M tokens/s")
+    for row in result.get("prepare", []):
+        if "error" in row:
+            print(f"prepare {row['tokenizer']:<10} unavailable: {row['error']}")
+            continue
+        lib = f"; {row['library']}: {row['library_mb_s']:.1f} MB/s (ratio {row['ratio']:.2f})" if "library" in row else ""
+        if "library_fast_mb_s" in row:
+            lib += f"; encode_batch_fast (no offsets): {row['library_fast_mb_s']:.1f} MB/s"
+        print(f"prepare {row['tokenizer']:<10} {row['prepare_mb_s']:7.1f} MB/s{lib}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
