@@ -99,3 +99,15 @@ def test_dataset_open_names_the_bad_shard_and_what_to_rerun(tmp_path):
         Dataset.open(d)
     with pytest.raises(DataError, match="does not exist"):
         Dataset.open(tmp_path / "nowhere")
+
+
+def test_data_config_section():
+    from dataclasses import fields
+
+    from dist_gpt.data import DataConfig
+    from dist_gpt.errors import ConfigError
+    cfg = DataConfig()
+    assert cfg.path == "data/stdlib" and cfg.prepare_if_missing and cfg.prefetch and not cfg.verify
+    assert all(f.metadata.get("help") for f in fields(DataConfig))
+    with pytest.raises(ConfigError, match="data.path"):
+        DataConfig(path="")

@@ -63,9 +63,11 @@ def test_offsets_reach_every_phase_over_epochs(ds):
     assert len(phases) > (T + 1) // 2
 
 
-def test_cached_windows_equal_the_definition(ds):
-    layout = TrainLayout([s.num_tokens for s in ds.shards["train"]], T + 1, seed=5)
-    samples = np.concatenate([np.arange(0, 50), np.arange(WINDOW - 7, WINDOW + 9), [10 * WINDOW + 3, 3]])
+@pytest.mark.parametrize("lengths", [[5000, 3000, 7000, 1200], [10_000_000, 3_000_000]])
+def test_cached_windows_equal_the_definition(lengths):
+    layout = TrainLayout(lengths, T + 1, seed=5)
+    w = layout.window
+    samples = np.concatenate([np.arange(0, 50), np.arange(w - 7, w + 9), [10 * w + 3, 3, 5 * WINDOW + 1]])
     fast = layout.locate(samples)
     exact = layout.locate_exact(samples)
     assert all(np.array_equal(a, b) for a, b in zip(fast, exact))
@@ -155,6 +157,16 @@ def test_bad_batch_shapes_are_clear(ds):
         TrainBatches(ds, T, 10, 4, world_size=1)
     with pytest.raises(DataError, match="block_size"):
         TrainBatches(ds, 100_000, 8, 8)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_pinned_prefetched_stream_equals_cpu(ds):
+    cpu = _global_stream(ds, 2, 2, batches=8)
+    cuda = _global_stream(ds, 2, 2, batches=8, device=torch.device("cuda"))
+    assert torch.equal(cpu, cuda.cpu())
+    val_cpu = [x for x, _ in ValBlocks(ds, T, 3)]
+    val_cuda = [x for x, _ in ValBlocks(ds, T, 3, device="cuda")]
+    assert all(torch.equal(a, b.cpu()) for a, b in zip(val_cpu, val_cuda))
 
 
 def test_val_blocks_fixed_split_and_complete(ds):

@@ -175,7 +175,12 @@ class TrainBatches:
 
 
 class ValBlocks:
-    """A fixed, deterministic validation set, split across ranks; iterate for (x, y) batches."""
+    """A fixed, deterministic validation set, split across ranks; iterate for (x, y) batches.
+
+    Rank r holds blocks r, r + W, ...: the ranks' counts differ by at most one block, so ranks
+    may run different numbers of batches. Sum loss x tokens and tokens per rank, then all-reduce
+    once (no collective per batch, and no DDP forward: evaluate the raw model).
+    """
 
     def __init__(self, ds: Dataset, block_size: int, batch_size: int, rank: int = 0, world_size: int = 1,
                  max_blocks: int | None = None, device: torch.device | str = "cpu"):

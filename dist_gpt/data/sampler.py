@@ -41,6 +41,7 @@ class TrainLayout:
             )
         self._perms: dict[int, FeistelPermutation] = {}
         self._windows: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # a cache of locate_exact()
+        self.window = min(WINDOW, self.blocks_per_epoch)  # small datasets: one epoch per window
 
     def _perm(self, epoch: int) -> FeistelPermutation:
         perm = self._perms.get(epoch)
@@ -59,22 +60,23 @@ class TrainLayout:
     def locate(self, samples: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Global sample indices (int64 array) -> (shard index, start token), both int64 arrays.
 
-        Same answer as `locate_exact`, computed WINDOW consecutive samples at a time and cached
+        Same answer as `locate_exact`, computed `window` consecutive samples at a time and cached
         (a cache of a pure function: it changes speed, never results).
         """
         samples = np.asarray(samples, dtype=np.int64)
         shard = np.empty_like(samples)
         start = np.empty_like(samples)
-        windows = samples // WINDOW
+        size = self.window
+        windows = samples // size
         for w in np.unique(windows).tolist():
             cached = self._windows.get(w)
             if cached is None:
                 if len(self._windows) >= 4:
                     self._windows.pop(next(iter(self._windows)))
-                cached = self._windows[w] = self.locate_exact(np.arange(w * WINDOW, (w + 1) * WINDOW))
+                cached = self._windows[w] = self.locate_exact(np.arange(w * size, (w + 1) * size))
             sel = windows == w
-            shard[sel] = cached[0][samples[sel] - w * WINDOW]
-            start[sel] = cached[1][samples[sel] - w * WINDOW]
+            shard[sel] = cached[0][samples[sel] - w * size]
+            start[sel] = cached[1][samples[sel] - w * size]
         return shard, start
 
     def locate_exact(self, samples: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
