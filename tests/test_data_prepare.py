@@ -135,6 +135,18 @@ def test_jsonl_field_and_errors(tmp_path, capsys):
     assert sorted((train + val).splitlines()) == sorted(f"document {i}" for i in range(10))
     assert _prepare(tmp_path / "d.jsonl", "--jsonl-field", "body", "--out", tmp_path / "ds2") == 2
     assert "no 'body' field" in capsys.readouterr().err
+    # many work units (64 KB each), cut between lines, with a long line and blank lines
+    texts = [f"doc {i} " + "x" * (i % 7) * 30 + "\n" for i in range(3000)] + ["long " * 40_000]
+    lines = [json.dumps({"text": t}) for t in texts]
+    body = "\n".join(lines[:100]) + "\n\n \n" + "\n".join(lines[100:]) + "\n\n"
+    (tmp_path / "many.jsonl").write_text(body)
+    out = tmp_path / "ds3"
+    assert _prepare(tmp_path / "many.jsonl", "--chunk-mb", "0.0625", "--tokenizer", "bpe:300", "--out", out) == 0
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["splits"]["train"]["documents"] + m["splits"]["val"]["documents"] == 3001
+    eot = "<|endoftext|>"
+    got = _split_text(out, "train").split(eot)[1:] + _split_text(out, "val").split(eot)[1:]
+    assert sorted(got) == sorted(texts)
 
 
 def test_stdin(tmp_path):

@@ -224,11 +224,13 @@ def _encode_unit(unit: Unit) -> UnitResult:
     pieces: dict[str, list[np.ndarray]] = {}
     splits = doc_splits(f, [d[0] for d in docs], opts.splitter)
     for ids, n, split in zip(arrays, nbytes, splits):
+        if ids.size == 0:
+            continue
         starts = f.kind == "jsonl" or unit.doc_start
         if starts and tok.eot_id is not None:
             pieces.setdefault(split, []).append(np.array([tok.eot_id], dtype=dtype))
         pieces.setdefault(split, []).append(ids.astype(dtype, copy=False))
         res.source_bytes[split] = res.source_bytes.get(split, 0) + n
-        res.documents[split] = res.documents.get(split, 0) + int(starts and ids.size > 0)
+        res.documents[split] = res.documents.get(split, 0) + int(starts)
     res.tokens = {s: np.concatenate(p) if len(p) > 1 else p[0] for s, p in pieces.items()}
     return res

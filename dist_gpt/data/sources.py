@@ -121,20 +121,19 @@ def count_docs(f: InputFile) -> int:
 
 def _boundary(fh, pos: int, size: int, kind: str) -> int:
     """The first good cut at or after `pos` (see the module docstring)."""
-    if pos >= size:
-        return size
-    fh.seek(pos - 1)
-    window = fh.read(_BOUNDARY_WINDOW + 1)  # window[0] is the byte before pos
-    for i in range(1, len(window)):
-        if window[i - 1] == 0x0A and (kind == "jsonl" or window[i] not in _SPACE):
-            return pos + i - 1
-    if kind == "jsonl" and pos + len(window) - 1 < size:
-        raise DataError(f"{fh.name}: a line longer than {_BOUNDARY_WINDOW} bytes near byte {pos}; is it really JSON lines?")
-    if pos + len(window) - 1 >= size:
-        return size
-    for i in range(1, len(window)):  # no newline: any UTF-8 character start
-        if window[i] & 0xC0 != 0x80:
-            return pos + i - 1
+    while pos < size:
+        fh.seek(pos - 1)
+        window = fh.read(_BOUNDARY_WINDOW + 1)  # window[0] is the byte before pos
+        for i in range(1, len(window)):
+            if window[i - 1] == 0x0A and (kind == "jsonl" or window[i] not in _SPACE):
+                return pos + i - 1
+        if pos + len(window) - 1 >= size:
+            break
+        if kind == "text":
+            for i in range(1, len(window)):  # no newline: any UTF-8 character start
+                if window[i] & 0xC0 != 0x80:
+                    return pos + i - 1
+        pos += len(window) - 1  # a long JSON line: the unit grows to its end
     return size
 
 
