@@ -248,7 +248,8 @@ def _default_workers(opts: PrepareOptions, tokenizer_arg: str) -> int:
 
 # ---------------------------------------------------------------- tokenizers
 
-def _build_tokenizer(opts, staging: Path, files, units, splitter, workers: int, enc_opts):
+def _build_tokenizer(opts, staging: Path, files, units, splitter, workers: int, enc_base, chunk: int):
+    """The tokenizer --tokenizer names; char and bpe:N first read the corpus to build it."""
     arg = opts.tokenizer
     if opts.vocab and arg != "char":
         raise ConfigError("--vocab is for --tokenizer char")
@@ -270,8 +271,7 @@ def _build_tokenizer(opts, staging: Path, files, units, splitter, workers: int, 
             return CharTokenizer("".join(sorted(set(text))))
         chars: set[str] = set()
         with _progress(opts, sum(f.size for f in files), "characters") as bar:
-            for results in _ordered_map(encode.collect_chars_task, _tasks(units, enc_opts[2]), workers,
-                                        (enc_opts[0], None)):
+            for results in _ordered_map(encode.collect_chars_task, _tasks(units, chunk), workers, (enc_base, None)):
                 for r in results:
                     chars.update(r.chars)
                     bar.update(r.raw_bytes)
@@ -282,7 +282,7 @@ def _build_tokenizer(opts, staging: Path, files, units, splitter, workers: int, 
         limit = opts.bpe_train_mb * 10**6
         if splitter is None and not any(f.split for f in files):  # one document: keep off its val tail
             limit = min(limit, int(sum(f.size for f in files) * (1 - opts.val_split)))
-        return _train_bpe(opts, staging, units, enc_opts[0], limit)
+        return _train_bpe(opts, staging, units, enc_base, limit)
     if _is_tokenizer_file(arg):
         if not Path(arg).is_file():
             raise DataError(f"--tokenizer {arg}: file not found (expected byte, char, bpe:N, gpt2 or a tokenizer.json)")
@@ -370,7 +370,7 @@ def _build(opts: PrepareOptions, staging: Path, files, source: dict, request: di
     enc_base = encode.EncodeOptions({}, str(staging), files, splitter, opts.jsonl_field, opts.skip_unknown)
     workers = _default_workers(opts, opts.tokenizer)
     units = list(plan_units(files, doc_counts, chunk))
-    tokenizer = _build_tokenizer(opts, staging, files, units, splitter, workers, (enc_base, None, chunk))
+    tokenizer = _build_tokenizer(opts, staging, files, units, splitter, workers, enc_base, chunk)
     enc = encode.EncodeOptions(tokenizer.spec, str(staging), files, splitter, opts.jsonl_field, opts.skip_unknown)
     writer = DatasetWriter(staging, tokenizer, opts.shard_tokens)
     dtype = DTYPE_NAMES[writer.dtype_code]
@@ -394,12 +394,12 @@ def _build(opts: PrepareOptions, staging: Path, files, source: dict, request: di
                         records.append((sum(t.size for t in r.tokens.values()), sum(r.source_bytes.values())))
                     bar.update(r.raw_bytes)
                 bar.set_postfix_str(f"{ntok:,} tokens", refresh=False)
+        encode_s = time.perf_counter() - t_enc
         if single:
             _split_tail(writer, opts.val_split, records)
     except BaseException:
         writer.abort()
         raise
-    encode_s = time.perf_counter() - t_enc
     for what, n in skipped.items():
         _say(opts, f"skipped {n:,} {what}")
     source = {**source, "skipped": skipped}
