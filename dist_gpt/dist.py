@@ -97,15 +97,15 @@ def init(device: str = "auto", timeout_s: float = 600.0, threads: int | None = N
 def wrap(model: nn.Module, env: DistEnv) -> nn.Module:
     """DDP around the model on several ranks; the raw model stays the caller's for saving/sampling.
 
-    gradient_as_bucket_view avoids a copy of every gradient into the buckets; static_graph lets DDP
-    skip the search for unused parameters every step.
+    gradient_as_bucket_view avoids a copy of every gradient into the buckets. (static_graph is left
+    off: it trips an internal assert with `no_sync` gradient accumulation.)
     """
     if not env.distributed:
         return model
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     return DDP(model, device_ids=[env.local_rank] if env.device.type == "cuda" else None,
-               gradient_as_bucket_view=True, static_graph=True, bucket_cap_mb=25)
+               gradient_as_bucket_view=True, bucket_cap_mb=25)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -47,7 +47,7 @@ MLPS = ("gelu", "relu", "relu2", "swiglu")
 class GPTConfig:
     """The `model` config section."""
 
-    vocab_size: int = field(default=256, metadata={"help": "number of token ids (set from the dataset)"})
+    vocab_size: int = field(default=256, metadata={"help": "number of token ids; 0 = the dataset's vocabulary size"})
     block_size: int = field(default=256, metadata={"help": "context length in tokens"})
     n_layer: int = field(default=4, metadata={"help": "number of transformer blocks"})
     n_head: int = field(default=4, metadata={"help": "attention heads per block"})
@@ -79,7 +79,9 @@ class GPTConfig:
         "help": "recompute each block in backward to save memory (about 1/3 more compute)"})
 
     def __post_init__(self):
-        for key in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
+        if self.vocab_size < 0:
+            raise ConfigError(f"model.vocab_size: must be at least 1 (or 0 = the dataset's), got {self.vocab_size}")
+        for key in ("block_size", "n_layer", "n_head", "n_embd"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"model.{key}: must be at least 1, got {getattr(self, key)}")
         for key, choices in (("norm", NORMS), ("block", BLOCKS), ("positions", POSITIONS), ("mlp", MLPS)):

@@ -129,9 +129,47 @@ def _adamw_fused(cfg: OptimConfig, device: torch.device) -> bool | None:
     return True if device.type == "cuda" else None
 
 
-def build_optimizers(model: torch.nn.Module, cfg: OptimConfig, device: torch.device | str) -> list[torch.optim.Optimizer]:
+def _newton_schulz_fp32(grad: torch.Tensor, ns_coefficients, ns_steps: int, eps: float) -> torch.Tensor:
+    """torch's quintic Newton-Schulz orthogonalisation, carried out in fp32 instead of bf16.
+
+    grad: (rows, cols). Same coefficients, steps and normalisation as torch.optim.Muon's own.
+    """
+    a, b, c = ns_coefficients
+    x = grad.float()
+    if grad.size(0) > grad.size(1):
+        x = x.T
+    x = x / x.norm().clamp(min=eps)  # spectral norm <= 1
+    for _ in range(ns_steps):
+        gram = x @ x.T
+        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return x.T if grad.size(0) > grad.size(1) else x
+
+
+class ExactMuon(torch.optim.Muon if hasattr(torch.optim, "Muon") else torch.optim.Optimizer):
+    """torch.optim.Muon whose orthogonalisation runs in fp32, for runs in precision=fp32.
+
+    torch's Muon rounds every update to bf16 before orthogonalising it. Gradients summed over a
+    different number of ranks differ in the last fp32 bits, and that rounding turns those 1e-7
+    differences into 1e-5 loss differences within 10 steps; in fp32 they stay at 1e-7. Everything
+    else (momentum, Nesterov, LR adjustment, weight decay, state) is torch's own `step`.
+    """
+
+    def step(self, closure=None):
+        import torch.optim._muon as muon_impl
+
+        original = muon_impl._zeropower_via_newtonschulz
+        muon_impl._zeropower_via_newtonschulz = _newton_schulz_fp32
+        try:
+            return super().step(closure)
+        finally:
+            muon_impl._zeropower_via_newtonschulz = original
+
+
+def build_optimizers(model: torch.nn.Module, cfg: OptimConfig, device: torch.device | str,
+                     exact: bool = False) -> list[torch.optim.Optimizer]:
     """[AdamW] for `adamw`, [AdamW, Muon] for `muon`. Pass the raw model (DDP/compile prefixes are
-    stripped anyway). Every group carries `name` and `base_lr`; its `lr` starts at `base_lr`."""
+    stripped anyway). Every group carries `name` and `base_lr`; its `lr` starts at `base_lr`.
+    `exact` (the run is in fp32) makes Muon orthogonalise in fp32 (see ExactMuon)."""
     device = torch.device(device)
     use_muon = cfg.name == "muon"
     if use_muon and not hasattr(torch.optim, "Muon"):
@@ -152,9 +190,19 @@ def build_optimizers(model: torch.nn.Module, cfg: OptimConfig, device: torch.dev
     ]
     if use_muon and params.get("muon"):
         muon_group = {"name": "muon", "params": params["muon"], "lr": cfg.muon_lr, "base_lr": cfg.muon_lr}
-        optimizers.append(torch.optim.Muon([muon_group], lr=cfg.muon_lr, momentum=cfg.muon_momentum,
-                                           weight_decay=cfg.muon_weight_decay))
+        muon_cls = ExactMuon if exact and _has_muon_internals() else torch.optim.Muon
+        optimizers.append(muon_cls([muon_group], lr=cfg.muon_lr, momentum=cfg.muon_momentum,
+                                   weight_decay=cfg.muon_weight_decay))
     return optimizers
+
+
+def _has_muon_internals() -> bool:
+    """ExactMuon swaps one private function of torch's Muon; on a torch without it, plain Muon."""
+    try:
+        import torch.optim._muon as muon_impl
+    except ImportError:
+        return False
+    return hasattr(muon_impl, "_zeropower_via_newtonschulz")
 
 
 class LRSchedule:

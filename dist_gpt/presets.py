@@ -88,7 +88,7 @@ def shakespeare_char(recipe: str) -> Overrides:
     return {
         **cpu(recipe),
         "train.name": "shakespeare-char",
-        "data.path": "data/shakespeare_char",
+        "data.path": "data/shakespeare_char", "model.vocab_size": 0,
         "model.block_size": 256, "model.n_layer": 6, "model.n_head": 6, "model.n_embd": 384,
         "model.dropout": 0.2,
         "train.steps": 5000, "train.global_batch": 64, "train.micro_batch": 64,
@@ -113,7 +113,7 @@ def seed(recipe: str) -> Overrides:
         "model.logit_softcap": None,
         "optim.name": "adamw", "optim.schedule": "constant", "optim.lr": 3e-5, "optim.warmup_steps": 0,
         "optim.weight_decay": 0.01, "optim.beta1": 0.9, "optim.beta2": 0.999, "optim.grad_clip": 0.0,
-        "train.steps": 100000, "train.global_batch": 48, "train.micro_batch": 48,
+        "train.steps": 100000, "train.global_batch": 48, "train.micro_batch": 6,  # 48 = 6 x 8 GPUs
         "eval.interval": 100, "eval.max_blocks": 100 * 48 // 10,
     }
 

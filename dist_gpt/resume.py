@@ -65,6 +65,7 @@ def save_meta(cfg, state: RunState, batches, precision, data, step: int) -> dict
             "fingerprint": data.fingerprint,
             "tokenizer_fingerprint": data.tokenizer_fingerprint,
             "tokenizer": data.tokenizer.name,
+            "tokenizer_spec": data.manifest["tokenizer"]["spec"],
             "vocab_size": data.vocab_size,
             "eot_id": data.eot_id,
         },

@@ -7,6 +7,7 @@ step) at the start and `final.json` (the final losses and where everything went)
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import platform
@@ -31,7 +32,9 @@ def git_sha() -> str | None:
 
 
 def resolve_model_config(model_cfg, data):
-    """The model's vocabulary must hold every token id of the dataset."""
+    """vocab_size 0 takes the dataset's; otherwise it must hold every token id of the dataset."""
+    if model_cfg.vocab_size == 0:
+        return dataclasses.replace(model_cfg, vocab_size=data.vocab_size)
     if model_cfg.vocab_size < data.vocab_size:
         raise ConfigError(f"model.vocab_size={model_cfg.vocab_size} is smaller than the dataset's vocabulary "
                           f"({data.vocab_size} tokens): pass --model.vocab_size={data.vocab_size} "

@@ -24,7 +24,7 @@ import torch
 from . import config as config_mod
 from . import dist, faults
 from .checkpoint import Checkpointer, ModelOptimizerState
-from .data import Dataset, TrainBatches, ValBlocks, ensure_default_dataset
+from .data import DataConfig, Dataset, TrainBatches, ValBlocks, ensure_default_dataset
 from .errors import ConfigError, UserError
 from .evaluate import Evaluator
 from .metrics import make_logger
@@ -56,10 +56,11 @@ def main(argv: list[str] | None = None) -> None:
 def open_dataset(cfg: config_mod.Config, env: dist.DistEnv) -> Dataset:
     """Rank 0 prepares the default dataset once while the others wait, then every rank opens it."""
     path = Path(cfg.data.path)
-    if cfg.data.prepare_if_missing and env.is_main and not (path / "manifest.json").exists():
+    is_default = path.resolve() == Path(DataConfig.path).resolve()
+    if cfg.data.prepare_if_missing and is_default and env.is_main and not (path / "manifest.json").exists():
         ensure_default_dataset(path)
     dist.barrier()
-    return Dataset.open(path)
+    return Dataset.open(path, verify=cfg.data.verify)
 
 
 def train(cfg: config_mod.Config, env: dist.DistEnv, stop: faults.StopSignals, closers: list) -> int:
@@ -75,12 +76,12 @@ def train(cfg: config_mod.Config, env: dist.DistEnv, stop: faults.StopSignals, c
 
     # The model, its optimizers and schedule; the raw model stays at hand for saving and sampling.
     model = GPT(cfg.model).to(env.device)
-    optimizers = build_optimizers(model, cfg.optim, env.device)
-    schedule = LRSchedule(cfg.optim, tc.steps)
     precision = Precision(tc.precision, env.device)
+    optimizers = build_optimizers(model, cfg.optim, env.device, exact=precision.name == "fp32")
+    schedule = LRSchedule(cfg.optim, tc.steps)
     batches = TrainBatches(data, block_size=cfg.model.block_size, global_batch=tc.global_batch,
                            micro_batch=tc.micro_batch, rank=env.rank, world_size=env.world_size,
-                           seed=tc.seed, device=env.device)
+                           seed=tc.seed, device=env.device, prefetch=cfg.data.prefetch)
     val = ValBlocks(data, block_size=cfg.model.block_size, batch_size=cfg.eval.batch_size or tc.micro_batch,
                     rank=env.rank, world_size=env.world_size, max_blocks=cfg.eval.max_blocks, device=env.device)
     ckpt = Checkpointer(cfg.run_dir / "checkpoints", cfg.checkpoint, env.rank, env.world_size)
@@ -201,6 +202,7 @@ def on_nonfinite(cfg, env, ckpt, tensors, state: RunState, batches, precision, d
         log.print(f"{where}: step skipped (train.nan_policy=skip)")
         return "skip"
     if policy == "rollback":
+        ckpt.wait()  # an in-flight async save must finish (and retention run) before choosing
         latest = ckpt.latest()
         if latest is None or state.rollbacks >= cfg.train.nan_max_rollbacks:
             why = "no checkpoint to roll back to" if latest is None else f"{state.rollbacks} rollbacks already"

@@ -184,3 +184,29 @@ def test_clip_grad_norm():
     assert isinstance(norm, torch.Tensor) and torch.allclose(norm, expected)
     clipped = torch.linalg.vector_norm(torch.cat([p.grad.flatten() for p in model.parameters()]))
     assert clipped.item() == pytest.approx(max_norm, rel=1e-5)
+
+
+def test_exact_muon_orthogonalises_like_torchs_muon_but_in_fp32():
+    """ExactMuon's fp32 Newton-Schulz is torch's iteration (same coefficients and steps): it agrees with
+    torch's bf16 one to bf16 precision, and in fp32 it is deterministic to the last bit."""
+    import torch.optim._muon as muon_impl
+
+    from dist_gpt.optim import _newton_schulz_fp32
+
+    g = torch.randn(48, 32, generator=torch.Generator().manual_seed(0))
+    coeffs, steps, eps = (3.4445, -4.775, 2.0315), 5, 1e-7
+    ours = _newton_schulz_fp32(g, coeffs, steps, eps)
+    theirs = muon_impl._zeropower_via_newtonschulz(g, coeffs, steps, eps).float()
+    assert ours.dtype == torch.float32 and ours.shape == g.shape
+    assert torch.allclose(ours, theirs, atol=3e-2), (ours - theirs).abs().max()
+    assert (ours - theirs).abs().max() > 0  # and it really is a different (fp32) computation
+
+
+def test_exact_muon_is_chosen_for_fp32_runs_only():
+    from dist_gpt.model import GPT, GPTConfig
+    from dist_gpt.optim import ExactMuon
+
+    model = GPT(GPTConfig(vocab_size=32, block_size=8, n_layer=1, n_head=2, n_embd=16))
+    cfg = OptimConfig(name="muon")
+    assert type(build_optimizers(model, cfg, "cpu", exact=True)[1]) is ExactMuon
+    assert type(build_optimizers(model, cfg, "cpu", exact=False)[1]) is torch.optim.Muon
