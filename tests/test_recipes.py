@@ -5,6 +5,12 @@ Where Muon's own behaviour is already tested elsewhere, it is referenced rather 
 * Muon gets exactly the 2-D hidden matrices, AdamW everything else (embeddings, head, norms, biases):
   tests/test_optim.py::test_muon_gets_exactly_the_hidden_matrices (every architecture, tied or not).
 * Muon's optimizer state round-trips bitwise: tests/test_optim.py::test_optimizer_state_round_trip_is_bitwise.
+* A Muon run resumed from a checkpoint gives bitwise the uninterrupted losses on 2 ranks, and on 1 rank
+  the identical data stream with losses within 1e-5: tests/test_resume.py; 1 and 2 processes with the
+  same global batch agree within 1e-5: tests/test_train.py. Those runs take the debug preset's default
+  recipe; `test_the_integration_tests_train_with_muon` below pins that it is Muon, and
+  `test_a_muon_checkpoint_holds_momentum_for_exactly_the_hidden_matrices` that what such a resume
+  reads back is Muon state.
 """
 
 from __future__ import annotations
@@ -12,8 +18,10 @@ from __future__ import annotations
 import json
 
 import torch
+from torch.distributed.checkpoint import FileSystemReader
 
-from conftest import ASSETS, losses, run_train
+from conftest import ASSETS, EXACT, losses, run_train
+from dist_gpt import config as config_mod
 
 RECORD = ASSETS / "classic_losses.json"
 # The run the record was made with (tests/assets/classic_losses.json, "args"). One CPU thread: the
@@ -57,3 +65,42 @@ def test_classic_recipe_reproduces_its_recorded_losses(tiny_data, tmp_path):
         worst = max(abs(a - b) / abs(b) for a, b in pairs)
         print(f"recorded on {record['machine']}; largest relative loss difference here {worst:.2e}")
         assert worst <= 1e-6
+
+
+def test_the_integration_tests_train_with_muon(tiny_data):
+    """tests/test_resume.py and tests/test_train.py run EXACT without naming a recipe: the debug
+    preset's default. It must stay the modern recipe, so that their exact-resume and 1-vs-2-rank
+    parity checks are checks of Muon; and --recipe classic must turn every part of it off."""
+    modern = config_mod.parse([*EXACT, f"--data.path={tiny_data}"])
+    assert modern.train.recipe == "modern" and modern.optim.name == "muon" and modern.optim.schedule == "wsd"
+    assert (modern.model.positions, modern.model.norm, modern.model.mlp) == ("rope", "rmsnorm", "relu2")
+    assert modern.model.qk_norm and modern.model.zero_init and not modern.model.tie_embeddings
+    classic = config_mod.parse([*EXACT, "--recipe", "classic", f"--data.path={tiny_data}"])
+    assert classic.optim.name == "adamw" and classic.optim.schedule == "cosine"
+    assert (classic.model.positions, classic.model.norm, classic.model.mlp) == ("learned", "layernorm", "gelu")
+    assert not classic.model.qk_norm and not classic.model.zero_init and classic.model.tie_embeddings
+
+
+def _optimizer_state_keys(checkpoint) -> dict[str, set[str]]:
+    """parameter name -> the optimizer state keys a checkpoint holds for it (from the DCP metadata)."""
+    prefix = "model_optim.optim.state."
+    out: dict[str, set[str]] = {}
+    for key in FileSystemReader(str(checkpoint)).read_metadata().state_dict_metadata:
+        if key.startswith(prefix):
+            param, _, name = key[len(prefix):].rpartition(".")
+            out.setdefault(param, set()).add(name)
+    return out
+
+
+def test_a_muon_checkpoint_holds_momentum_for_exactly_the_hidden_matrices(tiny_data, tmp_path):
+    """What a resumed modern run reads back: Muon's momentum for the 2-D block matrices (qkv, attention
+    output, MLP in/out of each of the 2 layers) and AdamW's moments for every other parameter."""
+    run = tmp_path / "run"
+    run_train([*EXACT, "--recipe", "modern", f"--data.path={tiny_data}", f"--train.run_dir={run}",
+               "--train.steps=6", "--optim.warmup_steps=2", "--eval.interval=0", "--eval.at_start=false"])
+    state = _optimizer_state_keys(run / "checkpoints" / "step_0000006")
+    hidden = {f"blocks.{i}.{m}.weight" for i in range(2) for m in ("attn.qkv", "attn.proj", "mlp.fc", "mlp.proj")}
+    assert {p for p, keys in state.items() if keys == {"momentum_buffer"}} == hidden
+    others = {p: keys for p, keys in state.items() if p not in hidden}
+    assert others and all(keys == {"exp_avg", "exp_avg_sq", "step"} for keys in others.values())
+    assert {"tok_emb.weight", "head.weight", "norm_f.weight"} <= set(others)
