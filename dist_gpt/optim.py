@@ -220,9 +220,6 @@ class LRSchedule:
     def __init__(self, cfg: OptimConfig, total_steps: int):
         if total_steps < 1:
             raise ConfigError(f"the run has {total_steps} steps; the LR schedule needs at least 1")
-        if cfg.warmup_steps >= total_steps:
-            raise ConfigError(f"optim.warmup_steps={cfg.warmup_steps} must be below the run's {total_steps} steps; "
-                              "lower --optim.warmup_steps")
         self.schedule = cfg.schedule
         self.warmup_steps = cfg.warmup_steps
         self.min_lr_ratio = cfg.min_lr_ratio

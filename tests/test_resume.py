@@ -23,24 +23,34 @@ def _args(tiny_data, run, *extra):
     return [*EXACT, f"--data.path={tiny_data}", f"--train.run_dir={run}", *extra]
 
 
-def test_resume_is_bitwise_exact_on_the_same_world_size(tiny_data, tmp_path, reference):
+def _crash_at_13(tiny_data, run, nproc=2):
+    """A 20-step run with checkpoints every 5 steps whose rank 0 is SIGKILLed before step 13 (no restarts):
+    the job fails, its last complete checkpoint is step 10."""
+    out = run_train(_args(tiny_data, run, "--checkpoint.interval=5"), nproc=nproc,
+                    env={"DIST_GPT_FAULT_KILL_AT": "13:0"}, check=False)
+    assert out.returncode != 0
+    assert (run / "checkpoints" / "step_0000010" / "DONE").exists()
+    assert not (run / "final.json").exists()
+
+
+def test_resume_after_a_crash_is_bitwise_exact_on_the_same_world_size(tiny_data, tmp_path, reference):
     run = tmp_path / "run"
-    run_train(_args(tiny_data, run, "--train.steps=10"), nproc=2)       # stops at 10 (checkpoint at the end)
-    run_train(_args(tiny_data, run, f"--train.steps={STEPS}"), nproc=2)  # --resume auto continues
+    _crash_at_13(tiny_data, run)
+    run_train(_args(tiny_data, run, "--checkpoint.interval=5"), nproc=2)  # --resume auto (the default)
     got = losses(run)
     assert [got[s] for s in range(1, STEPS + 1)] == [reference[s] for s in range(1, STEPS + 1)]
 
 
 def test_two_rank_checkpoint_continues_on_one_rank(tiny_data, tmp_path, reference):
     run = tmp_path / "run"
-    run_train(_args(tiny_data, run, "--train.steps=10"), nproc=2)
-    run_train(_args(tiny_data, run, f"--train.steps={STEPS}", "--train.micro_batch=4"), nproc=1)
+    _crash_at_13(tiny_data, run)
+    run_train(_args(tiny_data, run, "--train.micro_batch=4"), nproc=1)
     got = losses(run)
     worst = max(abs(got[s] - reference[s]) / reference[s] for s in range(11, STEPS + 1))
     print(f"2 -> 1 rank resume: largest relative loss difference {worst:.2e}")
     assert worst < 1e-5
-    # The identical data stream: the sampler's position continues where the 2-rank run stopped.
-    meta = json.loads(sorted((run / "checkpoints").glob("step_*"))[-1].joinpath("meta.json").read_text())
+    # The identical data stream: the sampler continued where the 2-rank run's checkpoint left it.
+    meta = json.loads((run / "checkpoints" / f"step_{STEPS:07d}" / "meta.json").read_text())
     assert meta["batches"]["position"] == STEPS
 
 
