@@ -2,8 +2,8 @@
 # Train dist_gpt on SLURM: one torchrun per node, c10d rendezvous on the first node, requeue on warning.
 #
 #   mkdir -p logs/slurm     # sbatch does not create the --output directory; without it the job dies silently
-#   sbatch slurm/train.sh --preset debug                                   # 1 node, 8 GPUs (header below)
-#   sbatch -N 4 -p gpu -A myacct --time=2-00:00:00 slurm/train.sh --preset gpt2-124m
+#   sbatch slurm/train.sh --preset gpt2-124m                               # 1 node, 8 GPUs (header below)
+#   sbatch -N 4 -p gpu -A myacct --time=2-00:00:00 slurm/train.sh --preset gpt2-124m --data.path /shared/fineweb
 #   NPROC_PER_NODE=1 sbatch -N 2 --gpus-per-node=0 --cpus-per-task=1 slurm/train.sh --preset debug  # CPU nodes, gloo
 #
 # Every argument after the script name goes to `python -m dist_gpt.train` unchanged. sbatch flags on the
@@ -11,14 +11,16 @@
 # to across requeues; the run (checkpoints, TensorBoard) is the trainer's run directory (--train.run_dir,
 # by default runs/<train.name>), so submitting the same command again resumes the same run.
 #
-# Time limit and preemption: --signal sends SIGUSR2 to every process of the job step 120 s before the
-# limit (change it with `sbatch --signal=USR1@300`; no "B:", the trainer must receive it). torchrun
-# forwards it to its workers instead of dying of it (--signals-to-handle); the ranks agree on the next
-# step boundary, save a checkpoint, rank 0 writes <run_dir>/requeue.json and they exit 0. This script
-# then consumes the marker and runs `scontrol requeue`; the requeued job runs the same command and
-# resumes from the latest checkpoint. A node failure is requeued by SLURM itself (--requeue).
-# `scancel --signal=USR2 <job id>` takes the same path at once. SIGTERM (scancel, preemption, the limit
-# itself) also checkpoints, but is not requeued from here: a cancelled job stays cancelled.
+# Time limit and preemption: `--signal=B:USR2@120` warns this script 120 s before the limit. It passes the
+# warning on to every process of the job step (`scancel --signal`) once the trainer is up, i.e. once
+# every rank has its stop handlers (a fresh <run_dir>/run.json); a warning that arrives during start-up
+# waits for that instead of killing a process that cannot handle it yet. torchrun forwards it to its
+# workers instead of dying of it (--signals-to-handle); the ranks agree on the next step boundary, save
+# a checkpoint, rank 0 writes <run_dir>/requeue.json and they exit 0. This script then consumes the
+# marker and runs `scontrol requeue`; the requeued job runs the same command and resumes from the latest
+# checkpoint. A lost node is requeued by SLURM itself (--requeue). `scancel --signal=USR2 <job id>`
+# takes the same path at once. SIGTERM (scancel, preemption, the limit itself) also checkpoints, but is
+# not requeued from here: a cancelled job stays cancelled.
 #
 # Environment overrides (export before sbatch; sbatch passes the environment on):
 #   NPROC_PER_NODE     workers per node (default: GPUs allocated on the node, else visible GPUs, else 1)
@@ -33,7 +35,7 @@
 #SBATCH --gpus-per-node=8
 #SBATCH --cpus-per-task=16
 #SBATCH --time=24:00:00
-#SBATCH --signal=USR2@120
+#SBATCH --signal=B:USR2@120
 #SBATCH --requeue
 #SBATCH --open-mode=append
 #SBATCH --output=logs/slurm/%x-%j.out
@@ -44,6 +46,13 @@ SHUTDOWN_TIMEOUT=${SHUTDOWN_TIMEOUT:-300}
 MAX_RESTARTS=${MAX_RESTARTS:-0}
 RDZV_PORT=${RDZV_PORT:-$((20000 + SLURM_JOB_ID % 10000))}
 HEAD_NODE=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+STARTED=$(date +%s)
+log() { echo "[train.sh] $(date -Is) $*"; }
+
+# Until the trainer is up, a warning is only remembered (see the header).
+WARNING=""
+trap 'WARNING=USR1' USR1
+trap 'WARNING=USR2' USR2
 
 gpus_on_node() {
     if [[ ${SLURM_GPUS_ON_NODE:-0} =~ ^[1-9][0-9]*$ ]]; then
@@ -67,7 +76,7 @@ try:
 except UserError as e:
     sys.exit(f"error: {e}")
 print(cfg.run_dir if cfg else "")
- "$@") || exit 2
+' "$@") || exit 2
 [[ -n $RUN_DIR ]] || exit 0  # --help was printed
 MARKER=$RUN_DIR/requeue.json
 # A marker left by a run whose batch script was killed (SIGTERM) must not requeue this one.
@@ -77,12 +86,35 @@ rm -f "$MARKER"
 # previous group's addresses from the shared rendezvous store and hang.
 if (( MAX_RESTARTS > 0 )); then export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1; fi
 
-echo "[train.sh] $(date -Is) job $SLURM_JOB_ID restart ${SLURM_RESTART_COUNT:-0}: ${SLURM_JOB_NUM_NODES} node(s) ($SLURM_JOB_NODELIST)" \
-     "x $NPROC_PER_NODE worker(s), rendezvous $HEAD_NODE:$RDZV_PORT, run dir $RUN_DIR"
+# Rank 0 writes run.json after every rank installed its stop handlers and joined the process group.
+trainer_up() {
+    [[ -f $RUN_DIR/run.json ]] && (( $(stat -c %Y "$RUN_DIR/run.json") >= STARTED ))
+}
+
+# Wait for srun; pass a warning on to the job step as soon as the trainer can take it. Returns srun's status.
+wait_and_forward() {
+    local pid=$1 rc
+    while true; do
+        wait "$pid"; rc=$?
+        kill -0 "$pid" 2>/dev/null || return "$rc"   # srun ended (else a trapped signal ended the wait)
+        while [[ -n $WARNING ]] && kill -0 "$pid" 2>/dev/null; do
+            if trainer_up; then
+                log "warning SIG$WARNING: passing it to the job step"
+                scancel --signal="$WARNING" "$SLURM_JOB_ID"
+                WARNING=""
+            else
+                sleep 1
+            fi
+        done
+    done
+}
+
+log "job $SLURM_JOB_ID restart ${SLURM_RESTART_COUNT:-0}: ${SLURM_JOB_NUM_NODES} node(s) ($SLURM_JOB_NODELIST)" \
+    "x $NPROC_PER_NODE worker(s), rendezvous $HEAD_NODE:$RDZV_PORT, run dir $RUN_DIR"
 
 # One torchrun agent per node (one srun task each). --kill-on-bad-exit stops the other nodes at once
 # when one fails instead of leaving them blocked in a collective. srun in SLURM 22.05+ does not inherit
-# --cpus-per-task from sbatch, hence passed again.
+# --cpus-per-task from sbatch, hence passed again. In the background, so that the warning trap runs.
 srun --kill-on-bad-exit=1 --ntasks-per-node=1 --cpus-per-task="${SLURM_CPUS_PER_TASK:-1}" \
     "$PYTHON" -m torch.distributed.run \
     --nnodes="$SLURM_JOB_NUM_NODES" \
@@ -93,21 +125,22 @@ srun --kill-on-bad-exit=1 --ntasks-per-node=1 --cpus-per-task="${SLURM_CPUS_PER_
     --max-restarts="$MAX_RESTARTS" \
     --signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1,SIGUSR2 \
     --shutdown-timeout="$SHUTDOWN_TIMEOUT" \
-    -m dist_gpt.train "$@"
+    -m dist_gpt.train "$@" &
+wait_and_forward $!
 rc=$?
 
 if [[ -f $MARKER ]]; then
+    log "requeue marker: $(tr -d ' \n' < "$MARKER")"
     signal=$("$PYTHON" -c 'import json, sys; print(json.load(open(sys.argv[1])).get("signal", ""))' "$MARKER" 2>/dev/null)
-    echo "[train.sh] $(date -Is) requeue marker: $(cat "$MARKER")"
     rm -f "$MARKER"
     case $signal in
         SIGUSR1|SIGUSR2)
-            echo "[train.sh] checkpoint saved after $signal: requeueing job $SLURM_JOB_ID"
+            log "checkpoint saved after $signal: requeueing job $SLURM_JOB_ID"
             scontrol requeue "$SLURM_JOB_ID"
             exit 0 ;;
         *)
-            echo "[train.sh] checkpoint saved after ${signal:-an unknown signal}: not requeueing (resubmit to resume)" ;;
+            log "checkpoint saved after ${signal:-an unknown signal}: not requeueing (submit again to resume)" ;;
     esac
 fi
-echo "[train.sh] $(date -Is) srun exited with status $rc"
+log "srun exited with status $rc"
 exit "$rc"
