@@ -97,6 +97,8 @@ def train(cfg: config_mod.Config, env: dist.DistEnv, stop: faults.StopSignals, c
     evaluator = Evaluator(fwd_model, model, val, data, precision, cfg.eval, log)
     inject = faults.FaultInjector(env.rank)
     tokens_per_step = tc.global_batch * cfg.model.block_size
+    flops_per_token = model.flops_per_token()
+    params = [p for p in model.parameters() if p.requires_grad]  # listed once, not at every step
     stopped_by: str | None = None
 
     while state.step < tc.steps:
@@ -126,15 +128,7 @@ def train(cfg: config_mod.Config, env: dist.DistEnv, stop: faults.StopSignals, c
             if action == "stop":
                 return 3
             continue
-        if precision.scaler.is_enabled():
-            for opt in optimizers:
-                precision.scaler.unscale_(opt)
-        grad_norm = clip_grad_norm(model.parameters(), cfg.optim.grad_clip)
-        for opt in optimizers:
-            precision.scaler.step(opt)
-        precision.scaler.update()
-        for opt in optimizers:
-            opt.zero_grad(set_to_none=True)
+        grad_norm = optimizer_step(params, optimizers, precision, cfg.optim.grad_clip)
         state.step += 1
         state.tokens += tokens_per_step
 
@@ -144,7 +138,7 @@ def train(cfg: config_mod.Config, env: dist.DistEnv, stop: faults.StopSignals, c
             dt = time.perf_counter() - t0
             log.step(state.step, loss=loss_avg.item(), lr=optimizers[0].param_groups[0]["lr"],
                      grad_norm=float(grad_norm), step_time=dt, data_time=t_data,
-                     tokens_per_s=tokens_per_step / dt, flops_per_token=model.flops_per_token(),
+                     tokens_per_s=tokens_per_step / dt, flops_per_token=flops_per_token,
                      device=env.device, dtype=precision.name)
         if stopped_by:
             break
@@ -173,7 +167,7 @@ def forward_backward(train_model, micro, precision: Precision, env: dist.DistEnv
 
     Returns this rank's mean loss over its micro-batches as a 0-d tensor (no host sync).
     """
-    total = torch.zeros((), device=env.device)
+    losses = []
     n = len(micro)
     for i, (x, y) in enumerate(micro):  # x, y: (micro_batch, block_size) int64
         sync = nullcontext() if (i == n - 1 or not env.distributed) else train_model.no_sync()
@@ -182,8 +176,25 @@ def forward_backward(train_model, micro, precision: Precision, env: dist.DistEnv
                 loss = train_model(x, y)
             loss = inject.corrupt_loss(loss, position)
             precision.scaler.scale(loss / n).backward()
-        total += loss.detach() / n
-    return total
+        losses.append(loss.detach())
+    return losses[0] if n == 1 else torch.stack(losses).mean()
+
+
+def optimizer_step(params: list, optimizers: list, precision: Precision, grad_clip: float) -> torch.Tensor:
+    """Unscale (fp16 only), clip, step every optimizer and drop the gradients.
+
+    Returns the global gradient norm before clipping as a 0-d tensor (no host sync).
+    """
+    if precision.scaler.is_enabled():
+        for opt in optimizers:
+            precision.scaler.unscale_(opt)
+    grad_norm = clip_grad_norm(params, grad_clip)
+    for opt in optimizers:
+        precision.scaler.step(opt)  # a disabled scaler (every mode but fp16) just calls opt.step()
+    precision.scaler.update()
+    for opt in optimizers:
+        opt.zero_grad(set_to_none=True)
+    return grad_norm
 
 
 def save(ckpt: Checkpointer, step: int, tensors, cfg, state: RunState, batches, precision, data, val_loss):
