@@ -12,6 +12,7 @@ import datetime
 import os
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 
 import torch
@@ -106,6 +107,71 @@ def wrap(model: nn.Module, env: DistEnv) -> nn.Module:
 
     return DDP(model, device_ids=[env.local_rank] if env.device.type == "cuda" else None,
                gradient_as_bucket_view=True, bucket_cap_mb=25)
+
+
+# ---------------------------------------------------------------------------------------------
+# A rank that stops answering
+
+class Heartbeat:
+    """Each rank records how far it got in the rendezvous store: (step, phase), one small write each.
+
+    Phases of step S: 0 started it, 1 entered its last micro-step (whose backward all-reduces the
+    gradients), 2 entered the stop/NaN agreement. When a collective times out (train.timeout_s),
+    the ranks still alive read every rank's record and name the one(s) furthest behind, instead of
+    a bare gloo/NCCL timeout.
+    """
+
+    PHASES = ("starting", "in the gradient all-reduce of", "in the stop/NaN agreement of")
+
+    def __init__(self, env: DistEnv) -> None:
+        self.env = env
+        self.store = dist.distributed_c10d._get_default_store() if env.distributed else None
+
+    def beat(self, step: int, phase: int = 0) -> None:
+        if self.store is not None:
+            self.store.set(f"dist_gpt/heartbeat/{self.env.rank}", f"{step} {phase} {time.time():.1f}")
+
+    def _records(self) -> dict[int, tuple[int, int, float]]:
+        seen = {}
+        try:
+            self.store.set_timeout(datetime.timedelta(seconds=10))
+            for rank in range(self.env.world_size):
+                key = f"dist_gpt/heartbeat/{rank}"
+                if self.store.check([key]):
+                    step, phase, at = self.store.get(key).decode().split()
+                    seen[rank] = (int(step), int(phase), float(at))
+        except Exception:  # the store's host is gone too: say what we know
+            pass
+        return seen
+
+    def describe_failure(self, error: BaseException, timeout_s: float) -> str:
+        """One line naming the rank(s) that stopped answering, from the heartbeat records."""
+        text = str(error).strip()
+        cause = text.splitlines()[0][-160:] if text else type(error).__name__
+        seen = self._records()
+        missing = [r for r in range(self.env.world_size) if r not in seen]
+        if seen and not missing:
+            lowest = min((step, phase) for step, phase, _ in seen.values())
+            behind = [r for r, (step, phase, _) in seen.items() if (step, phase) == lowest]
+            if len(behind) < self.env.world_size:
+                detail = ", ".join(f"rank {r} (last heard {self.PHASES[seen[r][1]]} step {seen[r][0]}, "
+                                   f"last heard {time.time() - seen[r][2]:.0f} s ago)" for r in behind)
+                return (f"rank {self.env.rank}: {detail} stopped answering; the collective timed out after "
+                        f"train.timeout_s={timeout_s:g} s ({cause}). Check that rank's host; restarted, the "
+                        "run resumes from its last checkpoint")
+        if missing and seen:
+            return (f"rank {self.env.rank}: rank(s) {', '.join(map(str, missing))} never reported and a "
+                    f"collective failed ({cause}); check their hosts and the network between nodes")
+        return (f"rank {self.env.rank}: a collective failed ({cause}); a peer may have died: check every "
+                "rank's log")
+
+
+def is_collective_failure(error: BaseException) -> bool:
+    """A timeout or a lost peer inside a collective, as opposed to a bug."""
+    kinds = tuple(getattr(dist, name) for name in ("DistBackendError", "DistNetworkError", "DistError") if hasattr(dist, name))
+    text = str(error)
+    return isinstance(error, kinds) or any(s in text for s in ("Timed out", "timed out", "Connection closed by peer",
+                                                               "Connection reset by peer", "Broken pipe"))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ Fault injection for the tests, read from the environment (never set in normal us
     DIST_GPT_FAULT_NAN_AT=P          the loss of global batch P becomes NaN (once per process)
     DIST_GPT_FAULT_KILL_AT=S:R       rank R SIGKILLs itself before step S, on torchrun's first attempt only
     DIST_GPT_FAULT_SIGNAL_AT=S:NAME  rank 0 sends itself signal NAME before step S (first attempt only)
+    DIST_GPT_FAULT_HANG_AT=S:R       rank R stops answering (sleeps) before step S
 """
 
 from __future__ import annotations
@@ -84,6 +85,7 @@ class FaultInjector:
         self.nan_at = int(nan_at) if nan_at else None
         self.kill = self._parse("DIST_GPT_FAULT_KILL_AT")
         self.signal = self._parse("DIST_GPT_FAULT_SIGNAL_AT")
+        self.hang = self._parse("DIST_GPT_FAULT_HANG_AT")
 
     @staticmethod
     def _parse(name: str) -> tuple[int, str] | None:
@@ -96,6 +98,9 @@ class FaultInjector:
     def before_step(self, step: int) -> None:
         if self.kill and self.kill[0] == step and int(self.kill[1]) == self.rank and _first_attempt():
             os.kill(os.getpid(), signal.SIGKILL)
+        if self.hang and self.hang[0] == step and int(self.hang[1]) == self.rank:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)  # torchrun's SIGTERM may end the hung rank
+            time.sleep(24 * 3600)
         if self.signal and self.signal[0] == step and self.rank == 0 and _first_attempt():
             os.kill(os.getpid(), getattr(signal, self.signal[1]))
 

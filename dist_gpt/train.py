@@ -39,17 +39,23 @@ def main(argv: list[str] | None = None) -> None:
     # Handlers first: a signal that arrives during start-up must not kill a rank.
     stop = faults.StopSignals().install()
     closers: list = []
-    code = 1
+    code, env, heartbeat = 1, None, None
     try:
         cfg = config_mod.parse(argv)
         if cfg is None:  # --help
             code = 0
         else:
             env = dist.init(cfg.train.device, cfg.train.timeout_s, cfg.train.threads)
-            code = train(cfg, env, stop, closers)
+            heartbeat = dist.Heartbeat(env)
+            code = train(cfg, env, stop, closers, heartbeat)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         code = 2
+    except RuntimeError as e:
+        if heartbeat is None or not env.distributed or not dist.is_collective_failure(e):
+            raise
+        print(f"error: {heartbeat.describe_failure(e, cfg.train.timeout_s)}", file=sys.stderr)
+        code = 4
     dist.shutdown(code, closers)
 
 
@@ -63,7 +69,8 @@ def open_dataset(cfg: config_mod.Config, env: dist.DistEnv) -> Dataset:
     return Dataset.open(path, verify=cfg.data.verify)
 
 
-def train(cfg: config_mod.Config, env: dist.DistEnv, stop: faults.StopSignals, closers: list) -> int:
+def train(cfg: config_mod.Config, env: dist.DistEnv, stop: faults.StopSignals, closers: list,
+          heartbeat: dist.Heartbeat) -> int:
     tc = cfg.train
     torch.manual_seed(tc.seed)
     data = open_dataset(cfg, env)
@@ -110,6 +117,7 @@ def train(cfg: config_mod.Config, env: dist.DistEnv, stop: faults.StopSignals, c
         if ckpt.due(step) and step > max(state.resumed_step, 0):
             save(ckpt, step, tensors, cfg, state, batches, precision, data, evaluator.loss_at(step))
         inject.before_step(step)
+        heartbeat.beat(step)
 
         # 2. forward/backward over the micro-batches of this rank, gradients synced on the last one
         schedule.apply(optimizers, step)
@@ -119,9 +127,11 @@ def train(cfg: config_mod.Config, env: dist.DistEnv, stop: faults.StopSignals, c
         position = batches.position
         micro = batches.next()
         t_data = time.perf_counter() - t0
-        loss = forward_backward(train_model, micro, precision, env, inject, position)
+        loss = forward_backward(train_model, micro, precision, env, inject, position,
+                                on_last=lambda: heartbeat.beat(step, phase=1))
 
         # 3. every rank agrees on stop signals and non-finite losses before touching the weights
+        heartbeat.beat(step, phase=2)
         stopped_by, nonfinite = faults.agree(stop, ~torch.isfinite(loss))
         if nonfinite:
             action = on_nonfinite(cfg, env, ckpt, tensors, state, batches, precision, data, position, log)
@@ -162,7 +172,7 @@ def train(cfg: config_mod.Config, env: dist.DistEnv, stop: faults.StopSignals, c
 
 
 def forward_backward(train_model, micro, precision: Precision, env: dist.DistEnv,
-                     inject: faults.FaultInjector, position: int) -> torch.Tensor:
+                     inject: faults.FaultInjector, position: int, on_last=lambda: None) -> torch.Tensor:
     """Accumulate gradients over this rank's micro-batches; DDP syncs only on the last one.
 
     Returns this rank's mean loss over its micro-batches as a 0-d tensor (no host sync).
@@ -170,6 +180,8 @@ def forward_backward(train_model, micro, precision: Precision, env: dist.DistEnv
     losses = []
     n = len(micro)
     for i, (x, y) in enumerate(micro):  # x, y: (micro_batch, block_size) int64
+        if i == n - 1:
+            on_last()
         sync = nullcontext() if (i == n - 1 or not env.distributed) else train_model.no_sync()
         with sync:
             with precision.autocast():

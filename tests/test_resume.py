@@ -121,3 +121,13 @@ def test_nan_policy_stop_is_a_clear_error(tiny_data, tmp_path):
     out = run_train(_args(tiny_data, run, "--train.steps=6"), env={"DIST_GPT_FAULT_NAN_AT": "2"}, check=False)
     assert out.returncode == 3
     assert "non-finite loss at step 2" in out.stdout + out.stderr
+
+
+def test_a_rank_that_stops_answering_fails_the_job_naming_it(tiny_data, tmp_path):
+    run = tmp_path / "run"
+    out = run_train(_args(tiny_data, run, "--train.timeout_s=5"), nproc=2, check=False, timeout=120,
+                    env={"DIST_GPT_FAULT_HANG_AT": "6:1"})
+    assert out.returncode != 0
+    line = [ln for ln in out.stderr.splitlines() if ln.startswith("error:")]
+    assert line and "rank 1 (last heard in the stop/NaN agreement of step 5" in line[0] and "stopped answering" in line[0], out.stderr[-3000:]
+    assert "train.timeout_s=5" in line[0]
