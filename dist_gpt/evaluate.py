@@ -3,7 +3,9 @@
     python -m dist_gpt.evaluate --run runs/cpu                        # the run's latest checkpoint
     python -m dist_gpt.evaluate --checkpoint runs/cpu/checkpoints/step_0001000
     python -m dist_gpt.evaluate --model model.safetensors --data data/stdlib
-    torchrun --standalone --nproc_per_node=2 -m dist_gpt.evaluate --run runs/cpu   # split over 2 ranks
+    torchrun --standalone --nproc_per_node=2 -m dist_gpt.evaluate --run-dir runs/cpu   # split over 2 ranks
+
+(Under torchrun spell it --run-dir: torchrun's own parser takes --run for its --run-path.)
 
 The command line evaluates on the dataset's whole validation split (every block once). During
 training the same code evaluates the fixed `eval.max_blocks` subset every `eval.interval` steps.
@@ -91,7 +93,7 @@ def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m dist_gpt.evaluate", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--run", help="run directory: evaluates its latest checkpoint")
+    src.add_argument("--run", "--run-dir", dest="run", help="run directory: evaluates its latest checkpoint")
     src.add_argument("--checkpoint", help="a checkpoint directory (runs/NAME/checkpoints/step_...)")
     src.add_argument("--model", help="an exported .safetensors file")
     p.add_argument("--data", help="dataset directory (default: the one the model was trained on)")

@@ -22,7 +22,7 @@ def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m dist_gpt.sample", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--run", help="run directory: samples from its latest checkpoint")
+    src.add_argument("--run", "--run-dir", dest="run", help="run directory: samples from its latest checkpoint")
     src.add_argument("--checkpoint", help="a checkpoint directory")
     src.add_argument("--model", help="an exported .safetensors file")
     p.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
