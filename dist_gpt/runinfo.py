@@ -98,9 +98,10 @@ def write_final(cfg, env, state, evaluator, checkpoint: Path | None, log) -> Non
     }
     if env.is_main:
         _write_json(cfg.run_dir / "final.json", final)
-    log.print(f"done: {state.step} steps, {state.tokens / 1e6:.2f}M tokens. "
-              f"val loss {evaluator.last_loss:.4f} nats/token, {evaluator.last_bpb:.4f} bits/byte")
-    log.print(f"checkpoint: {checkpoint}\nrun dir: {cfg.run_dir}  (config.json, run.json, final.json, metrics.jsonl)\n"
+    nats_per_byte = evaluator.last_loss / evaluator.data.bytes_per_token("val")
+    log.print(f"checkpoint:  {checkpoint}\n"
+              f"run dir:     {cfg.run_dir}  (config.json, run.json, final.json, metrics.jsonl, tensorboard/)\n"
               f"sample:      python -m dist_gpt.sample --run {cfg.run_dir}\n"
               f"tensorboard: tensorboard --logdir {cfg.run_dir.parent}")
-
+    log.print(f"final: step {state.step}, {state.tokens / 1e6:.2f}M tokens, val loss {nats_per_byte:.4f} nats/byte "
+              f"({evaluator.last_loss:.4f} nats/token), {evaluator.last_bpb:.4f} bits/byte")
