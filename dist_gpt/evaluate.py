@@ -20,6 +20,7 @@ import sys
 import torch
 
 from . import dist
+from .weights import add_source_arguments, load_model
 
 
 @torch.no_grad()
@@ -92,10 +93,7 @@ class Evaluator:
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m dist_gpt.evaluate", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--run", "--run-dir", dest="run", help="run directory: evaluates its latest checkpoint")
-    src.add_argument("--checkpoint", help="a checkpoint directory (runs/NAME/checkpoints/step_...)")
-    src.add_argument("--model", help="an exported .safetensors file")
+    add_source_arguments(p, "evaluates")
     p.add_argument("--data", help="dataset directory (default: the one the model was trained on)")
     p.add_argument("--batch-size", type=int, default=16, help="sequences per forward pass (default 16)")
     p.add_argument("--max-blocks", type=int, default=None, help="evaluate only this many blocks (default: all)")
@@ -107,23 +105,18 @@ def parse_args(argv):
 def main(argv: list[str] | None = None) -> None:
     from .data import Dataset, ValBlocks
     from .errors import UserError
-    from .model import GPT
     from .precision import Precision
-    from .weights import load_weights
 
     code = 0
     try:
         args = parse_args(argv)
         env = dist.init(args.device)
-        loaded = load_weights(args.run or args.checkpoint or args.model, device="cpu")
+        model, loaded = load_model(args, env.device)
         data = Dataset.open(args.data or loaded.data_path)
         if data.vocab_size > loaded.config.vocab_size:
             from .errors import DataError
             raise DataError(f"dataset {args.data} has {data.vocab_size} tokens but the model only "
                             f"{loaded.config.vocab_size}: evaluate on a dataset made with the model's tokenizer")
-        model = GPT(loaded.config)
-        model.load_state_dict(loaded.state_dict)
-        model.to(env.device)
         val = ValBlocks(data, block_size=loaded.config.block_size, batch_size=args.batch_size, rank=env.rank,
                         world_size=env.world_size, max_blocks=args.max_blocks, device=env.device)
         loss, blocks = validation_loss(model, val, Precision(args.precision, env.device), env.device)

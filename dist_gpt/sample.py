@@ -16,15 +16,13 @@ import sys
 import torch
 
 from .errors import UserError
+from .weights import add_source_arguments, load_model
 
 
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m dist_gpt.sample", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--run", "--run-dir", dest="run", help="run directory: samples from its latest checkpoint")
-    src.add_argument("--checkpoint", help="a checkpoint directory")
-    src.add_argument("--model", help="an exported .safetensors file")
+    add_source_arguments(p, "samples from")
     p.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
     p.add_argument("--num-samples", type=int, default=1, help="independent samples (default 1)")
     p.add_argument("--max-new-tokens", type=int, default=256, help="tokens per sample (default 256)")
@@ -52,17 +50,12 @@ class StreamDecoder:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .model import GPT
-    from .weights import load_weights
-
     try:
         args = parse_args(argv)
         device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                               ("cpu" if args.device == "auto" else args.device))
-        loaded = load_weights(args.run or args.checkpoint or args.model, device="cpu")
-        model = GPT(loaded.config)
-        model.load_state_dict(loaded.state_dict)
-        model.to(device).eval()
+        model, loaded = load_model(args, device)
+        model.eval()
         tok = loaded.tokenizer
         prompt_ids = tok.encode(args.prompt) or [loaded.eot_id or 0]
         idx = torch.tensor([prompt_ids[-loaded.config.block_size:]], dtype=torch.long, device=device)

@@ -71,6 +71,24 @@ class LoadedWeights:
         return self._tokenizer
 
 
+def add_source_arguments(parser, verb: str) -> None:
+    """--run/--checkpoint/--model: where a command line (sample, evaluate) takes its model from."""
+    src = parser.add_mutually_exclusive_group(required=True)
+    src.add_argument("--run", "--run-dir", dest="run", help=f"run directory: {verb} its latest checkpoint")
+    src.add_argument("--checkpoint", help="a checkpoint directory (runs/NAME/checkpoints/step_...)")
+    src.add_argument("--model", help="an exported .safetensors file")
+
+
+def load_model(args, device: torch.device) -> tuple["GPT", LoadedWeights]:
+    """The GPT named by `add_source_arguments`' flags, on `device`, with its LoadedWeights."""
+    from .model import GPT
+
+    loaded = load_weights(args.run or args.checkpoint or args.model, device="cpu")
+    model = GPT(loaded.config)
+    model.load_state_dict(loaded.state_dict)
+    return model.to(device), loaded
+
+
 def tensors_crc32(tensors: dict[str, torch.Tensor]) -> int:
     """CRC32 over every tensor's bytes in sorted key order (what an export records and a load checks)."""
     crc = 0
