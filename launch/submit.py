@@ -22,7 +22,8 @@ Who owns which signal (the warning is USR2, SLURM's `--signal=USR2@<signal_delay
   * This launcher replaces submitit's handlers in the task process: it only forwards those signals to
     the trainer (the local executor signals the task process alone; on SLURM the trainer also gets the
     signal directly, and a second delivery changes nothing). So submitit never checkpoints on its own
-    while the trainer is still saving.
+    while the trainer is still saving. The trainer starts with USR1/USR2 ignored until its handlers are
+    in place (once it wrote run.json); a warning that comes earlier is held and passed on then.
   * When the trainer has exited, global rank 0 looks for the marker. If it names SIGUSR1/SIGUSR2, rank 0
     consumes it and hands over to submitit's own preemption handler: it calls `TrainJob.checkpoint()`
     (the same job: the trainer resumes from the run directory's latest checkpoint) and requeues the job
@@ -39,6 +40,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import cloudpickle
@@ -47,7 +49,8 @@ import submitit
 from dist_gpt.errors import UserError
 
 MARKER = "requeue.json"
-FORWARDED = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM)
+WARNINGS = (signal.SIGUSR1, signal.SIGUSR2)
+FORWARDED = (*WARNINGS, signal.SIGTERM)
 REQUEUE_SIGNALS = ("SIGUSR1", "SIGUSR2")
 
 
@@ -81,7 +84,7 @@ class TrainJob(submitit.helpers.Checkpointable):
             marker.unlink(missing_ok=True)  # left by a run whose task was killed: must not requeue this one
 
         submitit_preempt = signal.getsignal(_preempt_signal())
-        code = _run_trainer(self.train_args, self.workdir)
+        code = _run_trainer(self.train_args, self.workdir, self.run_dir)
 
         if job.global_rank != 0:
             if code != 0:
@@ -107,18 +110,42 @@ def _preempt_signal() -> signal.Signals:
     return getattr(signal, "SIG" + os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2"))
 
 
-def _run_trainer(args: list[str], workdir: str) -> int:
-    """Run `python -m dist_gpt.train ARGS` to the end, forwarding stop signals to it; return its status."""
-    child: subprocess.Popen | None = None
+def _trainer_up(run_dir: Path, since: float) -> bool:
+    """Rank 0 writes run.json once every rank installed its stop handlers and joined the process group."""
+    info = run_dir / "run.json"
+    return info.exists() and info.stat().st_mtime >= since
+
+
+def _run_trainer(args: list[str], workdir: str, run_dir: Path) -> int:
+    """Run `python -m dist_gpt.train ARGS` to the end, passing stop signals on to it; return its status.
+
+    The trainer starts with USR1/USR2 ignored (an ignored signal stays ignored across exec) until its own
+    handlers replace that: one arriving while it still imports torch would kill it. A warning that comes
+    before the trainer is up is held here and passed on once it is; SIGTERM is passed on at once.
+    """
+    started = time.time()
+    held: list[int] = []
+    for sig in WARNINGS:
+        signal.signal(sig, signal.SIG_IGN)
+    child = subprocess.Popen([sys.executable, "-m", "dist_gpt.train", *args], cwd=workdir)
 
     def forward(signum, frame) -> None:
-        if child is not None and child.poll() is None:
+        if signum in WARNINGS and not _trainer_up(run_dir, started):
+            held.append(signum)
+        elif child.poll() is None:
             child.send_signal(signum)
 
     for sig in FORWARDED:
         signal.signal(sig, forward)
-    child = subprocess.Popen([sys.executable, "-m", "dist_gpt.train", *args], cwd=workdir)
-    return child.wait()
+    while True:
+        try:
+            return child.wait(timeout=1)
+        except subprocess.TimeoutExpired:
+            pass
+        if held and _trainer_up(run_dir, started):
+            for signum in held:
+                child.send_signal(signum)
+            held.clear()
 
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:

@@ -59,43 +59,45 @@ def test_local_job_trains_two_ranks_and_returns_final_metrics(local_run):
     assert json.loads((run / "run.json").read_text())["world_size"] == 2
 
 
-def task_pids(folder: Path) -> list[int]:
-    """The submitit task processes of the job whose files are in `folder` (what the local executor signals)."""
+def pids_with(*parts: str) -> list[int]:
+    """Processes whose command line contains every one of `parts`."""
     pids = []
     for proc in Path("/proc").iterdir():
         try:
-            cmd = (proc / "cmdline").read_bytes().split(b"\0")
+            cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ")
         except (OSError, ValueError):
             continue
-        if b"submitit.core._submit" in cmd and str(folder).encode() in cmd:
+        if proc.name.isdigit() and all(p.encode() in cmd for p in parts):
             pids.append(int(proc.name))
     return pids
 
 
 @pytest.mark.slow
-def test_local_job_warned_by_usr2_is_requeued_and_matches_the_uninterrupted_run(local_run, tiny_data, tmp_path):
+def test_local_job_warned_during_startup_is_requeued_and_matches_the_uninterrupted_run(local_run, tiny_data,
+                                                                                       tmp_path):
     run = tmp_path / "run"
     folder = tmp_path / "submitit"
     proc = subprocess.Popen(submit_cmd(folder, run, tiny_data), cwd=tmp_path, env=_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        done = run / "checkpoints" / f"step_{INTERVAL:07d}" / "DONE"
-        deadline = time.monotonic() + 300
-        while not done.exists():
-            assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint while the job runs"
-            time.sleep(0.2)
-        # What the local executor does before its time limit: USR2 to each task process, which
-        # forwards it to its trainer.
-        pids = task_pids(folder)
-        assert len(pids) == 2, pids
-        for pid in pids:
+        # Once each submitit task started its trainer (its handlers are in place by then), and before
+        # the trainers are up: what the local executor does before its time limit, USR2 to each task
+        # process. The tasks must hold it until the trainers can take it, then pass it on.
+        deadline = time.monotonic() + 120
+        while len(pids_with("dist_gpt.train", str(run))) < 2:
+            assert proc.poll() is None and time.monotonic() < deadline, "the trainers did not start"
+            time.sleep(0.05)
+        assert not (run / "run.json").exists()
+        tasks = pids_with("submitit.core._submit", str(folder))
+        assert len(tasks) == 2, tasks
+        for pid in tasks:
             os.kill(pid, signal.SIGUSR2)
         out, err = proc.communicate(timeout=600)
     finally:
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 0, err[-4000:]
-    log = (folder / next(p.name for p in folder.glob("*_0_log.out"))).read_text()
+    log = next(folder.glob("*_0_log.out")).read_text()
     assert "requeue marker" in log and "Requeued job" in log, log[-3000:]
     assert last_json_line(out)["val_loss"] == local_run[1]["val_loss"]
     assert losses(run) == losses(local_run[0])
