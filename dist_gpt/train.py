@@ -121,6 +121,7 @@ def train(cfg: config_mod.Config, env: dist.DistEnv, stop: faults.StopSignals, c
 
         # 2. forward/backward over the micro-batches of this rank, gradients synced on the last one
         schedule.apply(optimizers, step)
+        torch.manual_seed(dropout_seed(tc.seed, step, env.rank))  # resumable: no RNG state to carry
         t0 = time.perf_counter()
         while batches.position in state.bad_positions:  # batches that produced a NaN before a rollback
             batches.skip(1)
@@ -169,6 +170,12 @@ def train(cfg: config_mod.Config, env: dist.DistEnv, stop: faults.StopSignals, c
     ckpt.wait()
     write_final(cfg, env, state, evaluator, path, log)
     return 0
+
+
+def dropout_seed(seed: int, step: int, rank: int) -> int:
+    """The seed of step `step`'s dropout masks on `rank`: a pure function, so a resumed run (or a
+    NaN rollback) draws the same masks as the uninterrupted one without saving any RNG state."""
+    return (seed * 1_000_003 + step) * 4099 + rank
 
 
 def forward_backward(train_model, micro, precision: Precision, env: dist.DistEnv,

@@ -131,3 +131,15 @@ def test_a_rank_that_stops_answering_fails_the_job_naming_it(tiny_data, tmp_path
     line = [ln for ln in out.stderr.splitlines() if ln.startswith("error:")]
     assert line and "rank 1 (last heard in the stop/NaN agreement of step 5" in line[0] and "stopped answering" in line[0], out.stderr[-3000:]
     assert "train.timeout_s=5" in line[0]
+
+
+def test_resume_with_dropout_draws_the_same_masks(tiny_data, tmp_path):
+    """Dropout masks are seeded per (seed, step, rank), so a crashed run with dropout resumes bitwise."""
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    args = ["--model.dropout=0.1", "--checkpoint.interval=5"]
+    run_train([*_args(tiny_data, ref), *args])
+    out = run_train([*_args(tiny_data, run), *args], env={"DIST_GPT_FAULT_KILL_AT": "13:0"}, check=False)
+    assert out.returncode != 0
+    run_train([*_args(tiny_data, run), *args])
+    a, b = losses(ref), losses(run)
+    assert [a[s] for s in range(1, STEPS + 1)] == [b[s] for s in range(1, STEPS + 1)]
