@@ -1,0 +1,113 @@
+"""The training benchmark in CI size: it runs dist_gpt's real step and its reference, and prints
+every figure. Nothing here is timed: speed targets are checked by running the benchmark itself
+(docs/PERFORMANCE.md), never by a test on a shared machine."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+
+from bench.reference_gpt import ReferenceGPT, ReferenceTrainer
+from conftest import run_train
+from dist_gpt import config as config_mod
+from dist_gpt.model import GPT
+from dist_gpt.optim import LRSchedule, build_optimizers
+from dist_gpt.precision import Precision
+from dist_gpt.train import optimizer_step
+
+BENCH = "bench.train_bench"
+# one thread: on a shared CI machine two OpenMP threads per process wait on each other (see docs)
+SMALL = ["--preset", "debug", "--steps", "6", "--warmup", "2", "--chunk", "2", "--train.threads=1"]
+
+
+def _row(out: str, label: str) -> list[str]:
+    line = next(line for line in out.splitlines() if line.startswith(label + " "))
+    return line.split()
+
+
+def test_compare_prints_every_figure_profiles_and_evaluates(tiny_data, tmp_path):
+    prof = tmp_path / "profile"
+    out = run_train([*SMALL, f"--data.path={tiny_data}", "--compare", "reference", "dist_gpt",
+                     "--eval-full", "--profile", str(prof)], module=BENCH).stdout
+    header = next(line for line in out.splitlines() if line.startswith("side"))
+    for column in ("tokens/s", "ms/step", "MFU", "data wait", "warm-up", "peak mem"):
+        assert column in header
+    for label, name in (("A", "reference"), ("B", "dist_gpt")):
+        row = _row(out, label)
+        assert row[1] == name
+        assert float(row[2].replace(",", "")) > 0 and float(row[3]) > 0  # tokens/s, ms/step
+        assert row[4] == "n/a"  # MFU: no peak is known for a CPU
+        assert row[5].endswith("%") and row[6].endswith("s") and row[7] != "n/a"
+    ratio = re.search(r"ratio B/A \(tokens/s\): ([\d.]+) median of 2 alternating rounds", out)
+    assert ratio and float(ratio.group(1)) > 0
+    losses = re.search(r"whole-validation-split loss \(fp32\): A ([\d.]+), B ([\d.]+)", out)
+    assert losses and all(0 < float(v) < 6 for v in losses.groups())  # ln(256) = 5.55 at the start
+
+    # a trace per side that TensorBoard's profiler plugin opens (Chrome trace JSON), with the phases
+    for side in ("A-reference", "B-dist_gpt"):
+        (trace,) = (prof / side).glob("*.pt.trace.json")
+        names = {e.get("name") for e in json.loads(trace.read_text())["traceEvents"]}
+        assert {"data", "forward_backward", "optimizer"} <= names
+    split = [line for line in out.splitlines() if line.strip().startswith("data ")]
+    assert len(split) == 2 and all("forward" in s and "backward" in s and "optimizer" in s for s in split)
+    assert "agree" in split[1]  # dist_gpt's step includes the stop/NaN agreement
+
+
+def test_config_overrides_as_sides_and_a_clear_error(tiny_data):
+    out = run_train([*SMALL, f"--data.path={tiny_data}", "--recipe", "classic",
+                     "--compare", "train.precision=fp32", "train.precision=bf16,optim.grad_clip=0.5"],
+                    module=BENCH).stdout
+    assert _row(out, "A")[1] == "train.precision=fp32" and "precision fp32" in out
+    assert "optim adamw" in out and "recipe classic" in out
+    bad = run_train([*SMALL, f"--data.path={tiny_data}", "--compare", "reference", "train.nonsense=1"],
+                    module=BENCH, check=False)
+    assert bad.returncode == 2 and bad.stderr.startswith("error: unknown option --train.nonsense")
+    assert "Traceback" not in bad.stderr
+
+
+@pytest.mark.slow
+def test_two_processes_through_torchrun(tiny_data):
+    out = run_train(["--preset", "debug", "--steps", "4", "--warmup", "1", "--chunk", "1",
+                     f"--data.path={tiny_data}", "--compare", "reference", "dist_gpt"],
+                    nproc=2, module=BENCH).stdout
+    assert "world 2" in out and "2 micro x 2 accum x 2 ranks" in out
+    assert out.count("ratio B/A") == 1  # rank 0 reports, once
+    assert float(_row(out, "B")[2].replace(",", "")) > 0
+
+
+@pytest.fixture
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_reference_is_the_classic_recipe_step_for_step(one_thread):
+    """Same initial weights, same batches, fp32: the reference and dist_gpt's classic step agree,
+    so a comparison measures speed and numerics, not a different model or optimizer."""
+    cfg = config_mod.build("debug", overrides={"train.recipe": "classic", "train.steps": 8, "optim.warmup_steps": 2})
+    torch.manual_seed(0)
+    model = GPT(cfg.model)
+    ref = ReferenceGPT(cfg.model.vocab_size, cfg.model.block_size, cfg.model.n_layer, cfg.model.n_head,
+                       cfg.model.n_embd)
+    ref.load_dist_gpt_weights(model.state_dict())
+    o = cfg.optim
+    trainer = ReferenceTrainer(ref, o.lr, o.weight_decay, (o.beta1, o.beta2), o.warmup_steps, cfg.train.steps,
+                               o.min_lr_ratio, o.grad_clip)
+    optimizers = build_optimizers(model, o, "cpu", exact=True)
+    schedule, precision = LRSchedule(o, cfg.train.steps), Precision("fp32", "cpu")
+    params = list(model.parameters())
+    gen = torch.Generator().manual_seed(1)
+    for step in range(cfg.train.steps):
+        x, y = torch.randint(0, 256, (2, 4, cfg.model.block_size), generator=gen)
+        schedule.apply(optimizers, step)
+        ours = model(x, y)
+        ours.backward()
+        optimizer_step(params, optimizers, precision, o.grad_clip)
+        theirs = trainer.step([(x, y)])
+        assert abs(ours.item() - theirs.item()) < 1e-5 * abs(theirs.item()), step
+        assert optimizers[0].param_groups[0]["lr"] == pytest.approx(trainer.optimizer.param_groups[0]["lr"])
