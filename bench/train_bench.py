@@ -57,7 +57,7 @@ from dist_gpt.model import GPT  # noqa: E402
 from dist_gpt.optim import LRSchedule, build_optimizers  # noqa: E402
 from dist_gpt.precision import Precision  # noqa: E402
 from dist_gpt.runinfo import resolve_model_config  # noqa: E402
-from dist_gpt.train import forward_backward, open_dataset, optimizer_step  # noqa: E402
+from dist_gpt.train import dropout_seed, forward_backward, open_dataset, optimizer_step  # noqa: E402
 
 
 def _no_label(name: str):
@@ -132,6 +132,7 @@ class DistGPTSide(Side):
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.stop = faults.StopSignals()  # never signalled here, but agreed on every step as in training
         self.inject = faults.FaultInjector(env.rank)
+        self.heartbeat = dist.Heartbeat(env)  # a store write per phase on several ranks, as in training
 
     def describe(self) -> str:
         c = self.cfg
@@ -139,14 +140,20 @@ class DistGPTSide(Side):
                 f"{'on' if c.train.compile else 'off'}, optim {c.optim.name}")
 
     def step(self, label=_no_label) -> None:
-        self.schedule.apply(self.optimizers, self.steps_done)
+        """The body of dist_gpt.train's loop, line for line, without its every-N-steps work."""
+        step = self.steps_done
+        self.heartbeat.beat(step)
+        self.schedule.apply(self.optimizers, step)
+        torch.manual_seed(dropout_seed(self.cfg.train.seed, step, self.env.rank))
         with label("data"):
             t0 = time.perf_counter()
             position = self.batches.position
             micro = self.batches.next()
             self.data_time += time.perf_counter() - t0
         with label("forward_backward"):
-            loss = forward_backward(self.train_model, micro, self.prec, self.env, self.inject, position)
+            loss = forward_backward(self.train_model, micro, self.prec, self.env, self.inject, position,
+                                    on_last=lambda: self.heartbeat.beat(step, phase=1))
+        self.heartbeat.beat(step, phase=2)
         with label("agree"):  # the trainer's one host sync per step: stop signals and NaN, all ranks
             _, nonfinite = faults.agree(self.stop, ~torch.isfinite(loss))
         if nonfinite:
