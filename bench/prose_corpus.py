@@ -1,0 +1,115 @@
+"""A natural-language prose corpus assembled from the licence texts already on this machine.
+
+    python bench/prose_corpus.py --out data/recipe_bench/prose.jsonl       # then, as recipe_bench does:
+    python -m tools.prepare data/recipe_bench/prose.jsonl --tokenizer char --out data/recipe_bench/prose
+
+English legal prose, one document per licence text, taken in this fixed order until the corpus
+holds `TARGET_CHARS` characters (so it is at least 1 MB; everything after that is left out):
+
+1. the licence and notice files of every installed Python distribution (`importlib.metadata`),
+   distributions sorted by name and version, files by path; a file counts when its name is
+   LICENSE/LICENCE/COPYING/NOTICE (any case, with or without a suffix such as `.txt`,
+   `-MIT` or `.APACHE`) and it is not code or markup (`.py`, `.json`, `.html`, ...);
+2. Debian's `/usr/share/common-licenses/*` (the full GPL, LGPL, Apache, MPL, ... texts), by name;
+3. Debian's `/usr/share/doc/*/copyright` files, by package name.
+
+A text that is not UTF-8 is skipped. Identical texts (compared with runs of whitespace collapsed)
+are kept once, at their first place: dozens of packages ship the same MIT or Apache text.
+The corpus is therefore the same on every machine with the same installed packages, and
+`manifest` records each document's source and the SHA-256 of the whole corpus to check that.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib.metadata
+import json
+import re
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+TARGET_CHARS = 1_250_000
+_LICENCE_NAME = re.compile(r"(LICEN[CS]E|COPYING|NOTICE)([._-][A-Za-z0-9._-]*)?", re.IGNORECASE)
+_NOT_PROSE = {".py", ".pyi", ".json", ".html", ".htm", ".xml", ".toml", ".yaml", ".yml", ".c", ".h",
+              ".cfg", ".in", ".sh", ".js", ".css", ".pdf", ".gz"}
+
+
+def _python_licences() -> Iterator[tuple[str, Path]]:
+    dists = sorted(importlib.metadata.distributions(),
+                   key=lambda d: ((d.metadata["Name"] or "").lower(), d.version or ""))
+    for dist in dists:
+        files = sorted(dist.files or [], key=str)
+        for f in files:
+            if _LICENCE_NAME.fullmatch(f.name) and Path(f.name).suffix.lower() not in _NOT_PROSE:
+                yield f"python:{dist.metadata['Name']}=={dist.version}:{f}", Path(f.locate())
+
+
+def _debian_texts() -> Iterator[tuple[str, Path]]:
+    common = Path("/usr/share/common-licenses")
+    if common.is_dir():
+        for path in sorted(common.iterdir()):
+            yield f"debian:common-licenses/{path.name}", path
+    docs = Path("/usr/share/doc")
+    if docs.is_dir():
+        for path in sorted(docs.glob("*/copyright")):
+            yield f"debian:doc/{path.parent.name}/copyright", path
+
+
+def _read_text(path: Path) -> str | None:
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def documents(target_chars: int = TARGET_CHARS) -> Iterator[tuple[str, str]]:
+    """(source, text) in the documented order, deduplicated, until `target_chars` characters."""
+    seen: set[str] = set()
+    total = 0
+    for source, path in (*_python_licences(), *_debian_texts()):
+        text = _read_text(path)
+        if not text or not text.strip():
+            continue
+        key = hashlib.sha256(" ".join(text.split()).encode()).hexdigest()
+        if key in seen:
+            continue
+        seen.add(key)
+        yield source, text
+        total += len(text)
+        if total >= target_chars:
+            return
+
+
+def write_corpus(out: Path, target_chars: int = TARGET_CHARS) -> dict:
+    """Write the corpus as JSON lines ({"text", "source"}), and `<out>.manifest.json`; returns the manifest."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    digest, sources, chars = hashlib.sha256(), [], 0
+    tmp = out.with_name(out.name + ".tmp")
+    with tmp.open("w", encoding="utf-8") as f:
+        for source, text in documents(target_chars):
+            f.write(json.dumps({"text": text, "source": source}, ensure_ascii=False) + "\n")
+            digest.update(text.encode())
+            sources.append(source)
+            chars += len(text)
+    tmp.replace(out)
+    manifest = {"documents": len(sources), "chars": chars, "sha256": digest.hexdigest(), "sources": sources}
+    out.with_name(out.name + ".manifest.json").write_text(json.dumps(manifest, indent=1))
+    return manifest
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", type=Path, default=Path("data/recipe_bench/prose.jsonl"), help="JSON-lines file to write")
+    p.add_argument("--chars", type=int, default=TARGET_CHARS, help=f"stop after this many characters (default {TARGET_CHARS:,})")
+    args = p.parse_args(argv)
+    m = write_corpus(args.out, args.chars)
+    print(f"{args.out}: {m['documents']} documents, {m['chars']:,} characters, sha256 {m['sha256'][:16]}")
+    if m["chars"] < 1_000_000:
+        sys.exit(f"error: only {m['chars']:,} characters of licence text on this machine; the benchmark wants "
+                 "at least 1,000,000 (install more packages, or pass --chars to accept less)")
+
+
+if __name__ == "__main__":
+    main()
