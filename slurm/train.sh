@@ -91,21 +91,23 @@ trainer_up() {
     [[ -f $RUN_DIR/run.json ]] && (( $(stat -c %Y "$RUN_DIR/run.json") >= STARTED ))
 }
 
-# Wait for srun; pass a warning on to the job step as soon as the trainer can take it. Returns srun's status.
+# Wait for srun; pass a warning on to the job step as soon as the trainer can take it (the warning
+# may also have come before srun started). Returns srun's status.
 wait_and_forward() {
     local pid=$1 rc
     while true; do
-        wait "$pid"; rc=$?
-        kill -0 "$pid" 2>/dev/null || return "$rc"   # srun ended (else a trapped signal ended the wait)
-        while [[ -n $WARNING ]] && kill -0 "$pid" 2>/dev/null; do
-            if trainer_up; then
-                log "warning SIG$WARNING: passing it to the job step"
-                scancel --signal="$WARNING" "$SLURM_JOB_ID"
-                WARNING=""
-            else
-                sleep 1
-            fi
-        done
+        if [[ -n $WARNING ]] && trainer_up; then
+            log "warning SIG$WARNING: passing it to the job step"
+            scancel --signal="$WARNING" "$SLURM_JOB_ID"
+            WARNING=""
+        fi
+        if [[ -n $WARNING ]]; then
+            sleep 1  # held until the trainer is up
+            kill -0 "$pid" 2>/dev/null || { wait "$pid"; return; }
+        else
+            wait "$pid"; rc=$?
+            kill -0 "$pid" 2>/dev/null || return "$rc"  # srun ended (else a trapped signal ended the wait)
+        fi
     done
 }
 
