@@ -275,19 +275,25 @@ def build_side(label: str, spec: str, cl, env, data, total_steps: int) -> Side:
 # Measuring
 
 
+def _rounds(args) -> tuple[int, int]:
+    """(rounds, steps per chunk) of the steady state after the warm-up."""
+    n = min(args.chunk, args.steps - args.warmup)
+    return (args.steps - args.warmup) // n, n
+
+
 def measure(sides: list[Side], args) -> list[float]:
     """Warm every side up, then alternate chunks; returns the per-round ratios B/A (empty for one side)."""
     for side in sides:
         side.warmup_s = side.run(args.warmup, count_data=False)
-    steady = args.steps - args.warmup
+    rounds, n = _rounds(args)
     ratios = []
-    for r in range(max(1, steady // args.chunk)):
+    for r in range(rounds):
         order = sides if r % 2 == 0 else sides[::-1]  # flip the order: drift within a round cancels
-        n = min(args.chunk, steady)
         for side in order:
             side.chunk_ms.append(1000 * side.run(n) / n)
         if len(sides) == 2:
-            ratios.append(sides[0].chunk_ms[-1] / sides[1].chunk_ms[-1])
+            a, b = (side.tokens_per_step / side.chunk_ms[-1] for side in sides)
+            ratios.append(b / a)
     return ratios
 
 
@@ -298,14 +304,14 @@ def report(sides: list[Side], ratios: list[float], env, args, say) -> None:
         tok_s = side.tokens_per_step / (ms / 1000)
         peak = resolve_peak_flops(side.cfg.log, env.device, side.precision)
         util = mfu(side.flops_per_token, tok_s, peak, env.world_size)
-        steady_s = sum(side.chunk_ms) * args.chunk / 1000 if side.chunk_ms else 0.0
+        steady_s = sum(side.chunk_ms) * _rounds(args)[1] / 1000
         wait = side.data_time / steady_s if steady_s else 0.0
         warm_extra = side.warmup_s - args.warmup * ms / 1000  # beyond the steady pace: compile, caches
         mem = "n/a" if side.peak_mem is None else f"{side.peak_mem:.2f} GiB"
         say(f"{side.label} {side.name[:31]:<32} {tok_s:>10,.0f} {ms:>9.2f} "
             f"{'n/a' if util is None else f'{100 * util:.1f}%':>7} {100 * wait:>8.2f}% {warm_extra:>8.1f}s {mem:>10}")
-    if env.device.type == "cpu":
-        say("(peak mem: the process's peak resident set, shared by the sides)")
+    say(f"(warm-up: the first {args.warmup} steps' time beyond the steady pace: compilation, first-touch memory"
+        + ("; peak mem: the process's peak resident set, shared by the sides)" if env.device.type == "cpu" else ")"))
     if ratios:
         say(f"ratio B/A (tokens/s): {statistics.median(ratios):.3f} median of {len(ratios)} alternating rounds "
             f"(min {min(ratios):.3f}, max {max(ratios):.3f})")
@@ -396,7 +402,8 @@ def run(argv: list[str]) -> int:
     say(describe_machine(env, base))
     for side in sides:
         say(f"{side.label}: {side.describe()}")
-    say(f"{args.steps} steps per side: {args.warmup} warm-up, then chunks of {args.chunk}"
+    rounds, n = _rounds(args)
+    say(f"{args.warmup + rounds * n} steps per side: {args.warmup} warm-up, then {rounds} chunks of {n}"
         f"{', alternating' if len(sides) == 2 else ''}; LR schedule of {total_steps} steps")
     ratios = measure(sides, args)
     report(sides, ratios, env, args, say)
