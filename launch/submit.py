@@ -40,7 +40,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import cloudpickle
@@ -110,10 +109,15 @@ def _preempt_signal() -> signal.Signals:
     return getattr(signal, "SIG" + os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2"))
 
 
-def _trainer_up(run_dir: Path, since: float) -> bool:
-    """Rank 0 writes run.json once every rank installed its stop handlers and joined the process group."""
-    info = run_dir / "run.json"
-    return info.exists() and info.stat().st_mtime >= since
+def _run_json_id(run_dir: Path) -> tuple[int, int] | None:
+    """Rank 0 writes run.json (a new file each time) once every rank installed its stop handlers and
+    joined the process group; a run.json other than the one there at the start means the trainer is up.
+    Compared by identity, not by clock: the nodes' clocks may differ."""
+    try:
+        st = (run_dir / "run.json").stat()
+    except FileNotFoundError:
+        return None
+    return st.st_ino, st.st_mtime_ns
 
 
 def _run_trainer(args: list[str], workdir: str, run_dir: Path) -> int:
@@ -123,14 +127,19 @@ def _run_trainer(args: list[str], workdir: str, run_dir: Path) -> int:
     handlers replace that: one arriving while it still imports torch would kill it. A warning that comes
     before the trainer is up is held here and passed on once it is; SIGTERM is passed on at once.
     """
-    started = time.time()
+    before = _run_json_id(run_dir)
     held: list[int] = []
+
+    def trainer_up() -> bool:
+        now = _run_json_id(run_dir)
+        return now is not None and now != before
+
     for sig in WARNINGS:
         signal.signal(sig, signal.SIG_IGN)
     child = subprocess.Popen([sys.executable, "-m", "dist_gpt.train", *args], cwd=workdir)
 
     def forward(signum, frame) -> None:
-        if signum in WARNINGS and not _trainer_up(run_dir, started):
+        if signum in WARNINGS and not trainer_up():
             held.append(signum)
         elif child.poll() is None:
             child.send_signal(signum)
@@ -142,7 +151,7 @@ def _run_trainer(args: list[str], workdir: str, run_dir: Path) -> int:
             return child.wait(timeout=1)
         except subprocess.TimeoutExpired:
             pass
-        if held and _trainer_up(run_dir, started):
+        if held and trainer_up():
             for signum in held:
                 child.send_signal(signum)
             held.clear()

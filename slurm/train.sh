@@ -46,7 +46,6 @@ SHUTDOWN_TIMEOUT=${SHUTDOWN_TIMEOUT:-300}
 MAX_RESTARTS=${MAX_RESTARTS:-0}
 RDZV_PORT=${RDZV_PORT:-$((20000 + SLURM_JOB_ID % 10000))}
 HEAD_NODE=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
-STARTED=$(date +%s)
 log() { echo "[train.sh] $(date -Is) $*"; }
 
 # Until the trainer is up, a warning is only remembered (see the header).
@@ -86,9 +85,14 @@ rm -f "$MARKER"
 # previous group's addresses from the shared rendezvous store and hang.
 if (( MAX_RESTARTS > 0 )); then export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1; fi
 
-# Rank 0 writes run.json after every rank installed its stop handlers and joined the process group.
+# Rank 0 writes run.json (a new file each time) after every rank installed its stop handlers and joined
+# the process group. Compared with the one a previous run left, not by clock: nodes' clocks may differ.
+run_json_id() { stat -c '%i %y' "$RUN_DIR/run.json" 2>/dev/null; }
+OLD_RUN_JSON=$(run_json_id)
 trainer_up() {
-    [[ -f $RUN_DIR/run.json ]] && (( $(stat -c %Y "$RUN_DIR/run.json") >= STARTED ))
+    local now
+    now=$(run_json_id)
+    [[ -n $now && $now != "$OLD_RUN_JSON" ]]
 }
 
 # Wait for srun; pass a warning on to the job step as soon as the trainer can take it (the warning
