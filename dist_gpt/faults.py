@@ -22,9 +22,7 @@ import signal
 import time
 from pathlib import Path
 
-import torch
-
-from . import dist
+# No torch import at module level: the entry points install StopSignals before importing torch.
 
 STOP_SIGNALS = {signal.SIGTERM: 1, signal.SIGUSR1: 2, signal.SIGUSR2: 3}
 CODE_TO_NAME = {code: sig.name for sig, code in STOP_SIGNALS.items()}
@@ -49,12 +47,16 @@ class StopSignals:
         return {"code": self.code}
 
 
-def agree(stop: StopSignals, nonfinite: torch.Tensor) -> tuple[str | None, bool]:
+def agree(stop: StopSignals, nonfinite) -> tuple[str | None, bool]:
     """One all-reduce per step: (the stop signal any rank got, whether any rank's loss was not finite).
 
     `nonfinite` is a 0-d bool tensor on the training device; reading the result is the step's one
     host-device synchronisation.
     """
+    import torch
+
+    from . import dist
+
     flags = torch.stack([torch.tensor(float(stop.code), device=nonfinite.device), nonfinite.float()])
     flags = dist.all_reduce_max(flags).tolist()
     code = int(flags[0])
@@ -104,7 +106,7 @@ class FaultInjector:
         if self.signal and self.signal[0] == step and self.rank == 0 and _first_attempt():
             os.kill(os.getpid(), getattr(signal, self.signal[1]))
 
-    def corrupt_loss(self, loss: torch.Tensor, position: int) -> torch.Tensor:
+    def corrupt_loss(self, loss, position: int):
         if self.nan_at is not None and position == self.nan_at:
             self.nan_at = None
             return loss * float("nan")

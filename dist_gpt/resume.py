@@ -145,8 +145,13 @@ def restore(cfg, env, ckpt, tensors, state: RunState, batches, precision, data, 
                 raise CheckpointError(f"--resume {resume}: that run directory holds no complete checkpoint")
     if path is not None:
         load_into(path, cfg, env, ckpt, tensors, state, batches, precision, data, log)
+        if log is not None:
+            log.print(f"resumed from {path} at step {state.step} ({state.tokens:,} tokens, "
+                      f"global batch {batches.position})")
     elif cfg.train.init_from:
         init_weights(cfg, tensors["model_optim"].model, env)
+        if log is not None:
+            log.print(f"initialised the weights from {cfg.train.init_from} (fresh optimizer, step 0)")
 
 
 def init_weights(cfg, model, env) -> None:

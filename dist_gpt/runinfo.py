@@ -86,10 +86,11 @@ def describe_run(cfg, env, model, data, accum: int, log) -> None:
     log.hparams(cfg.to_dict())
 
 
-def write_final(cfg, env, state, evaluator, checkpoint: Path | None, log) -> None:
+def write_final(cfg, env, state, evaluator, checkpoint: Path | None, log, train_loss: float) -> None:
     final = {
         "step": state.step,
         "tokens": state.tokens,
+        "train_loss": train_loss,
         "val_loss": evaluator.last_loss,
         "val_bpb": evaluator.last_bpb,
         "best_val_loss": None if math.isinf(state.best_val) else state.best_val,

@@ -13,31 +13,34 @@ TensorBoard logs to runs/cpu/ and resumes from that run's latest checkpoint when
 
 from __future__ import annotations
 
-import math
-import sys
-import time
-from contextlib import nullcontext
-from pathlib import Path
+from . import faults
 
-import torch
+# Stop handlers before anything heavy: a signal that arrives while torch imports must not kill a rank.
+EARLY_STOP = faults.StopSignals().install() if __name__ == "__main__" else None
 
-from . import config as config_mod
-from . import dist, faults
-from .checkpoint import Checkpointer, ModelOptimizerState
-from .data import DataConfig, Dataset, TrainBatches, ValBlocks, ensure_default_dataset
-from .errors import ConfigError, UserError
-from .evaluate import Evaluator
-from .metrics import make_logger
-from .model import GPT
-from .optim import LRSchedule, build_optimizers, clip_grad_norm
-from .precision import Precision
-from .resume import RunState, restore, save_meta
-from .runinfo import describe_run, resolve_model_config, write_final
+import sys  # noqa: E402  (after the handlers, on purpose)
+import time  # noqa: E402
+from contextlib import nullcontext  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+
+from . import config as config_mod  # noqa: E402
+from . import dist  # noqa: E402
+from .checkpoint import Checkpointer, ModelOptimizerState  # noqa: E402
+from .data import DataConfig, Dataset, TrainBatches, ValBlocks, ensure_default_dataset  # noqa: E402
+from .errors import ConfigError, UserError  # noqa: E402
+from .evaluate import Evaluator  # noqa: E402
+from .metrics import make_logger  # noqa: E402
+from .model import GPT  # noqa: E402
+from .optim import LRSchedule, build_optimizers, clip_grad_norm  # noqa: E402
+from .precision import Precision  # noqa: E402
+from .resume import RunState, restore, save_meta  # noqa: E402
+from .runinfo import describe_run, resolve_model_config, write_final  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:
-    # Handlers first: a signal that arrives during start-up must not kill a rank.
-    stop = faults.StopSignals().install()
+    stop = EARLY_STOP or faults.StopSignals().install()
     closers: list = []
     code, env, heartbeat = 1, None, None
     try:
@@ -94,10 +97,9 @@ def train(cfg: config_mod.Config, env: dist.DistEnv, stop: faults.StopSignals, c
     ckpt = Checkpointer(cfg.run_dir / "checkpoints", cfg.checkpoint, env.rank, env.world_size)
     tensors = {"model_optim": ModelOptimizerState(model, optimizers)}
     state = RunState()
-    restore(cfg, env, ckpt, tensors, state, batches, precision, data)
-
     log = make_logger(cfg.run_dir, cfg.log, env.is_main, tc.steps)
     closers.append(log.close)
+    restore(cfg, env, ckpt, tensors, state, batches, precision, data, log)
     describe_run(cfg, env, model, data, accum, log)
     fwd_model = torch.compile(model) if tc.compile else model
     train_model = dist.wrap(fwd_model, env)
@@ -107,6 +109,7 @@ def train(cfg: config_mod.Config, env: dist.DistEnv, stop: faults.StopSignals, c
     flops_per_token = model.flops_per_token()
     params = [p for p in model.parameters() if p.requires_grad]  # listed once, not at every step
     stopped_by: str | None = None
+    train_loss = float("nan")  # the last logged global-batch loss
 
     while state.step < tc.steps:
         step = state.step
@@ -145,9 +148,9 @@ def train(cfg: config_mod.Config, env: dist.DistEnv, stop: faults.StopSignals, c
 
         # 4. log (the only place a loss is read back to the host besides the agreement above)
         if log.due(state.step):
-            loss_avg = dist.all_reduce_sum(loss.detach().clone()) / env.world_size
+            train_loss = (dist.all_reduce_sum(loss.detach().clone()) / env.world_size).item()
             dt = time.perf_counter() - t0
-            log.step(state.step, loss=loss_avg.item(), lr=optimizers[0].param_groups[0]["lr"],
+            log.step(state.step, loss=train_loss, lr=optimizers[0].param_groups[0]["lr"],
                      grad_norm=float(grad_norm), step_time=dt, data_time=t_data,
                      tokens_per_s=tokens_per_step / dt, flops_per_token=flops_per_token,
                      device=env.device, dtype=precision.name)
@@ -168,7 +171,7 @@ def train(cfg: config_mod.Config, env: dist.DistEnv, stop: faults.StopSignals, c
         state.best_val = min(state.best_val, evaluator.last_loss)
     path = save(ckpt, state.step, tensors, cfg, state, batches, precision, data, evaluator.last_loss)
     ckpt.wait()
-    write_final(cfg, env, state, evaluator, path, log)
+    write_final(cfg, env, state, evaluator, path, log, train_loss)
     return 0
 
 

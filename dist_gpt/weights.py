@@ -79,8 +79,8 @@ def add_source_arguments(parser, verb: str) -> None:
     src.add_argument("--model", help="an exported .safetensors file")
 
 
-def load_model(args, device: torch.device) -> tuple["GPT", LoadedWeights]:
-    """The GPT named by `add_source_arguments`' flags, on `device`, with its LoadedWeights."""
+def load_model(args, device: torch.device):
+    """(GPT, LoadedWeights): the model named by `add_source_arguments`' flags, on `device`."""
     from .model import GPT
 
     loaded = load_weights(args.run or args.checkpoint or args.model, device="cpu")

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from dist_gpt import config as config_mod
-from dist_gpt.checkpoint import Checkpointer, CheckpointConfig, ModelOptimizerState
+from dist_gpt.checkpoint import Checkpointer, ModelOptimizerState
 from dist_gpt.data import Dataset
 from dist_gpt.data.prepare import PrepareOptions, prepare
 from dist_gpt.errors import CheckpointError

@@ -143,3 +143,23 @@ def test_resume_with_dropout_draws_the_same_masks(tiny_data, tmp_path):
     run_train([*_args(tiny_data, run), *args])
     a, b = losses(ref), losses(run)
     assert [a[s] for s in range(1, STEPS + 1)] == [b[s] for s in range(1, STEPS + 1)]
+
+
+def test_a_warning_during_start_up_is_kept_not_fatal(tiny_data, tmp_path):
+    """SIGUSR2 while torch is still importing: the rank survives, stops at the first step boundary,
+    saves and leaves the requeue marker."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import REPO, _env
+
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "dist_gpt.train", *_args(tiny_data, run)], env=_env(),
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(0.5)  # the handlers are in; torch takes seconds to import
+    proc.send_signal(signal.SIGUSR2)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-2000:]
+    assert json.loads((run / "requeue.json").read_text())["signal"] == "SIGUSR2"
