@@ -3,7 +3,7 @@
     python -m tools.import_notebook model-01.pkl --vocab vocab.txt --out runs/notebook-import
     python -m dist_gpt.sample --run runs/notebook-import
     torchrun --standalone --nproc_per_node=8 -m dist_gpt.train --preset seed --data.path data/notebook \
-        --init-from runs/notebook-import --model.vocab_size=V --train.micro_batch=6
+        --init-from runs/notebook-import
 
 The notebook saves the whole module object. A plain `pickle.load` of such a file imports and calls
 whatever globals the file names, so it could run any code; this reader admits a short list instead:
@@ -470,7 +470,9 @@ def import_notebook(pkl: str | Path, vocab: str | Path, out: str | Path) -> Impo
     export(out, st_file)
     _check_written(out, st_file, state_dict)
     seed_model = config_mod.build("seed").model
-    overrides = [f"--model.{k}={_cli(v)}" for k, v in model_keys.items() if getattr(seed_model, k) != v]
+    # vocab_size: the seed preset takes the dataset's (0), which is this vocab.txt's.
+    overrides = [f"--model.{k}={_cli(v)}" for k, v in model_keys.items()
+                 if getattr(seed_model, k) != v and k != "vocab_size"]
     return ImportResult(out, ckpt, st_file, model_keys, model.num_params(non_embedding=False), overrides)
 
 

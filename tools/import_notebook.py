@@ -3,7 +3,7 @@
     python -m tools.import_notebook model-01.pkl --vocab vocab.txt --out runs/notebook-import
     python -m dist_gpt.sample --run runs/notebook-import --prompt "Once upon a time"
     torchrun --standalone --nproc_per_node=8 -m dist_gpt.train --preset seed --data.path data/notebook \\
-        --init-from runs/notebook-import --model.vocab_size=V --train.micro_batch=6   # printed for your model
+        --init-from runs/notebook-import   # printed for your model
 
 The pickle is read without running anything from it (see dist_gpt/notebook.py and
 docs/FROM-THE-NOTEBOOK.md); a file naming any other global is refused. Writes a weights-only
@@ -50,9 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     train = ["--preset seed", f"--data.path {shlex.quote(args.data)}", f"--init-from {out}", *r.train_overrides]
     print("next:")
     print(f"  python -m dist_gpt.sample --run {out}")
-    # The notebook's batch of 48 split over 8 GPUs: 6 sequences per GPU per step.
-    print(f"  torchrun --standalone --nproc_per_node=8 -m dist_gpt.train {' '.join(train)} --train.micro_batch=6")
-    print(f"  sbatch slurm/train.sh {' '.join(train)} --train.micro_batch=6")
+    # The seed preset splits the notebook's batch of 48 as 6 sequences per GPU on 8 GPUs.
+    print(f"  torchrun --standalone --nproc_per_node=8 -m dist_gpt.train {' '.join(train)}")
+    print(f"  sbatch slurm/train.sh {' '.join(train)}")
     return 0
 
 
