@@ -162,7 +162,7 @@ class TiktokenTokenizer:
         try:
             import tiktoken
         except ImportError:
-            raise DataError("tokenizer gpt2 needs tiktoken (pip install 'dist_gpt[gpt2]'), or use --tokenizer bpe:N") from None
+            raise DataError("tokenizer gpt2 needs tiktoken (pip install 'dist_gpt[gpt2]'), or use --tokenizer bpe:N or a tokenizer.json") from None
         try:
             self._enc = tiktoken.get_encoding(encoding)
         except Exception as e:
