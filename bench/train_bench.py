@@ -298,23 +298,27 @@ def measure(sides: list[Side], args) -> list[float]:
 
 
 def report(sides: list[Side], ratios: list[float], env, args, say) -> None:
-    say(f"{'side':<34} {'tokens/s':>10} {'ms/step':>9} {'MFU':>7} {'data wait':>9} {'warm-up':>9} {'peak mem':>10}")
+    say(f"{'side':<34} {'tokens/s':>10} {'best':>10} {'ms/step':>9} {'MFU':>7} {'data wait':>9} {'warm-up':>9} "
+        f"{'peak mem':>10}")
     for side in sides:
         ms = statistics.median(side.chunk_ms)
         tok_s = side.tokens_per_step / (ms / 1000)
+        best = side.tokens_per_step / (min(side.chunk_ms) / 1000)  # the least disturbed chunk
         peak = resolve_peak_flops(side.cfg.log, env.device, side.precision)
         util = mfu(side.flops_per_token, tok_s, peak, env.world_size)
         steady_s = sum(side.chunk_ms) * _rounds(args)[1] / 1000
         wait = side.data_time / steady_s if steady_s else 0.0
         warm_extra = side.warmup_s - args.warmup * ms / 1000  # beyond the steady pace: compile, caches
         mem = "n/a" if side.peak_mem is None else f"{side.peak_mem:.2f} GiB"
-        say(f"{side.label} {side.name[:31]:<32} {tok_s:>10,.0f} {ms:>9.2f} "
+        say(f"{side.label} {side.name[:31]:<32} {tok_s:>10,.0f} {best:>10,.0f} {ms:>9.2f} "
             f"{'n/a' if util is None else f'{100 * util:.1f}%':>7} {100 * wait:>8.2f}% {warm_extra:>8.1f}s {mem:>10}")
+    say("(tokens/s and ms/step: medians over the chunks; best: the fastest chunk)")
     say(f"(warm-up: the first {args.warmup} steps' time beyond the steady pace: compilation, first-touch memory"
         + ("; peak mem: the process's peak resident set, shared by the sides)" if env.device.type == "cpu" else ")"))
     if ratios:
         say(f"ratio B/A (tokens/s): {statistics.median(ratios):.3f} median of {len(ratios)} alternating rounds "
-            f"(min {min(ratios):.3f}, max {max(ratios):.3f})")
+            f"(min {min(ratios):.3f}, max {max(ratios):.3f}); of the fastest chunks: "
+            f"{min(sides[0].chunk_ms) / min(sides[1].chunk_ms) * sides[1].tokens_per_step / sides[0].tokens_per_step:.3f}")
 
 
 # ---------------------------------------------------------------------------------------------
