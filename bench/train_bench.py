@@ -57,7 +57,7 @@ from dist_gpt.model import GPT  # noqa: E402
 from dist_gpt.optim import LRSchedule, build_optimizers  # noqa: E402
 from dist_gpt.precision import Precision  # noqa: E402
 from dist_gpt.runinfo import resolve_model_config  # noqa: E402
-from dist_gpt.train import dropout_seed, forward_backward, open_dataset, optimizer_step  # noqa: E402
+from dist_gpt.train import dropout_seed, forward_backward, open_dataset, optimizer_step, use_compile  # noqa: E402
 
 
 def _no_label(name: str):
@@ -127,7 +127,7 @@ class DistGPTSide(Side):
         self.optimizers = build_optimizers(self.model, cfg.optim, env.device, exact=prec.name == "fp32")
         self.schedule = LRSchedule(cfg.optim, total_steps)
         self.batches = _batches(cfg, env, data)
-        fwd_model = torch.compile(self.model) if tc.compile else self.model
+        fwd_model = torch.compile(self.model) if use_compile(tc.compile, env.device) else self.model
         self.train_model = dist.wrap(fwd_model, env)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.stop = faults.StopSignals()  # never signalled here, but agreed on every step as in training
@@ -137,7 +137,7 @@ class DistGPTSide(Side):
     def describe(self) -> str:
         c = self.cfg
         return (f"dist_gpt, recipe {c.train.recipe}, precision {self.precision}, compile "
-                f"{'on' if c.train.compile else 'off'}, optim {c.optim.name}")
+                f"{'on' if use_compile(c.train.compile, self.env.device) else 'off'}, optim {c.optim.name}")
 
     def step(self, label=_no_label) -> None:
         """The body of dist_gpt.train's loop, line for line, without its every-N-steps work."""

@@ -101,7 +101,7 @@ def train(cfg: config_mod.Config, env: dist.DistEnv, stop: faults.StopSignals, c
     closers.append(log.close)
     restore(cfg, env, ckpt, tensors, state, batches, precision, data, log)
     describe_run(cfg, env, model, data, accum, log)
-    fwd_model = torch.compile(model) if tc.compile else model
+    fwd_model = torch.compile(model) if use_compile(tc.compile, env.device) else model
     train_model = dist.wrap(fwd_model, env)
     evaluator = Evaluator(fwd_model, model, val, data, precision, cfg.eval, log)
     inject = faults.FaultInjector(env.rank)
@@ -173,6 +173,13 @@ def train(cfg: config_mod.Config, env: dist.DistEnv, stop: faults.StopSignals, c
     ckpt.wait()
     write_final(cfg, env, state, evaluator, path, log, train_loss)
     return 0
+
+
+def use_compile(setting: bool | None, device: torch.device) -> bool:
+    """train.compile, with auto (None) decided: on for CUDA; off on CPU, where compiling the small
+    models a CPU trains costs 13-34 s and gains at most ~14% per step, so it pays only in runs of
+    several minutes (docs/PERFORMANCE.md). An explicit true/false always wins."""
+    return device.type == "cuda" if setting is None else setting
 
 
 def dropout_seed(seed: int, step: int, rank: int) -> int:

@@ -30,6 +30,16 @@ def test_space_separated_values_aliases_and_bool_flags():
     assert cfg.train.init_from == "x.safetensors"
 
 
+def test_compile_defaults_to_auto_on_gpu_only():
+    import torch
+    from dist_gpt.train import use_compile
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert config.parse([]).train.compile is None
+    assert config.parse(["--train.compile=auto"]).train.compile is None
+    assert (use_compile(None, cpu), use_compile(None, cuda)) == (False, True)
+    assert (use_compile(True, cpu), use_compile(False, cuda)) == (True, False)  # an explicit setting wins
+
+
 def test_optional_values_accept_none():
     cfg = config.parse(["--eval.max_blocks=none", "--model.head_dim", "8"])
     assert cfg.eval.max_blocks is None and cfg.model.head_dim == 8

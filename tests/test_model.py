@@ -339,6 +339,20 @@ def test_bf16_autocast_gives_fp32_logits_and_loss():
     assert logits.dtype == torch.float32 and loss.dtype == torch.float32 and out.shape == (2, 8)
 
 
+def test_cpu_bf16_attention_is_fp32_attention_of_the_bf16_inputs():
+    """On CPU, bf16 queries/keys/values are attended in fp32 (torch's bf16 CPU flash-attention
+    backward is several times slower): the result is fp32 attention rounded once to bf16, with
+    gradients, under autocast as well as without it."""
+    from dist_gpt.model import attention
+    q, k, v = (torch.randn(2, 4, 16, 8).bfloat16().requires_grad_() for _ in range(3))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = attention(q, k, v, is_causal=True)
+    exact = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True)
+    assert y.dtype == torch.bfloat16 and torch.equal(y, exact.bfloat16())
+    y.float().sum().backward()
+    assert all(t.grad is not None and t.grad.dtype == torch.bfloat16 for t in (q, k, v))
+
+
 @pytest.mark.parametrize("kw, key", [
     (dict(positions="rope", n_head=20, n_embd=384), "model.head_dim"),
     (dict(positions="rope", head_dim=7), "model.head_dim"),
