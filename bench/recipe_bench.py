@@ -3,11 +3,12 @@
     python bench/recipe_bench.py                               # both corpora, 3 seeds (~35 min on 2 cores)
     python bench/recipe_bench.py --corpus prose --seeds 1      # one corpus, one seed
     python bench/recipe_bench.py --plot docs/recipes.png --results runs/recipe_bench.json
-    python bench/recipe_bench.py --sweep --corpus stdlib       # the learning-rate sweeps (~12 min)
+    python bench/recipe_bench.py --sweep --corpus stdlib       # the learning-rate sweeps (~9 min each)
+    python bench/recipe_bench.py --from-results a.json b.json --plot docs/recipes.png   # report again
 
 Every run is the real training job (`python -m dist_gpt.train`, one process) with `--recipe
-classic` or `--recipe modern` exactly as the `cpu` preset defines them (dist_gpt/presets.py, with
-their learning rates), on the same model shape (4 layers, 4 heads, 128 wide, context 64), batch
+classic` or `--recipe modern` as the `cpu` preset defines them (dist_gpt/presets.py, with their
+learning rates, except where a corpus's sweep found a better one: TUNED), on the same model shape (4 layers, 4 heads, 128 wide, context 64), batch
 (12 sequences), data order and initial seed, in the trainer's default precision (`auto`: bf16
 autocast on a CPU with native bf16, else fp32):
 
@@ -76,6 +77,10 @@ CORPORA = ("stdlib", "prose")
 CLASSIC_SWEEP = [{"optim.lr": lr} for lr in (1e-3, 2e-3, 4e-3, 8e-3)]
 MODERN_SWEEP = [{"optim.muon_lr": lr} for lr in (0.0025, 0.005, 0.01, 0.02)]
 MODERN_SWEEP_STEPS = 450  # about where modern reaches classic's 2000-step loss on the stdlib corpus
+# Each corpus's best setting from its sweep (docs/RECIPES.md), where it differs from the cpu preset's
+# (classic optim.lr 4e-3, modern optim.muon_lr 0.005): the comparison runs both recipes tuned.
+TUNED = {"stdlib": {"classic": {}, "modern": {}},
+         "prose": {"classic": {"optim.lr": 8e-3}, "modern": {}}}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -185,7 +190,7 @@ def compare(data: Path, seeds: int, workdir: Path, threads: int, precision: str)
 
     def run(label: str, recipe: str, seed: int, steps: int) -> Run:
         started = time.perf_counter()
-        r = train(Run(label, recipe, seed, steps), data, workdir, threads, precision)
+        r = train(Run(label, recipe, seed, steps, dict(TUNED[data.name][recipe])), data, workdir, threads, precision)
         print(f"  {data.name} seed {seed} {label:12s} {steps:5d} steps: val {r.final:.4f}, {r.train_s:6.1f} s "
               f"training ({r.step_ms:.1f} ms/step), {time.perf_counter() - started:.0f} s in all", flush=True)
         runs.append(r)
@@ -239,6 +244,7 @@ def _median_curve(curves: list[dict]) -> list[tuple[float, float]]:
 
 def report(s: dict) -> None:
     print(f"\n== {s['corpus']}: {s['data']}")
+    print("tuned settings beyond the cpu preset's: " + (", ".join(f"{recipe} {o}" for recipe, o in TUNED[s["corpus"]].items() if o) or "none"))
     print(f"{'run':14s} {'steps':>14s} {'train s':>8s} {'ms/step':>8s} {'final val':>10s}   "
           f"(medians of {len(s['seeds'])} seeds)")
     for label, r in s["runs"].items():
@@ -329,7 +335,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--results", type=Path, help="write every curve and summary as JSON here")
     p.add_argument("--plot", type=Path, help="draw validation loss against wall time into this PNG")
     p.add_argument("--sweep", action="store_true", help="run the learning-rate sweeps instead")
+    p.add_argument("--from-results", type=Path, nargs="+", metavar="JSON",
+                   help="train nothing: report (and --plot) the summaries in these --results files")
     args = p.parse_args(argv)
+    if args.from_results:
+        summaries = [s for path in args.from_results for s in json.loads(path.read_text()).values()]
+        for s in summaries:
+            report(s)
+        if args.plot:
+            plot(summaries, args.plot)
+            print(f"plot: {args.plot}")
+        return
 
     corpora = CORPORA if args.corpus == "both" else (args.corpus,)
     prepare = {"stdlib": prepare_stdlib, "prose": prepare_prose}

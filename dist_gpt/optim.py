@@ -56,6 +56,7 @@ class OptimConfig:
     cooldown_fraction: float = field(default=0.2, metadata={"help": "wsd only: the final fraction of the run that decays linearly to min_lr_ratio"})
     muon_lr: float = field(default=0.02, metadata={"help": "Muon learning rate for the 2-D block matrices (scaled by sqrt(max(1, rows/cols)) inside torch.optim.Muon)"})
     muon_momentum: float = field(default=0.95, metadata={"help": "Muon (Nesterov) momentum"})
+    muon_ns_steps: int = field(default=5, metadata={"help": "Muon's Newton-Schulz iterations per update (torch's default 5; each costs ~3 matmuls per block matrix)"})
     muon_weight_decay: float = field(default=0.0, metadata={"help": "Muon decoupled weight decay"})
     embed_lr: float | None = field(default=None, metadata={"help": "AdamW learning rate of the token/position embeddings (and of a tied head); unset = optim.lr"})
     head_lr: float | None = field(default=None, metadata={"help": "AdamW learning rate of an untied output head; unset = optim.lr"})
@@ -76,6 +77,8 @@ class OptimConfig:
         for key, value in non_negative.items():
             if value < 0:
                 raise ConfigError(f"optim.{key}={value} must be >= 0")
+        if self.muon_ns_steps < 1:
+            raise ConfigError(f"optim.muon_ns_steps={self.muon_ns_steps} must be at least 1")
         unit = {"beta1": self.beta1, "beta2": self.beta2, "muon_momentum": self.muon_momentum}
         for key, value in unit.items():
             if not 0 <= value < 1:
@@ -192,7 +195,7 @@ def build_optimizers(model: torch.nn.Module, cfg: OptimConfig, device: torch.dev
         muon_group = {"name": "muon", "params": params["muon"], "lr": cfg.muon_lr, "base_lr": cfg.muon_lr}
         muon_cls = ExactMuon if exact and _has_muon_internals() else torch.optim.Muon
         optimizers.append(muon_cls([muon_group], lr=cfg.muon_lr, momentum=cfg.muon_momentum,
-                                   weight_decay=cfg.muon_weight_decay))
+                                   weight_decay=cfg.muon_weight_decay, ns_steps=cfg.muon_ns_steps))
     return optimizers
 
 

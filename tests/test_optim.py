@@ -165,7 +165,8 @@ def test_missing_muon_is_a_clear_error(monkeypatch):
 
 
 @pytest.mark.parametrize("key,value", [("name", "sgd"), ("schedule", "linear"), ("lr", 0.0), ("beta2", 1.0),
-                                       ("min_lr_ratio", 1.5), ("cooldown_fraction", 0.0), ("embed_lr", -1.0)])
+                                       ("min_lr_ratio", 1.5), ("cooldown_fraction", 0.0), ("embed_lr", -1.0),
+                                       ("muon_ns_steps", 0)])
 def test_bad_values_name_the_key(key, value):
     with pytest.raises(ConfigError, match=f"optim.{key}="):
         OptimConfig(**{key: value})
@@ -211,3 +212,5 @@ def test_exact_muon_is_chosen_for_fp32_runs_only():
     cfg = OptimConfig(name="muon")
     assert type(build_optimizers(model, cfg, "cpu", exact=True)[1]) is ExactMuon
     assert type(build_optimizers(model, cfg, "cpu", exact=False)[1]) is torch.optim.Muon
+    three = OptimConfig(name="muon", muon_ns_steps=3)
+    assert [build_optimizers(model, c, "cpu")[1].defaults["ns_steps"] for c in (cfg, three)] == [5, 3]
