@@ -205,7 +205,9 @@ def test_output_does_not_depend_on_workers(tmp_path):
 def test_interrupted_prepare_leaves_no_partial_shard(tmp_path):
     big = tmp_path / "big.txt"
     line = ("the quick brown fox jumps over the lazy dog " * 3 + "\n").encode()
-    big.write_bytes(line * (40_000_000 // len(line)))
+    # 120 MB: on an idle machine prepare writes its first shard ~0.9 s in and would finish 0.6 s later
+    # with 40 MB, too close to the poll below; the signal must land while shards are still being written
+    big.write_bytes(line * (120_000_000 // len(line)))
     out = tmp_path / "ds"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "tools.prepare", str(big), "--tokenizer", "char", "--workers", "1",
@@ -215,7 +217,7 @@ def test_interrupted_prepare_leaves_no_partial_shard(tmp_path):
         deadline = time.time() + 120
         while not list(tmp_path.glob(".ds.prepare-*/train_00000.bin")):
             assert proc.poll() is None and time.time() < deadline, "prepare ended before a shard was written"
-            time.sleep(0.05)
+            time.sleep(0.01)
         proc.send_signal(sig)
         proc.wait(timeout=60)
         assert not out.exists()  # nothing reaches --out before the dataset is complete and verified
