@@ -50,7 +50,7 @@ from bench.reference_gpt import ReferenceGPT, ReferenceTrainer  # noqa: E402
 from dist_gpt import config as config_mod  # noqa: E402
 from dist_gpt import dist, faults  # noqa: E402
 from dist_gpt.data import TrainBatches, ValBlocks  # noqa: E402
-from dist_gpt.errors import ConfigError, UserError  # noqa: E402
+from dist_gpt.errors import ConfigError  # noqa: E402
 from dist_gpt.evaluate import validation_loss  # noqa: E402
 from dist_gpt.metrics import mfu, peak_memory_gib, resolve_peak_flops  # noqa: E402
 from dist_gpt.model import GPT  # noqa: E402
@@ -423,13 +423,7 @@ def run(argv: list[str]) -> int:
 
 
 def main() -> None:
-    code = 1
-    try:
-        code = run(sys.argv[1:])
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        code = 2
-    dist.shutdown(code)
+    dist.run_main(run, sys.argv[1:])
 
 
 if __name__ == "__main__":

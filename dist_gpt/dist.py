@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .errors import ConfigError
+from .errors import ConfigError, UserError
 
 
 @dataclass
@@ -248,3 +248,15 @@ def shutdown(code: int = 0, closers=()) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+def run_main(run, argv: list[str]) -> None:
+    """The end of a distributed entry point: `run(argv)` returns the exit code; a UserError becomes
+    its one-line message and exit code 2; then `shutdown` on every rank."""
+    code = 1
+    try:
+        code = run(argv)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        code = 2
+    shutdown(code)

@@ -102,32 +102,30 @@ def parse_args(argv):
     return p.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> None:
+def evaluate(argv: list[str] | None) -> int:
     from .data import Dataset, ValBlocks
-    from .errors import UserError
     from .precision import Precision
 
-    code = 0
-    try:
-        args = parse_args(argv)
-        env = dist.init(args.device)
-        model, loaded = load_model(args, env.device)
-        data = Dataset.open(args.data or loaded.data_path)
-        if data.vocab_size > loaded.config.vocab_size:
-            from .errors import DataError
-            raise DataError(f"dataset {args.data} has {data.vocab_size} tokens but the model only "
-                            f"{loaded.config.vocab_size}: evaluate on a dataset made with the model's tokenizer")
-        val = ValBlocks(data, block_size=loaded.config.block_size, batch_size=args.batch_size, rank=env.rank,
-                        world_size=env.world_size, max_blocks=args.max_blocks, device=env.device)
-        loss, blocks = validation_loss(model, val, Precision(args.precision, env.device), env.device)
-        if env.is_main:
-            bpb = bits_per_byte(loss, data.bytes_per_token("val"))
-            print(f"{loaded.source}: val loss {loss:.4f} nats/token, {bpb:.4f} bits/byte "
-                  f"over {blocks} blocks of {loaded.config.block_size} tokens")
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        code = 2
-    dist.shutdown(code)
+    args = parse_args(argv)
+    env = dist.init(args.device)
+    model, loaded = load_model(args, env.device)
+    data = Dataset.open(args.data or loaded.data_path)
+    if data.vocab_size > loaded.config.vocab_size:
+        from .errors import DataError
+        raise DataError(f"dataset {args.data} has {data.vocab_size} tokens but the model only "
+                        f"{loaded.config.vocab_size}: evaluate on a dataset made with the model's tokenizer")
+    val = ValBlocks(data, block_size=loaded.config.block_size, batch_size=args.batch_size, rank=env.rank,
+                    world_size=env.world_size, max_blocks=args.max_blocks, device=env.device)
+    loss, blocks = validation_loss(model, val, Precision(args.precision, env.device), env.device)
+    if env.is_main:
+        bpb = bits_per_byte(loss, data.bytes_per_token("val"))
+        print(f"{loaded.source}: val loss {loss:.4f} nats/token, {bpb:.4f} bits/byte "
+              f"over {blocks} blocks of {loaded.config.block_size} tokens")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    dist.run_main(evaluate, sys.argv[1:] if argv is None else argv)
 
 
 if __name__ == "__main__":
