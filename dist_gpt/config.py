@@ -51,7 +51,7 @@ class TrainConfig:
     global_batch: int = field(default=32, metadata={"help": "sequences per optimizer step summed over all ranks; gradient accumulation = global_batch / (micro_batch × world size)"})
     micro_batch: int = field(default=16, metadata={"help": "sequences per rank per forward pass"})
     precision: str = field(default="auto", metadata={"help": "auto | fp32 | bf16 | fp16 (auto: bf16 autocast on GPU and on CPUs with native bf16, else fp32)"})
-    compile: bool | None = field(default=None, metadata={"help": "torch.compile the model: true | false | auto (unset: on for CUDA; off on CPU, where it costs 13-34 s of compile for at most ~14% per step, see docs/PERFORMANCE.md)"})
+    compile: bool | None = field(default=None, metadata={"help": "torch.compile the model: true | false | auto (unset: on for CUDA; off on CPU, where it measured 13 s of compile for 7.7% per step, see docs/PERFORMANCE.md)"})
     seed: int = field(default=1337, metadata={"help": "seed of initialisation, data order and dropout"})
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda"})
     init_from: str | None = field(default=None, metadata={"help": "start from the weights of this checkpoint, run directory or .safetensors (fresh optimizer, step 0)"})
