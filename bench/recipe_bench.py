@@ -30,8 +30,8 @@ Every figure printed is the median over the seeds. Classic and modern-long swap 
 seed to the next, so that load from other users of a shared machine falls on both recipes alike.
 
 `--sweep` runs each recipe at four learning rates (CLASSIC_SWEEP: AdamW's; MODERN_SWEEP: Muon's,
-AdamW's part staying at the preset's) at the length the comparison runs it, seed 0, recipes
-alternating, evaluated once at the end on the whole validation split.
+AdamW's part staying at the preset's), classic at its 2000 steps and modern at
+MODERN_SWEEP_STEPS (about where it reaches classic's loss), seed 0, recipes alternating, evaluated once at the end on the whole validation split.
 
 Corpora (prepared once under --data-root):
     stdlib   the Python standard library's source, byte level (tools.prepare --source stdlib); its
@@ -60,7 +60,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.prose_corpus import write_corpus  # noqa: E402
+from bench.prose_corpus import check_size, write_corpus  # noqa: E402
 
 CLASSIC_STEPS = 2000
 MODERN_SHORT_LADDER = (300, 400, 500, 650, 850)
@@ -96,10 +96,7 @@ def prepare_stdlib(out: Path) -> Path:
 def prepare_prose(out: Path) -> Path:
     if not (out / "manifest.json").exists():
         corpus = out.with_name("prose.jsonl")
-        manifest = write_corpus(corpus)
-        if manifest["chars"] < 1_000_000:
-            sys.exit(f"error: only {manifest['chars']:,} characters of licence text here (bench/prose_corpus.py); "
-                     "the benchmark wants at least 1,000,000")
+        check_size(write_corpus(corpus))
         _run_quiet([sys.executable, "-m", "tools.prepare", str(corpus), "--tokenizer", "char",
                     "--val-split", "0.1", "--out", str(out), "--quiet"])
     return out
@@ -112,11 +109,10 @@ def describe_data(path: Path) -> str:
             f"val {val['num_tokens']:,} tokens in {val['documents']} documents")
 
 
-def _run_quiet(cmd: list[str]) -> subprocess.CompletedProcess:
+def _run_quiet(cmd: list[str]) -> None:
     out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     if out.returncode != 0:
         sys.exit(f"error: {' '.join(cmd)} exited {out.returncode}:\n{out.stderr[-3000:]}")
-    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -244,7 +240,8 @@ def _median_curve(curves: list[dict]) -> list[tuple[float, float]]:
 
 def report(s: dict) -> None:
     print(f"\n== {s['corpus']}: {s['data']}")
-    print("tuned settings beyond the cpu preset's: " + (", ".join(f"{recipe} {o}" for recipe, o in TUNED[s["corpus"]].items() if o) or "none"))
+    tuned = {c["label"]: c["overrides"] for c in s["curves"] if c["overrides"]}  # as the runs were made
+    print("tuned settings beyond the cpu preset's: " + (", ".join(f"{label} {o}" for label, o in tuned.items()) or "none"))
     print(f"{'run':14s} {'steps':>14s} {'train s':>8s} {'ms/step':>8s} {'final val':>10s}   "
           f"(medians of {len(s['seeds'])} seeds)")
     for label, r in s["runs"].items():
@@ -307,7 +304,7 @@ def plot(summaries: list[dict], path: Path) -> None:
 # The learning-rate sweeps
 
 def sweep(data: Path, workdir: Path, threads: int, precision: str) -> dict:
-    """Each recipe's four settings at the length the comparison runs it, seed 0, alternating recipes;
+    """Each recipe's four settings (classic at CLASSIC_STEPS, modern at MODERN_SWEEP_STEPS), seed 0, alternating;
     evaluated once, at the end, on the whole validation split."""
     results = {"classic": [], "modern": []}
     for i, (c, m) in enumerate(zip(CLASSIC_SWEEP, MODERN_SWEEP)):

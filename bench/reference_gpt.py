@@ -99,10 +99,12 @@ class ReferenceGPT(nn.Module):
             for theirs, ours in (("norm1", "ln_1"), ("attn.qkv", "attn.c_attn"), ("attn.proj", "attn.c_proj"),
                                  ("norm2", "ln_2"), ("mlp.fc", "c_fc"), ("mlp.proj", "c_proj")):
                 names[f"blocks.{i}.{theirs}.weight"] = f"h.{i}.{ours}.weight"
-        mine = dict(self.named_parameters())
-        missing = set(mine) - set(names.values())
-        if missing or set(names) - set(state):
-            raise ValueError(f"not a classic dist_gpt state dict of this shape: {sorted(set(names) - set(state))[:3]}")
+        mine = dict(self.named_parameters())  # `names` covers every one of them
+        absent = sorted(set(names) - set(state))
+        wrong = [k for k in names if k in state and state[k].shape != mine[names[k]].shape]
+        if absent or wrong:
+            raise ValueError(f"not a classic dist_gpt state dict of this shape: missing {absent[:3]}, "
+                             f"other shapes {wrong[:3]}")
         for theirs, ours in names.items():
             mine[ours].copy_(state[theirs])
 

@@ -38,7 +38,7 @@ import os
 import statistics
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -140,7 +140,8 @@ class DistGPTSide(Side):
                 f"{'on' if use_compile(c.train.compile, self.env.device) else 'off'}, optim {c.optim.name}")
 
     def step(self, label=_no_label) -> None:
-        """The body of dist_gpt.train's loop, line for line, without its every-N-steps work."""
+        """The calls of dist_gpt.train's loop body, in its order, without its every-N-steps work and fault
+        handling (a non-finite loss stops the benchmark instead of being skipped or rolled back)."""
         step = self.steps_done
         self.heartbeat.beat(step)
         self.schedule.apply(self.optimizers, step)
@@ -194,7 +195,7 @@ class ReferenceSide(Side):
         return f"reference: plain eager fp32 PyTorch GPT, classic recipe, same shape, {init}, same batches"
 
     def matmul_precision(self):
-        return _fp32_matmuls("highest")  # torch's default: no TF32, whatever a dist_gpt side set
+        return _fp32_matmuls()
 
     def step(self, label=_no_label) -> None:
         with label("data"):
@@ -211,16 +212,15 @@ class ReferenceSide(Side):
         return self.model
 
 
-class _fp32_matmuls:
-    def __init__(self, mode: str):
-        self.mode = mode
-
-    def __enter__(self):
-        self.saved = torch.get_float32_matmul_precision()
-        torch.set_float32_matmul_precision(self.mode)
-
-    def __exit__(self, *exc):
-        torch.set_float32_matmul_precision(self.saved)
+@contextmanager
+def _fp32_matmuls():
+    """torch's default fp32 matmuls (no TF32), whatever a dist_gpt side set, restored afterwards."""
+    saved = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(saved)
 
 
 def _reference_compatible(m) -> bool:
@@ -372,7 +372,7 @@ def eval_full(side: Side, env, data) -> float:
     cfg = side.cfg
     val = ValBlocks(data, block_size=cfg.model.block_size, batch_size=cfg.eval.batch_size or cfg.train.micro_batch,
                     rank=env.rank, world_size=env.world_size, max_blocks=None, device=env.device)
-    with _fp32_matmuls("highest"):
+    with _fp32_matmuls():
         loss, _ = validation_loss(side.raw_model(), val, Precision("fp32", env.device), env.device)
     return loss
 
