@@ -158,7 +158,7 @@ def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
 def _type_name(tp: Any) -> str:
     base, optional = _unwrap_optional(tp)
     name = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}[base]
-    return name + (" or none" if optional else "")
+    return name + ((" or auto" if base is bool else " or none") if optional else "")
 
 
 def parse_value(key: str, tp: Any, raw: Any) -> Any:
@@ -167,7 +167,7 @@ def parse_value(key: str, tp: Any, raw: Any) -> Any:
     if optional and (raw is None or (isinstance(raw, str) and raw.lower() in ("none", "null"))):
         return None
     if optional and base is bool and isinstance(raw, str) and raw.lower() == "auto":
-        return None  # an unset true/false key means "decide for me" (train.compile)
+        return None  # an unset true/false key means "decide for me" (train.compile, optim.fused)
     bad = ConfigError(f"option --{key} expects {_type_name(tp)}, got {raw!r}")
     if isinstance(raw, str) and base is not str:
         text = raw.strip().lower()

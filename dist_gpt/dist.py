@@ -12,7 +12,6 @@ import datetime
 import os
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 
 import torch
@@ -154,17 +153,17 @@ class Heartbeat:
 
     def beat(self, step: int, phase: int = 0) -> None:
         if self.store is not None:
-            self.store.set(f"dist_gpt/heartbeat/{self.env.rank}", f"{step} {phase} {time.time():.1f}")
+            self.store.set(f"dist_gpt/heartbeat/{self.env.rank}", f"{step} {phase}")
 
-    def _records(self) -> dict[int, tuple[int, int, float]]:
+    def _records(self) -> dict[int, tuple[int, int]]:
         seen = {}
         try:
             self.store.set_timeout(datetime.timedelta(seconds=10))
             for rank in range(self.env.world_size):
                 key = f"dist_gpt/heartbeat/{rank}"
                 if self.store.check([key]):
-                    step, phase, at = self.store.get(key).decode().split()
-                    seen[rank] = (int(step), int(phase), float(at))
+                    step, phase = self.store.get(key).decode().split()
+                    seen[rank] = (int(step), int(phase))
         except Exception:  # the store's host is gone too: say what we know
             pass
         return seen
@@ -176,14 +175,16 @@ class Heartbeat:
         seen = self._records()
         missing = [r for r in range(self.env.world_size) if r not in seen]
         if seen and not missing:
-            lowest = min((step, phase) for step, phase, _ in seen.values())
-            behind = [r for r, (step, phase, _) in seen.items() if (step, phase) == lowest]
+            lowest = min(seen.values())
+            behind = [r for r, record in seen.items() if record == lowest]
             if len(behind) < self.env.world_size:
-                detail = ", ".join(f"rank {r} (last heard {self.PHASES[seen[r][1]]} step {seen[r][0]}, "
-                                   f"last heard {time.time() - seen[r][2]:.0f} s ago)" for r in behind)
-                return (f"rank {self.env.rank}: {detail} stopped answering; the collective timed out after "
-                        f"train.timeout_s={timeout_s:g} s ({cause}). Check that rank's host; restarted, the "
-                        "run resumes from its last checkpoint")
+                # (no "how long ago": the records carry no time, since node clocks need not agree)
+                detail = ", ".join(f"rank {r} (last heard {self.PHASES[seen[r][1]]} step {seen[r][0]})"
+                                   for r in behind)
+                why = (f"the collective timed out after train.timeout_s={timeout_s:g} s"
+                       if "timed out" in text.lower() else "a collective failed")
+                return (f"rank {self.env.rank}: {detail} stopped answering; {why} ({cause}). Check that "
+                        "rank's host; restarted, the run resumes from its last checkpoint")
         if missing and seen:
             return (f"rank {self.env.rank}: rank(s) {', '.join(map(str, missing))} never reported and a "
                     f"collective failed ({cause}); check their hosts and the network between nodes")

@@ -186,9 +186,10 @@ class KVCache:
 
 def attention(q, k, v, **kwargs):
     """scaled_dot_product_attention; (B, nh, T, hd) in and out. On CPU, bf16 inputs are attended
-    in fp32: torch's CPU flash-attention backward is several times slower in bf16 than in fp32 at
-    training shapes (12 x 4 heads x 64 x 32, one core: 7.0 ms vs 1.8 ms per layer; 16 x 6 x 256 x 64:
-    88 vs 84 ms), and the inputs are bf16 values already, so fp32 only computes them more exactly."""
+    in fp32: torch's CPU flash-attention forward + backward is up to 4x slower in bf16 at small
+    training shapes (12 x 4 heads x 64 x 32, one core: 7.0 ms vs 1.8 ms per layer) and no faster at
+    16 x 6 x 256 x 64 (88 vs 84 ms); only from context 1024 does bf16 win (188 vs 227 ms). The inputs
+    are bf16 values already, so fp32 only computes with them more exactly."""
     if q.device.type == "cpu" and q.dtype == torch.bfloat16:
         with torch.autocast("cpu", enabled=False):
             y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), **kwargs)

@@ -12,14 +12,12 @@ the seed and the global batch; changing optimizer settings is allowed but named 
 
 from __future__ import annotations
 
-import base64
 import json
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import torch
 
 from .errors import CheckpointError, ConfigError
 
@@ -58,7 +56,6 @@ def save_meta(cfg, state: RunState, batches, precision, data, step: int) -> dict
         "run": state.state_dict() | {"step": step},
         "batches": batches.state_dict(),
         "precision": precision.state_dict(),
-        "rng_torch_rank0": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode(),
         "config": cfg.to_dict(),
         "dataset": {
             "path": str(data.path) if hasattr(data, "path") else cfg.data.path,
@@ -121,7 +118,7 @@ def load_into(path: Path, cfg, env, ckpt, tensors, state: RunState, batches, pre
     return meta
 
 
-def restore(cfg, env, ckpt, tensors, state: RunState, batches, precision, data, log=None) -> None:
+def restore(cfg, env, ckpt, tensors, state: RunState, batches, precision, data, log) -> None:
     """Apply checkpoint.resume (auto | none | PATH) and train.init_from before the first step."""
     resume = cfg.checkpoint.resume
     if resume == "none":
@@ -145,13 +142,11 @@ def restore(cfg, env, ckpt, tensors, state: RunState, batches, precision, data, 
                 raise CheckpointError(f"--resume {resume}: that run directory holds no complete checkpoint")
     if path is not None:
         load_into(path, cfg, env, ckpt, tensors, state, batches, precision, data, log)
-        if log is not None:
-            log.print(f"resumed from {path} at step {state.step} ({state.tokens:,} tokens, "
-                      f"global batch {batches.position})")
+        log.print(f"resumed from {path} at step {state.step} ({state.tokens:,} tokens, "
+                  f"global batch {batches.position})")
     elif cfg.train.init_from:
         init_weights(cfg, tensors["model_optim"].model, env)
-        if log is not None:
-            log.print(f"initialised the weights from {cfg.train.init_from} (fresh optimizer, step 0)")
+        log.print(f"initialised the weights from {cfg.train.init_from} (fresh optimizer, step 0)")
 
 
 def init_weights(cfg, model, env) -> None:

@@ -90,7 +90,7 @@ def write_final(cfg, env, state, evaluator, checkpoint: Path | None, log, train_
     final = {
         "step": state.step,
         "tokens": state.tokens,
-        "train_loss": train_loss,
+        "train_loss": None if math.isnan(train_loss) else train_loss,  # NaN: no step ran (valid JSON)
         "val_loss": evaluator.last_loss,
         "val_bpb": evaluator.last_bpb,
         "best_val_loss": None if math.isinf(state.best_val) else state.best_val,

@@ -35,7 +35,7 @@ from .metrics import make_logger  # noqa: E402
 from .model import GPT  # noqa: E402
 from .optim import LRSchedule, build_optimizers, clip_grad_norm  # noqa: E402
 from .precision import Precision  # noqa: E402
-from .resume import RunState, restore, save_meta  # noqa: E402
+from .resume import RunState, load_into, restore, save_meta  # noqa: E402
 from .runinfo import describe_run, resolve_model_config, write_final  # noqa: E402
 
 
@@ -124,7 +124,8 @@ def train(cfg: config_mod.Config, env: dist.DistEnv, stop: faults.StopSignals, c
 
         # 2. forward/backward over the micro-batches of this rank, gradients synced on the last one
         schedule.apply(optimizers, step)
-        torch.manual_seed(dropout_seed(tc.seed, step, env.rank))  # resumable: no RNG state to carry
+        if cfg.model.dropout:  # resumable: the dropout masks are a function of (seed, step, rank)
+            torch.manual_seed(dropout_seed(tc.seed, step, env.rank))
         t0 = time.perf_counter()
         while batches.position in state.bad_positions:  # batches that produced a NaN before a rollback
             batches.skip(1)
@@ -249,18 +250,12 @@ def on_nonfinite(cfg, env, ckpt, tensors, state: RunState, batches, precision, d
             return "stop"
         bad = state.bad_positions + [position]
         rollbacks = state.rollbacks + 1
-        restore_from(latest, cfg, env, ckpt, tensors, state, batches, precision, data)
+        load_into(latest, cfg, env, ckpt, tensors, state, batches, precision, data)
         state.bad_positions, state.rollbacks = bad, rollbacks
         log.print(f"{where}: rolled back to {latest.name}, skipping that batch (rollback {rollbacks})")
         return "rollback"
     log.print(f"error: {where}; stopping (train.nan_policy=stop; try nan_policy=rollback or a lower optim.lr)")
     return "stop"
-
-
-def restore_from(path, cfg, env, ckpt, tensors, state, batches, precision, data) -> None:
-    from .resume import load_into
-
-    load_into(path, cfg, env, ckpt, tensors, state, batches, precision, data)
 
 
 if __name__ == "__main__":

@@ -50,7 +50,7 @@ from dist_gpt.errors import UserError
 MARKER = "requeue.json"
 WARNINGS = (signal.SIGUSR1, signal.SIGUSR2)
 FORWARDED = (*WARNINGS, signal.SIGTERM)
-REQUEUE_SIGNALS = ("SIGUSR1", "SIGUSR2")
+REQUEUE_SIGNALS = tuple(s.name for s in WARNINGS)
 
 
 def resolve_run_dir(train_args: list[str]) -> Path:
