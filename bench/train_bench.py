@@ -12,11 +12,11 @@
     python bench/train_bench.py --preset gpt2-124m --data.path=data/stdlib       # one GPU, any local tokens
 
 Every `--section.key=value`, `--preset`, `--recipe` and `--config` means what it means to
-`python -m dist_gpt.train`; the rest are the benchmark's own (see --help). A side runs the very
-functions the trainer runs (`dist_gpt.train.forward_backward`, `faults.agree`,
-`dist_gpt.train.optimizer_step`) on the trainer's components (GPT, build_optimizers, LRSchedule,
-Precision, TrainBatches over a real dataset, torch.compile, DDP), minus evaluation, checkpoints
-and logging, which the trainer runs only every so many steps.
+`python -m dist_gpt.train`; the rest are the benchmark's own (see --help). A dist_gpt side is the
+trainer itself: `dist_gpt.trainer.build` makes its components (model, optimizers, schedule,
+precision, batches over a real dataset, torch.compile, DDP, fault guard) and the benchmark calls
+`Trainer.step()`, minus evaluation and checkpoints, which the training loop runs only every so many
+steps, and with a quiet logger.
 
 `--compare A B` builds two sides and runs them alternately, `--chunk` steps at a time (the order
 flips every round), so a noisy shared machine slows both alike; it prints each side's medians and
@@ -37,6 +37,7 @@ import argparse
 import os
 import statistics
 import sys
+import tempfile
 import time
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -52,12 +53,12 @@ from dist_gpt import dist, faults  # noqa: E402
 from dist_gpt.data import TrainBatches, ValBlocks  # noqa: E402
 from dist_gpt.errors import ConfigError  # noqa: E402
 from dist_gpt.evaluate import validation_loss  # noqa: E402
-from dist_gpt.metrics import mfu, peak_memory_gib, resolve_peak_flops  # noqa: E402
+from dist_gpt.faults import Verdict  # noqa: E402
+from dist_gpt.metrics import NullLogger, mfu, peak_memory_gib, resolve_peak_flops  # noqa: E402
 from dist_gpt.model import GPT  # noqa: E402
-from dist_gpt.optim import LRSchedule, build_optimizers  # noqa: E402
 from dist_gpt.precision import Precision  # noqa: E402
 from dist_gpt.runinfo import resolve_model_config  # noqa: E402
-from dist_gpt.train import dropout_seed, forward_backward, open_dataset, optimizer_step, use_compile  # noqa: E402
+from dist_gpt.trainer import build, open_dataset, use_compile  # noqa: E402
 
 
 def _no_label(name: str):
@@ -115,24 +116,17 @@ class Side:
 
 
 class DistGPTSide(Side):
-    """dist_gpt as `python -m dist_gpt.train` builds it, stepping through the trainer's own functions."""
+    """dist_gpt exactly as `python -m dist_gpt.train` builds and steps it (`dist_gpt.trainer.build` and
+    `Trainer.step`), with a quiet logger, a scratch run directory and no checkpoints; evaluation is
+    left to --eval-full. A non-finite loss stops the benchmark (the trainer's default nan_policy)."""
 
-    def __init__(self, label: str, name: str, cfg, env, data, total_steps: int):
-        tc = cfg.train
-        torch.manual_seed(tc.seed)
-        self.model = GPT(cfg.model).to(env.device)
-        prec = Precision(tc.precision, env.device)
-        super().__init__(label, name, cfg, env, prec.name)
-        self.prec = prec
-        self.optimizers = build_optimizers(self.model, cfg.optim, env.device, exact=prec.name == "fp32")
-        self.schedule = LRSchedule(cfg.optim, total_steps)
-        self.batches = _batches(cfg, env, data)
-        fwd_model = torch.compile(self.model) if use_compile(tc.compile, env.device) else self.model
-        self.train_model = dist.wrap(fwd_model, env)
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.stop = faults.StopSignals()  # never signalled here, but agreed on every step as in training
-        self.inject = faults.FaultInjector(env.rank)
-        self.heartbeat = dist.Heartbeat(env)  # a store write per phase on several ranks, as in training
+    def __init__(self, label: str, name: str, cfg, env, total_steps: int):
+        cfg.train.steps = total_steps  # the LR schedule of a run this long
+        cfg.train.run_dir = dist.from_rank0(tempfile.mkdtemp(prefix="dist_gpt-bench-") if env.is_main else None)
+        cfg.checkpoint.interval, cfg.checkpoint.resume = 0, "none"
+        # never signalled here, but agreed on every step as in training
+        self.trainer = build(cfg, env, faults.StopSignals(), log=NullLogger(cfg.log, total_steps))
+        super().__init__(label, name, cfg, env, self.trainer.precision.name)
 
     def describe(self) -> str:
         c = self.cfg
@@ -140,32 +134,15 @@ class DistGPTSide(Side):
                 f"{'on' if use_compile(c.train.compile, self.env.device) else 'off'}, optim {c.optim.name}")
 
     def step(self, label=_no_label) -> None:
-        """The calls of dist_gpt.train's loop body, in its order, without its every-N-steps work and fault
-        handling (a non-finite loss stops the benchmark instead of being skipped or rolled back)."""
-        step = self.steps_done
-        self.heartbeat.beat(step)
-        self.schedule.apply(self.optimizers, step)
-        torch.manual_seed(dropout_seed(self.cfg.train.seed, step, self.env.rank))
-        with label("data"):
-            t0 = time.perf_counter()
-            position = self.batches.position
-            micro = self.batches.next()
-            self.data_time += time.perf_counter() - t0
-        with label("forward_backward"):
-            loss = forward_backward(self.train_model, micro, self.prec, self.env, self.inject, position,
-                                    on_last=lambda: self.heartbeat.beat(step, phase=1))
-        self.heartbeat.beat(step, phase=2)
-        with label("agree"):  # the trainer's one host sync per step: stop signals and NaN, all ranks
-            _, nonfinite = faults.agree(self.stop, ~torch.isfinite(loss))
-        if nonfinite:
+        """One `Trainer.step()` (its phases carry their own profiler labels)."""
+        if self.trainer.step() is not Verdict.PROCEED:
             raise ConfigError(f"side {self.label} ({self.name}): non-finite loss at step {self.steps_done}; "
                               "lower --optim.lr or use --train.precision=fp32")
-        with label("optimizer"):
-            optimizer_step(self.params, self.optimizers, self.prec, self.cfg.optim.grad_clip)
+        self.data_time += self.trainer.data_time
         self.steps_done += 1
 
     def raw_model(self) -> torch.nn.Module:
-        return self.model
+        return self.trainer.model
 
 
 class ReferenceSide(Side):
@@ -265,10 +242,10 @@ def side_config(cl, spec: str):
 
 def build_side(label: str, spec: str, cl, env, data, total_steps: int) -> Side:
     cfg = side_config(cl, spec)
-    cfg.model = resolve_model_config(cfg.model, data)
     if spec == "reference":
+        cfg.model = resolve_model_config(cfg.model, data)
         return ReferenceSide(label, cfg, env, data, total_steps)
-    return DistGPTSide(label, spec, cfg, env, data, total_steps)
+    return DistGPTSide(label, spec, cfg, env, total_steps)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -373,7 +350,7 @@ def eval_full(side: Side, env, data) -> float:
     val = ValBlocks(data, block_size=cfg.model.block_size, batch_size=cfg.eval.batch_size or cfg.train.micro_batch,
                     rank=env.rank, world_size=env.world_size, max_blocks=None, device=env.device)
     with _fp32_matmuls():
-        loss, _ = validation_loss(side.raw_model(), val, Precision("fp32", env.device), env.device)
+        loss, _ = validation_loss(side.raw_model(), val, Precision("fp32", env.device).autocast())
     return loss
 
 

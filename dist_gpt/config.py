@@ -68,9 +68,18 @@ class TrainConfig:
         for key in ("steps", "global_batch", "micro_batch"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"train.{key} must be at least 1, got {getattr(self, key)}")
-        if self.global_batch % self.micro_batch:
+        self.grad_accum(1)
+
+    def grad_accum(self, world_size: int) -> int:
+        """Micro-steps per optimizer step on `world_size` ranks: the global batch is the same on any
+        world size, so it must split into whole micro-batches on every rank."""
+        accum, rest = divmod(self.global_batch, self.micro_batch * world_size)
+        if rest or not accum:
+            on = f" on {world_size} ranks" if world_size > 1 else ""
             raise ConfigError(
-                f"train.global_batch={self.global_batch} is not a multiple of train.micro_batch={self.micro_batch}")
+                f"train.global_batch={self.global_batch} must be a multiple of train.micro_batch × world size "
+                f"= {self.micro_batch} × {world_size}{on}: change train.global_batch or train.micro_batch")
+        return accum
 
 
 @dataclass
@@ -314,13 +323,15 @@ def build(preset: str = "cpu", file: str | None = None, overrides: dict[str, Any
     return Config(preset=preset, **sections)
 
 
-def parse(argv: list[str] | None = None) -> Config | None:
-    """Parse the command line; prints --help and returns None when asked for help."""
+def parse(argv: list[str] | None = None, world_size: int = 1) -> Config | None:
+    """Parse the command line and check it against the launch's world size; prints --help and
+    returns None when asked for help."""
     cl = parse_argv(list(sys.argv[1:] if argv is None else argv))
     cfg = build(cl.preset or "cpu", cl.config_file, cl.overrides)
     if cl.help:
         print(help_text(cfg))
         return None
+    cfg.train.grad_accum(world_size)
     return cfg
 
 

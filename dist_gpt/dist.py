@@ -133,65 +133,6 @@ def wrap(model: nn.Module, env: DistEnv) -> nn.Module:
                gradient_as_bucket_view=True, bucket_cap_mb=25)
 
 
-# ---------------------------------------------------------------------------------------------
-# A rank that stops answering
-
-class Heartbeat:
-    """Each rank records how far it got in the rendezvous store: (step, phase), one small write each.
-
-    Phases of step S: 0 started it, 1 entered its last micro-step (whose backward all-reduces the
-    gradients), 2 entered the stop/NaN agreement. When a collective times out (train.timeout_s),
-    the ranks still alive read every rank's record and name the one(s) furthest behind, instead of
-    a bare gloo/NCCL timeout.
-    """
-
-    PHASES = ("starting", "in the gradient all-reduce of", "in the stop/NaN agreement of")
-
-    def __init__(self, env: DistEnv) -> None:
-        self.env = env
-        self.store = dist.distributed_c10d._get_default_store() if env.distributed else None
-
-    def beat(self, step: int, phase: int = 0) -> None:
-        if self.store is not None:
-            self.store.set(f"dist_gpt/heartbeat/{self.env.rank}", f"{step} {phase}")
-
-    def _records(self) -> dict[int, tuple[int, int]]:
-        seen = {}
-        try:
-            self.store.set_timeout(datetime.timedelta(seconds=10))
-            for rank in range(self.env.world_size):
-                key = f"dist_gpt/heartbeat/{rank}"
-                if self.store.check([key]):
-                    step, phase = self.store.get(key).decode().split()
-                    seen[rank] = (int(step), int(phase))
-        except Exception:  # the store's host is gone too: say what we know
-            pass
-        return seen
-
-    def describe_failure(self, error: BaseException, timeout_s: float) -> str:
-        """One line naming the rank(s) that stopped answering, from the heartbeat records."""
-        text = str(error).strip()
-        cause = text.splitlines()[0][-160:] if text else type(error).__name__
-        seen = self._records()
-        missing = [r for r in range(self.env.world_size) if r not in seen]
-        if seen and not missing:
-            lowest = min(seen.values())
-            behind = [r for r, record in seen.items() if record == lowest]
-            if len(behind) < self.env.world_size:
-                # (no "how long ago": the records carry no time, since node clocks need not agree)
-                detail = ", ".join(f"rank {r} (last heard {self.PHASES[seen[r][1]]} step {seen[r][0]})"
-                                   for r in behind)
-                why = (f"the collective timed out after train.timeout_s={timeout_s:g} s"
-                       if "timed out" in text.lower() else "a collective failed")
-                return (f"rank {self.env.rank}: {detail} stopped answering; {why} ({cause}). Check that "
-                        "rank's host; restarted, the run resumes from its last checkpoint")
-        if missing and seen:
-            return (f"rank {self.env.rank}: rank(s) {', '.join(map(str, missing))} never reported and a "
-                    f"collective failed ({cause}); check their hosts and the network between nodes")
-        return (f"rank {self.env.rank}: a collective failed ({cause}); a peer may have died: check every "
-                "rank's log")
-
-
 def is_collective_failure(error: BaseException) -> bool:
     """A timeout or a lost peer inside a collective, as opposed to a bug."""
     kinds = tuple(getattr(dist, name) for name in ("DistBackendError", "DistNetworkError", "DistError") if hasattr(dist, name))
@@ -215,12 +156,18 @@ def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def broadcast_object(obj, src: int = 0):
+def from_rank0(obj):
+    """Rank 0's `obj` on every rank (a collective; the object itself in a world of 1)."""
     if dist.is_available() and dist.is_initialized():
         box = [obj]
-        dist.broadcast_object_list(box, src=src)
+        dist.broadcast_object_list(box, src=0)
         return box[0]
     return obj
+
+
+def default_store():
+    """The default process group's store (the rendezvous TCPStore), where the heartbeat writes."""
+    return dist.distributed_c10d._get_default_store()
 
 
 def barrier() -> None:
@@ -228,8 +175,8 @@ def barrier() -> None:
         dist.barrier()
 
 
-def shutdown(code: int = 0, closers=()) -> None:
-    """End an entry point: barrier, destroy the group, close writers, flush, `os._exit`.
+def shutdown(code: int = 0) -> None:
+    """End an entry point: barrier, destroy the group, flush, `os._exit` (writers are closed by then).
 
     gloo can abort at interpreter exit (a gloo thread frees a tensor while Python finalizes) even
     after destroy_process_group; leaving through os._exit after flushing avoids it entirely.
@@ -241,23 +188,38 @@ def shutdown(code: int = 0, closers=()) -> None:
             dist.destroy_process_group()
         except Exception:  # a peer already gone: nothing left to synchronise with
             code = code or 1
-    for close in closers:
-        try:
-            close()
-        except Exception:
-            pass
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
 
 
 def run_main(run, argv: list[str]) -> None:
-    """The end of a distributed entry point: `run(argv)` returns the exit code; a UserError becomes
-    its one-line message and exit code 2; then `shutdown` on every rank."""
+    """The one way an entry point ends: `run(argv)` returns the exit code; a UserError becomes its
+    one-line message and exit code 2, a lost peer (faults.PeerLost) its message and 4; then
+    `shutdown` on every rank.
+
+    A ConfigError raised before the process group exists comes from the command line, which every
+    rank of a launch shares: only the launch's rank 0 prints it, so it appears once, first.
+    """
+    from .faults import PeerLost
+
     code = 1
     try:
         code = run(argv)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        code = 2
+    except (UserError, PeerLost) as e:
+        same_everywhere = isinstance(e, ConfigError) and not (dist.is_available() and dist.is_initialized())
+        if not same_everywhere or launch_rank() == 0:
+            print(f"error: {e}", file=sys.stderr)
+        code = e.exit_code
     shutdown(code)
+
+
+def launch_rank() -> int:
+    """This process's rank as the launcher set it (torchrun's RANK or SLURM's SLURM_PROCID), before init."""
+    return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
+
+
+def launch_world_size() -> int:
+    """The world size the launcher set up (torchrun's WORLD_SIZE, or the SLURM tasks of a step), before init."""
+    _slurm_to_torch_env()
+    return int(os.environ.get("WORLD_SIZE", "1"))

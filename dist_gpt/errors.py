@@ -8,6 +8,8 @@ sees a traceback from deep inside torch for a mistake in their input.
 class UserError(Exception):
     """Base class: a problem with the user's input (flag, file, dataset, checkpoint)."""
 
+    exit_code = 2
+
 
 class ConfigError(UserError):
     """A bad option, preset, TOML file or combination of settings."""

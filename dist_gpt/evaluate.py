@@ -20,18 +20,20 @@ import sys
 import torch
 
 from . import dist
+from .checkpoint.state import unwrap_model
 from .weights import add_source_arguments, load_model
 
 
 @torch.no_grad()
-def validation_loss(model, val, precision, device) -> tuple[float, int]:
-    """Mean loss over this rank's share of `val`, reduced over ranks -> (nats per token, blocks)."""
+def validation_loss(model, val, autocast) -> tuple[float, int]:
+    """Mean loss over this rank's share of `val`, reduced over ranks -> (nats per token, blocks).
+    `autocast` is the run's precision context (Precision.autocast())."""
     was_training = model.training
     model.eval()
     # (sum of per-token losses, tokens, blocks) on this rank, summed over ranks below.
-    acc = torch.zeros(3, dtype=torch.float64, device=device)
+    acc = torch.zeros(3, dtype=torch.float64, device=val.device)
     for x, y in val:  # x, y: (b, T)
-        with precision.autocast():
+        with autocast:
             loss = model(x, y)
         acc[0] += loss.double() * y.numel()  # stays on the device: no sync per batch
         acc[1] += y.numel()
@@ -46,45 +48,58 @@ def bits_per_byte(loss_nats: float, bytes_per_token: float) -> float:
 
 
 class Evaluator:
-    """Decides when evaluation is due, runs it on every rank, and reports it from rank 0."""
+    """Decides when validation is due, runs it on every rank, reports it from rank 0 with a text
+    sample, and keeps the run's best validation loss in the run state (so it survives a resume).
 
-    def __init__(self, fwd_model, raw_model, val, data, precision, cfg, log) -> None:
-        self.fwd_model, self.raw_model = fwd_model, raw_model
-        self.val, self.data, self.precision, self.cfg, self.log = val, data, precision, cfg, log
+    `model` is the forward model (compiled or not; never the DDP wrapper, whose forward would sync);
+    samples come from the plain module under it. `autocast` is the run's precision context.
+    """
+
+    def __init__(self, model, val, autocast, cfg, log, state) -> None:
+        self.model, self.raw_model = model, unwrap_model(model)
+        self.val, self.autocast, self.cfg, self.log, self.state = val, autocast, cfg, log, state
+        self.bytes_per_token = val.ds.bytes_per_token("val")
         self.last_step: int | None = None
         self.last_loss = float("nan")
         self.last_bpb = float("nan")
 
-    def due(self, step: int, resumed_step: int) -> bool:
-        if step == resumed_step:  # evaluated just before that checkpoint was saved
-            return False
-        if step == 0:
-            return self.cfg.at_start
-        return self.cfg.interval > 0 and step % self.cfg.interval == 0
+    def maybe_run(self, step: int, final: bool = False) -> None:
+        """Evaluate at `step` when eval.interval (or eval.at_start, or the end of the run) asks for it.
+        Not at the step the run resumed at: it was evaluated just before that checkpoint was saved."""
+        if final:
+            due = self.last_step != step
+        elif step == self.state.resumed_step:
+            due = False
+        elif step == 0:
+            due = self.cfg.at_start
+        else:
+            due = self.cfg.interval > 0 and step % self.cfg.interval == 0
+        if due:
+            self.run(step)
 
     def loss_at(self, step: int) -> float | None:
         return self.last_loss if self.last_step == step else None
 
     def run(self, step: int) -> float:
-        device = next(self.raw_model.parameters()).device
-        loss, blocks = validation_loss(self.fwd_model, self.val, self.precision, device)
+        loss, blocks = validation_loss(self.model, self.val, self.autocast)
         self.last_step, self.last_loss = step, loss
-        self.last_bpb = bits_per_byte(loss, self.data.bytes_per_token("val"))
-        self.log.eval(step, loss=loss, bpb=self.last_bpb, blocks=blocks)
+        self.last_bpb = bits_per_byte(loss, self.bytes_per_token)
+        self.state.best_val = min(self.state.best_val, loss)
+        self.log.eval(step, loss=loss, bpb=self.last_bpb, blocks=blocks, best=self.state.best_val)
         if self.cfg.sample_tokens and self.log.is_main:
             self.log.text(step, "sample", self.sample())
         return loss
 
     def sample(self) -> str:
         """Rank 0 only, no collectives. The RNG is forked so sampling never moves training's stream."""
-        device = next(self.raw_model.parameters()).device
-        ids = self.data.tokenizer.encode(self.cfg.prompt) or [self.data.eot_id or 0]
+        tokenizer, eot_id, device = self.val.ds.tokenizer, self.val.ds.eot_id, self.val.device
+        ids = tokenizer.encode(self.cfg.prompt) or [eot_id or 0]
         idx = torch.tensor([ids[-self.raw_model.cfg.block_size:]], dtype=torch.long, device=device)
         gen = torch.Generator(device=device).manual_seed(1234)
-        with self.precision.autocast():
+        with self.autocast:
             out = self.raw_model.generate(idx, self.cfg.sample_tokens, temperature=self.cfg.temperature,
-                                          top_k=self.cfg.top_k, eot_id=self.data.eot_id, generator=gen)
-        return self.cfg.prompt + self.data.tokenizer.decode(out[0, idx.size(1):].tolist())
+                                          top_k=self.cfg.top_k, eot_id=eot_id, generator=gen)
+        return self.cfg.prompt + tokenizer.decode(out[0, idx.size(1):].tolist())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -116,7 +131,7 @@ def evaluate(argv: list[str] | None) -> int:
                         f"{loaded.config.vocab_size}: evaluate on a dataset made with the model's tokenizer")
     val = ValBlocks(data, block_size=loaded.config.block_size, batch_size=args.batch_size, rank=env.rank,
                     world_size=env.world_size, max_blocks=args.max_blocks, device=env.device)
-    loss, blocks = validation_loss(model, val, Precision(args.precision, env.device), env.device)
+    loss, blocks = validation_loss(model, val, Precision(args.precision, env.device).autocast())
     if env.is_main:
         bpb = bits_per_byte(loss, data.bytes_per_token("val"))
         print(f"{loaded.source}: val loss {loss:.4f} nats/token, {bpb:.4f} bits/byte "

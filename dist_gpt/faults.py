@@ -1,11 +1,28 @@
-"""Faults: stop signals agreed by every rank, the requeue marker, and test-only fault injection.
+"""Faults: everything that can stop, skip or undo a training step, behind one object.
 
-SIGTERM, SIGUSR1 and SIGUSR2 (SLURM's warning before a time limit or preemption; submitit's default
-is USR2) only set a flag in the handler. Once per step every rank all-reduces its flags, so all
-ranks see the same stop request at the same step boundary, save one checkpoint together, and rank 0
-leaves `requeue.json` in the run directory. The ranks then exit 0: torchrun turns a failed worker
-into a restart or exit status 1, so the request to requeue must not ride on the exit status. The
-launchers (slurm/train.sh, launch/submit.py) requeue the job when they find the marker.
+`FaultGuard` is asked twice per step, on every rank:
+
+    guard.before_step(step)                 heartbeat; test-only injection (kill, hang, signal)
+    verdict = guard.after_loss(loss, position)   one all-reduce: stop signals + non-finite loss
+                                            -> PROCEED | SKIP | ROLLED_BACK | STOP
+
+Stop signals. SIGTERM, SIGUSR1 and SIGUSR2 (SLURM's warning before a time limit or preemption;
+submitit's default is USR2) only set a flag in the handler. The per-step all-reduce makes every
+rank see the same request at the same step boundary; the step still completes, then the loop
+saves one checkpoint on every rank and rank 0 leaves `requeue.json` in the run directory. The
+ranks then exit 0: torchrun turns a failed worker into a restart or exit status 1, so the request
+to requeue must not ride on the exit status. The launchers (slurm/train.sh, launch/submit.py)
+requeue the job when they find the marker.
+
+Non-finite losses follow `train.nan_policy`: skip the step, roll back to the latest checkpoint and
+skip the offending global batch from then on, or stop (exit 3).
+
+The heartbeat. Each rank records in the rendezvous store how far it got, (step, phase): one small
+write before the step's forward/backward and one before the agreement. When a collective fails or
+times out (`train.timeout_s`), `named_collective_failures` turns the error into one line naming the
+rank(s) furthest behind. If the store itself goes away (plain `torchrun` whose agent was killed by
+a SIGUSR1 sent to its whole process group) the heartbeat stops writing instead of failing the run:
+the ranks' own process group still works, so the stop request is agreed and saved as usual.
 
 Fault injection for the tests, read from the environment (never set in normal use):
     DIST_GPT_FAULT_NAN_AT=P          the loss of global batch P becomes NaN (once per process)
@@ -16,9 +33,13 @@ Fault injection for the tests, read from the environment (never set in normal us
 
 from __future__ import annotations
 
+import contextlib
+import datetime
+import enum
 import json
 import os
 import signal
+import sys
 import time
 from pathlib import Path
 
@@ -30,7 +51,7 @@ MARKER = "requeue.json"
 
 
 class StopSignals:
-    """Records the last stop signal; the training loop asks `agreed()` at each step boundary."""
+    """Records the last stop signal; `FaultGuard.after_loss` agrees on it at each step boundary."""
 
     def __init__(self) -> None:
         self.code = 0
@@ -43,24 +64,75 @@ class StopSignals:
     def _handle(self, signum, frame) -> None:  # no work in a handler: just remember it
         self.code = STOP_SIGNALS[signal.Signals(signum)]
 
-    def state_dict(self) -> dict:
-        return {"code": self.code}
+
+class Verdict(enum.Enum):
+    PROCEED = "proceed"          # take the optimizer step
+    SKIP = "skip"                # drop this step's gradients (nan_policy=skip)
+    ROLLED_BACK = "rolled back"  # the state was reloaded from the latest checkpoint
+    STOP = "stop"                # the run cannot continue (exit 3)
 
 
-def agree(stop: StopSignals, nonfinite) -> tuple[str | None, bool]:
-    """One all-reduce per step: (the stop signal any rank got, whether any rank's loss was not finite).
+class FaultGuard:
+    """The heartbeat, the stop-signal agreement, the NaN policy and the test-only fault injection.
 
-    `nonfinite` is a 0-d bool tensor on the training device; reading the result is the step's one
-    host-device synchronisation.
+    `rollback()` reloads the latest checkpoint into the run's state and returns its path (None when
+    there is none): the checkpointer's, handed over once at build time.
     """
-    import torch
 
-    from . import dist
+    def __init__(self, cfg, env, stop: StopSignals, state, rollback, log) -> None:
+        self.policy, self.max_rollbacks = cfg.nan_policy, cfg.nan_max_rollbacks
+        self.stop, self.state, self.rollback, self.log = stop, state, rollback, log
+        self.is_main = env.is_main
+        self.heartbeat = Heartbeat(env)
+        self.inject = FaultInjector(env.rank)
+        self.stopped_by: str | None = None  # the agreed stop signal's name, once one arrived
 
-    flags = torch.stack([torch.tensor(float(stop.code), device=nonfinite.device), nonfinite.float()])
-    flags = dist.all_reduce_max(flags).tolist()
-    code = int(flags[0])
-    return (CODE_TO_NAME[code] if code else None), bool(flags[1])
+    def before_step(self, step: int) -> None:
+        self.inject.before_step(step)
+        self.heartbeat.beat(step, phase=0)
+
+    def after_loss(self, loss, position: int) -> Verdict:
+        """Agree with every rank on stop signals and a non-finite loss (of global batch `position`)."""
+        import torch
+
+        from . import dist
+
+        loss = self.inject.corrupt_loss(loss, position)
+        self.heartbeat.beat(self.state.step, phase=1)
+        flags = torch.stack([torch.tensor(float(self.stop.code), device=loss.device), (~torch.isfinite(loss)).float()])
+        code, nonfinite = dist.all_reduce_max(flags).tolist()  # the step's one host-device synchronisation
+        self.stopped_by = CODE_TO_NAME[int(code)] if code else self.stopped_by
+        return self._nonfinite(position) if nonfinite else Verdict.PROCEED
+
+    def _nonfinite(self, position: int) -> Verdict:
+        """Apply train.nan_policy to a NaN/inf loss of global batch `position` (every rank agrees)."""
+        where = f"non-finite loss at step {self.state.step} (global batch {position})"
+        if self.policy == "skip":
+            self.state.skipped.append(position)
+            self.log.print(f"{where}: step skipped (train.nan_policy=skip)")
+            return Verdict.SKIP
+        if self.policy == "stop":
+            self.log.print(f"error: {where}; stopping (train.nan_policy=stop; try nan_policy=rollback or a lower optim.lr)")
+            return Verdict.STOP
+        if self.state.rollbacks >= self.max_rollbacks:
+            self.log.print(f"error: {where}: {self.state.rollbacks} rollbacks already; stopping "
+                           "(raise train.nan_max_rollbacks or lower optim.lr)")
+            return Verdict.STOP
+        bad, rollbacks = self.state.bad_positions + [position], self.state.rollbacks + 1
+        path = self.rollback()  # reloads the run state too: what we learnt is put back below
+        if path is None:
+            self.log.print(f"error: {where}: no checkpoint to roll back to; stopping "
+                           "(raise train.nan_max_rollbacks or lower optim.lr)")
+            return Verdict.STOP
+        self.state.bad_positions, self.state.rollbacks = bad, rollbacks
+        self.log.print(f"{where}: rolled back to {path.name}, skipping that batch (rollback {rollbacks})")
+        return Verdict.ROLLED_BACK
+
+    def leave_marker(self, run_dir: Path, step: int, checkpoint: Path | None) -> None:
+        """After the stop save: rank 0 writes requeue.json for the launchers."""
+        if self.is_main:
+            write_marker(run_dir, self.stopped_by, step, checkpoint)
+            self.log.print(f"{self.stopped_by}: saved {checkpoint} at step {step}; requeue marker written")
 
 
 def write_marker(run_dir: Path, signal_name: str, step: int, checkpoint: Path | None) -> Path:
@@ -71,6 +143,94 @@ def write_marker(run_dir: Path, signal_name: str, step: int, checkpoint: Path | 
                                "time": time.time()}, indent=2))
     os.replace(tmp, path)
     return path
+
+
+# ---------------------------------------------------------------------------------------------
+# A rank that stops answering
+
+_KEY = "dist_gpt/heartbeat/{}"
+
+
+class Heartbeat:
+    """Each rank's (step, phase) in the rendezvous store; read back to name a rank that went silent.
+
+    Phases of step S: 0 entered its forward/backward (whose backward all-reduces the gradients),
+    1 entered the stop/NaN agreement.
+    """
+
+    PHASES = ("in the forward/backward (gradient all-reduce) of", "in the stop/NaN agreement of")
+
+    def __init__(self, env) -> None:
+        from . import dist
+
+        self.rank, self.world_size = env.rank, env.world_size
+        self.store = dist.default_store() if env.distributed else None
+
+    def beat(self, step: int, phase: int) -> None:
+        if self.store is None:
+            return
+        try:
+            self.store.set(_KEY.format(self.rank), f"{step} {phase}")
+        except Exception as e:  # the store's host (torchrun's agent) is gone; the ranks are not
+            self.store = None
+            print(f"warning: rank {self.rank}: the rendezvous store stopped answering ({str(e)[:80]}); "
+                  "the heartbeat is off for the rest of this run", file=sys.stderr)
+
+    def records(self) -> dict[int, tuple[int, int]]:
+        from . import dist
+
+        store, seen = dist.default_store(), {}
+        try:
+            store.set_timeout(datetime.timedelta(seconds=10))
+            for rank in range(self.world_size):
+                if store.check([_KEY.format(rank)]):
+                    step, phase = store.get(_KEY.format(rank)).decode().split()
+                    seen[rank] = (int(step), int(phase))
+        except Exception:  # the store's host is gone too: say what we know
+            pass
+        return seen
+
+    def describe(self, error: BaseException, timeout_s: float) -> str:
+        """One line naming the rank(s) that stopped answering, from the heartbeat records."""
+        text = str(error).strip()
+        cause = text.splitlines()[0][-160:] if text else type(error).__name__
+        seen = self.records()
+        missing = [r for r in range(self.world_size) if r not in seen]
+        if seen and not missing:
+            lowest = min(seen.values())
+            behind = [r for r, record in seen.items() if record == lowest]
+            if len(behind) < self.world_size:
+                # (no "how long ago": the records carry no time, since node clocks need not agree)
+                detail = ", ".join(f"rank {r} (last heard {self.PHASES[seen[r][1]]} step {seen[r][0]})"
+                                   for r in behind)
+                why = (f"the collective timed out after train.timeout_s={timeout_s:g} s"
+                       if "timed out" in text.lower() else "a collective failed")
+                return (f"rank {self.rank}: {detail} stopped answering; {why} ({cause}). Check that "
+                        "rank's host; restarted, the run resumes from its last checkpoint")
+        if missing and seen:
+            return (f"rank {self.rank}: rank(s) {', '.join(map(str, missing))} never reported and a "
+                    f"collective failed ({cause}); check their hosts and the network between nodes")
+        return (f"rank {self.rank}: a collective failed ({cause}); a peer may have died: check every "
+                "rank's log")
+
+
+class PeerLost(Exception):
+    """A collective failed or timed out because another rank went away (exit status 4)."""
+
+    exit_code = 4
+
+
+@contextlib.contextmanager
+def named_collective_failures(env, timeout_s: float):
+    """Turn a collective's timeout or a lost peer into PeerLost with one line naming the silent rank."""
+    from . import dist
+
+    try:
+        yield
+    except RuntimeError as e:
+        if not env.distributed or not dist.is_collective_failure(e):
+            raise
+        raise PeerLost(Heartbeat(env).describe(e, timeout_s)) from None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -123,6 +123,25 @@ def peak_memory_gib(device: torch.device | str) -> float | None:
     return None
 
 
+@dataclass(frozen=True)
+class Throughput:
+    """The per-run constants that turn a step's time into tokens/s and MFU, fixed when the run is built."""
+
+    tokens_per_step: int                 # summed over every rank
+    flops_per_token: float               # training (forward + backward) FLOPs of the model
+    peak_flops: float | None             # of one device at the run's precision; None: MFU n/a
+    num_devices: int = 1                 # the world size
+    device: str = "cpu"                  # where peak memory is read
+
+    @classmethod
+    def of(cls, cfg: LogConfig, env, dtype_name: str, tokens_per_step: int, flops_per_token: float) -> "Throughput":
+        return cls(tokens_per_step, flops_per_token, resolve_peak_flops(cfg, env.device, dtype_name),
+                   env.world_size, str(env.device))
+
+    def mfu(self, tokens_per_s: float) -> float | None:
+        return mfu(self.flops_per_token, tokens_per_s, self.peak_flops, self.num_devices)
+
+
 def format_duration(seconds: float) -> str:
     """3725 -> '1h02m'; 192 -> '3m12s'; 45 -> '45s'."""
     s = max(0, int(round(seconds)))
@@ -175,8 +194,9 @@ class NullLogger:
     is_main = False
     tb_dir: Path | None = None
 
-    def __init__(self, cfg: LogConfig | None = None, total_steps: int = 0):
+    def __init__(self, cfg: LogConfig | None = None, total_steps: int = 0, throughput: Throughput | None = None):
         self.cfg, self.total_steps = cfg or LogConfig(), total_steps
+        self.throughput = throughput or Throughput(1, 0.0, None)
 
     def due(self, step: int) -> bool:
         """Whether `step` (optimizer steps done) gets a log line: the first, every `log.interval`-th
@@ -184,7 +204,7 @@ class NullLogger:
         return step == 1 or step % self.cfg.interval == 0 or step == self.total_steps
 
     def step(self, step: int, **values) -> None: ...
-    def eval(self, step: int, *, loss: float, bpb: float, blocks: int) -> None: ...
+    def eval(self, step: int, *, loss: float, bpb: float, blocks: int, best: float) -> None: ...
     def scalars(self, step: int, values: dict) -> None: ...
     def console(self, step: int, values: dict) -> None: ...
     def text(self, step: int, tag: str, text: str) -> None: ...
@@ -199,8 +219,9 @@ class MetricsLogger(NullLogger):
     <run_dir>/metrics.jsonl (one JSON object per call, for scripts), console lines on stdout.
     Constructed with is_main=False it stays silent, like NullLogger."""
 
-    def __init__(self, run_dir: str | Path, cfg: LogConfig, is_main: bool, total_steps: int):
-        super().__init__(cfg, total_steps)
+    def __init__(self, run_dir: str | Path, cfg: LogConfig, is_main: bool, total_steps: int,
+                 throughput: Throughput | None = None):
+        super().__init__(cfg, total_steps, throughput)
         self.is_main = is_main
         self.writer = None
         self.jsonl = Path(run_dir) / "metrics.jsonl" if is_main else None
@@ -214,25 +235,15 @@ class MetricsLogger(NullLogger):
             self.writer = SummaryWriter(log_dir=str(self.tb_dir), flush_secs=10)
         self._eta_origin: tuple[float, int] | None = None  # (time, step) of the first console line
         self._last_step = 0  # hparams metrics are logged at the latest step seen
-        self._peak: dict[tuple, float | None] = {}  # (device, dtype) -> peak FLOP/s, looked up once
-        self.best_val = math.inf
 
-    def step(self, step: int, *, loss: float, lr: float, grad_norm: float, step_time: float, data_time: float,
-             tokens_per_s: float, flops_per_token: float, device: torch.device | str, dtype: str,
-             world_size: int | None = None) -> None:
-        """The training scalars and console line of one logged step. `tokens_per_s` counts every
-        rank's tokens (MFU divides by `world_size` devices, by default the process group's size);
-        `step_time` and `data_time` are seconds of this step, the latter spent waiting for data."""
+    def step(self, step: int, *, loss: float, lr: float, grad_norm: float, step_time: float, data_time: float) -> None:
+        """The training scalars and console line of one logged step: `step_time` and `data_time` are
+        seconds of this step, the latter spent waiting for data; tokens/s counts every rank's tokens."""
         if not self.is_main:
             return
-        key = (str(device), dtype)
-        if key not in self._peak:
-            self._peak[key] = resolve_peak_flops(self.cfg, device, dtype)
-        if world_size is None:
-            dist = torch.distributed
-            world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-        util = mfu(flops_per_token, tokens_per_s, self._peak[key], world_size)
-        mem = peak_memory_gib(device)
+        tokens_per_s = self.throughput.tokens_per_step / step_time if step_time > 0 else 0.0
+        util = self.throughput.mfu(tokens_per_s)
+        mem = peak_memory_gib(self.throughput.device)
         self.scalars(step, {
             "train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm,
             "perf/tokens_per_s": tokens_per_s, "perf/mfu": util, "perf/step_time_ms": 1000 * step_time,
@@ -245,13 +256,13 @@ class MetricsLogger(NullLogger):
             "mem": None if mem is None else f"{mem:.2f}GiB",
         })
 
-    def eval(self, step: int, *, loss: float, bpb: float, blocks: int) -> None:
-        """A validation result: scalars val/loss (nats per token), val/bpb, val/best_loss and a line."""
+    def eval(self, step: int, *, loss: float, bpb: float, blocks: int, best: float) -> None:
+        """A validation result: scalars val/loss (nats per token), val/bpb, val/best_loss (`best`, the
+        run's lowest so far, this one included) and a line."""
         if not self.is_main:
             return
-        self.best_val = min(self.best_val, loss)
-        self.scalars(step, {"val/loss": loss, "val/bpb": bpb, "val/best_loss": self.best_val})
-        best = " (best)" if loss == self.best_val else f" (best {self.best_val:.4f})"
+        self.scalars(step, {"val/loss": loss, "val/bpb": bpb, "val/best_loss": best})
+        best = " (best)" if loss == best else f" (best {best:.4f})"
         self.print(f"eval step {step}/{self.total_steps} | val loss {loss:.4f} nats/token | {bpb:.4f} bits/byte"
                    f"{best} | {blocks} blocks")
 
@@ -315,6 +326,9 @@ class MetricsLogger(NullLogger):
             self.writer = None
 
 
-def make_logger(run_dir: str | Path, cfg: LogConfig, is_main: bool, total_steps: int) -> NullLogger:
+def make_logger(run_dir: str | Path, cfg: LogConfig, is_main: bool, total_steps: int,
+                throughput: Throughput | None = None) -> NullLogger:
     """MetricsLogger on rank 0, NullLogger elsewhere."""
-    return MetricsLogger(run_dir, cfg, is_main, total_steps) if is_main else NullLogger(cfg, total_steps)
+    if is_main:
+        return MetricsLogger(run_dir, cfg, is_main, total_steps, throughput)
+    return NullLogger(cfg, total_steps, throughput)

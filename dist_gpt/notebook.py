@@ -437,7 +437,8 @@ def import_notebook(pkl: str | Path, vocab: str | Path, out: str | Path) -> Impo
     """Read the notebook's `model-01.pkl` safely and write it as the dist_gpt run directory `out`:
     `out/checkpoints/step_0000000/` (weights only, step 0) and `out/model.safetensors`."""
     from . import config as config_mod
-    from .checkpoint import CheckpointConfig, Checkpointer, ModelOptimizerState
+    from .checkpoint import CheckpointConfig, Checkpointer, JsonState, ModelOptimizerState
+    from .dist import DistEnv
     from .errors import DataError
     from .export import export
     from .model import GPT
@@ -460,13 +461,13 @@ def import_notebook(pkl: str | Path, vocab: str | Path, out: str | Path) -> Impo
     model = GPT(cfg.model)
     model.load_state_dict(state_dict, strict=True)
     meta = {
-        "step": 0,
-        "config": cfg.to_dict(),
-        "dataset": {"path": None, "fingerprint": None, "tokenizer": tok.name, "tokenizer_spec": tok.spec,
-                    "tokenizer_fingerprint": tok.fingerprint, "vocab_size": tok.vocab_size, "eot_id": None},
-        "imported_from": {"notebook_pickle": str(pkl.resolve()), "vocab": str(Path(vocab).resolve())},
+        "config": JsonState(cfg.to_dict()),
+        "dataset": JsonState({"path": None, "fingerprint": None, "tokenizer": tok.name, "tokenizer_spec": tok.spec,
+                              "tokenizer_fingerprint": tok.fingerprint, "vocab_size": tok.vocab_size, "eot_id": None}),
+        "imported_from": JsonState({"notebook_pickle": str(pkl.resolve()), "vocab": str(Path(vocab).resolve())}),
     }
-    ckpt = Checkpointer(ckpt_root, CheckpointConfig()).save(0, {"model_optim": ModelOptimizerState(model)}, meta)
+    ckpt = Checkpointer(ckpt_root, CheckpointConfig(), DistEnv(), {"model_optim": ModelOptimizerState(model)},
+                        meta).save(0)
     export(out, st_file)
     _check_written(out, st_file, state_dict)
     seed_model = config_mod.build("seed").model

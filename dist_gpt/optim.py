@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from dist_gpt.errors import CheckpointError, ConfigError
+from dist_gpt.errors import ConfigError
 
 OPTIMIZERS = ("adamw", "muon")
 SCHEDULES = ("cosine", "constant", "wsd")
@@ -216,8 +216,8 @@ class LRSchedule:
     * wsd:      1 until the final `cooldown_fraction` of the run, then a straight line down that
                 reaches `min_lr_ratio` at the last step.
 
-    Steps past the end stay at the final value. Holding no counter, its state is its settings, and
-    resuming checks they match the checkpoint's (a changed schedule would make the LR jump).
+    Steps past the end stay at the final value. Holding no counter, it has no state to checkpoint: a
+    resumed run recomputes the LR from the step (raising train.steps on resume stretches the decay).
     """
 
     def __init__(self, cfg: OptimConfig, total_steps: int):
@@ -255,18 +255,6 @@ class LRSchedule:
             for group in opt.param_groups:
                 group["lr"] = group["base_lr"] * mult
         return mult
-
-    def state_dict(self) -> dict:
-        return {"schedule": self.schedule, "warmup_steps": self.warmup_steps, "min_lr_ratio": self.min_lr_ratio,
-                "cooldown_fraction": self.cooldown_fraction, "total_steps": self.total_steps}
-
-    def load_state_dict(self, state: dict) -> None:
-        mine = self.state_dict()
-        for key, saved in state.items():
-            if key in mine and mine[key] != saved:
-                flag = "train steps" if key == "total_steps" else f"--optim.{key}"
-                raise CheckpointError(f"the checkpoint's LR schedule has {key}={saved}, this run has {mine[key]}: "
-                                      f"resume with the same {flag}")
 
 
 def clip_grad_norm(params, max_norm: float) -> torch.Tensor:

@@ -73,12 +73,14 @@ class Precision:
             torch.set_float32_matmul_precision("high")  # TF32 for the matmuls autocast leaves in fp32
         # A disabled GradScaler is the no-op: scale() returns the loss, step() calls opt.step().
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.name == "fp16")
+        # One context object for the whole run (autocast and nullcontext may be entered again and
+        # again, not nested): the training step holds it instead of building one per micro-step.
+        self._autocast = (contextlib.nullcontext() if self.name == "fp32" else
+                          torch.autocast(device_type=self.device_type, dtype=self.dtype))
 
     def autocast(self):
         """Context for the forward pass and loss (not the backward or the optimizer step)."""
-        if self.name == "fp32":
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device_type, dtype=self.dtype)
+        return self._autocast
 
     def __repr__(self) -> str:
         return f"Precision({self.name!r}, requested={self.requested!r}, device={self.device_type!r})"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import platform
 import subprocess
 import sys
@@ -49,8 +50,28 @@ def _write_json(path: Path, obj) -> None:
     tmp.replace(path)
 
 
-def describe_run(cfg, env, model, data, accum: int, log) -> None:
+def make_run_dir(run_dir: Path, env) -> None:
+    """Rank 0 creates the run directory; every rank learns the outcome and fails alike if it could not."""
+    from . import dist
+
+    error = None
+    if env.is_main:
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            probe = run_dir / f".write-test-{os.getpid()}"
+            probe.touch()
+            probe.unlink()
+        except OSError as e:
+            error = (f"cannot write the run directory {run_dir} ({e.strerror or e}): pass a writable "
+                     "--train.run_dir (on several nodes, a filesystem every node sees)")
+    error = dist.from_rank0(error)
+    if error:
+        raise ConfigError(error)
+
+
+def describe_run(cfg, env, model, data, log) -> None:
     tokens_per_step = cfg.train.global_batch * cfg.model.block_size
+    accum = cfg.train.grad_accum(env.world_size)
     info = {
         "git_sha": git_sha(),
         "argv": sys.argv,
@@ -86,7 +107,8 @@ def describe_run(cfg, env, model, data, accum: int, log) -> None:
     log.hparams(cfg.to_dict())
 
 
-def write_final(cfg, env, state, evaluator, checkpoint: Path | None, log, train_loss: float) -> None:
+def write_final(run_dir: Path, state, evaluator, checkpoint: Path | None, train_loss: float, log) -> None:
+    """Rank 0 writes final.json and prints where everything went."""
     final = {
         "step": state.step,
         "tokens": state.tokens,
@@ -95,14 +117,14 @@ def write_final(cfg, env, state, evaluator, checkpoint: Path | None, log, train_
         "val_bpb": evaluator.last_bpb,
         "best_val_loss": None if math.isinf(state.best_val) else state.best_val,
         "checkpoint": str(checkpoint) if checkpoint else None,
-        "run_dir": str(cfg.run_dir),
+        "run_dir": str(run_dir),
     }
-    if env.is_main:
-        _write_json(cfg.run_dir / "final.json", final)
-    nats_per_byte = evaluator.last_loss / evaluator.data.bytes_per_token("val")
+    if log.is_main:
+        _write_json(run_dir / "final.json", final)
+    nats_per_byte = evaluator.last_loss / evaluator.bytes_per_token
     log.print(f"checkpoint:  {checkpoint}\n"
-              f"run dir:     {cfg.run_dir}  (config.json, run.json, final.json, metrics.jsonl, tensorboard/)\n"
-              f"sample:      python -m dist_gpt.sample --run {cfg.run_dir}\n"
-              f"tensorboard: tensorboard --logdir {cfg.run_dir.parent}")
+              f"run dir:     {run_dir}  (config.json, run.json, final.json, metrics.jsonl, tensorboard/)\n"
+              f"sample:      python -m dist_gpt.sample --run {run_dir}\n"
+              f"tensorboard: tensorboard --logdir {run_dir.parent}")
     log.print(f"final: step {state.step}, {state.tokens / 1e6:.2f}M tokens, val loss {nats_per_byte:.4f} nats/byte "
               f"({evaluator.last_loss:.4f} nats/token), {evaluator.last_bpb:.4f} bits/byte")

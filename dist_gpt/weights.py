@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from .checkpoint import load_checkpoint, read_manifest, read_meta, read_metadata, resolve_checkpoint
+from .checkpoint import load_tensors, read_manifest, read_meta, read_metadata, resolve_checkpoint
 from .errors import CheckpointError, DataError
 from .model import GPTConfig
 
@@ -89,6 +89,23 @@ def load_model(args, device: torch.device):
     return model.to(device), loaded
 
 
+def init_from(source: str | Path, model) -> None:
+    """train.init_from: load the weights of a run, checkpoint or export into `model` (nanoGPT's init_from;
+    the optimizer and the step start fresh). The source's model settings must match `model.cfg`."""
+    from dataclasses import asdict
+
+    from .errors import ConfigError
+    from .resume import MODEL_KEYS_FREE
+
+    loaded = load_weights(source, device="cpu")
+    theirs, ours = asdict(loaded.config), asdict(model.cfg)
+    diff = [k for k, v in theirs.items() if k not in MODEL_KEYS_FREE and ours.get(k) != v]
+    if diff:
+        what = ", ".join(f"--model.{k}={theirs[k]}" for k in diff)
+        raise ConfigError(f"--init-from {source} holds a model with other settings: pass {what}")
+    model.load_state_dict(loaded.state_dict, strict=True)
+
+
 def tensors_crc32(tensors: dict[str, torch.Tensor]) -> int:
     """CRC32 over every tensor's bytes in sorted key order (what an export records and a load checks)."""
     crc = 0
@@ -137,7 +154,7 @@ def _from_checkpoint(ckpt: Path) -> LoadedWeights:
     model = {k[len(prefix):]: torch.empty(tuple(e.size), dtype=e.properties.dtype)
              for k, e in md.state_dict_metadata.items() if k.startswith(prefix)}
     state: dict[str, Any] = {prefix.split(".")[0]: {"model": model}}
-    load_checkpoint(ckpt, state, strict_prefixes=(prefix,), no_dist=True)
+    load_tensors(ckpt, manifest, state, strict_prefixes=(prefix,), no_dist=True, metadata=md)
     config = _gpt_config(meta.get("config", {}).get("model"), ckpt / "meta.json")
     dataset = meta.get("dataset") or {}
     return LoadedWeights(config, model, ckpt, meta.get("step", manifest.get("step")), manifest.get("val_loss"),
@@ -198,8 +215,9 @@ def _build_tokenizer(w: LoadedWeights):
     from .data.tokenizers import tokenizer_from_spec
 
     spec, text = w.tokenizer_spec, w.tokenizer_json
-    if spec is None:
-        spec, text = dataset_tokenizer(w.data_path)
+    if spec is None or (text is None and spec.get("kind") == "hf"):  # a checkpoint: the dataset has the file
+        found_spec, text = dataset_tokenizer(w.data_path)
+        spec = spec or found_spec
     if spec is None:
         raise DataError(f"the tokenizer of {w.source} is not available: its dataset {w.data_path} (manifest.json) "
                         "is gone; restore the dataset there or export the model while it exists")

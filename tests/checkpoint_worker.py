@@ -23,7 +23,14 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from dist_gpt.checkpoint import Checkpointer, CheckpointConfig, ModelOptimizerState
+from dist_gpt.checkpoint import Checkpointer, CheckpointConfig, JsonState, ModelOptimizerState
+from dist_gpt.dist import DistEnv
+
+
+def make_checkpointer(root, cfg, tensors, note=None, rank=0, world=1, val_loss=lambda step: None):
+    """(Checkpointer of `tensors` and one JSON state "note" holding `note`, that JsonState)."""
+    box = JsonState(note)
+    return Checkpointer(root, cfg, DistEnv(rank=rank, world_size=world), tensors, {"note": box}, val_loss), box
 
 
 def build():
@@ -68,26 +75,29 @@ def main() -> None:
         root, out = Path(sys.argv[2]), Path(sys.argv[3])
         step = 0
         for target, use_async in ((3, False), (5, True)):
-            ckpt = Checkpointer(root, CheckpointConfig(async_save=use_async), rank, world)
+            ckpt, note = make_checkpointer(root, CheckpointConfig(async_save=use_async), state, rank=rank,
+                                           world=world, val_loss=lambda s: 1.0 / s)
             while step < target:
                 step += 1
                 train_step(ddp, opt, step, rank)
-            ckpt.save(step, state, {"step": step, "world_size": world}, val_loss=1.0 / step)
+            note.value = {"step": step, "world_size": world}
+            ckpt.save(step)
             if rank == 0:
                 torch.save(flat_state(model, opt), out / f"expected_step{step}.pt")
             train_step(ddp, opt, 100 + step, rank)  # change the live state while an async write may still run
             ckpt.wait()
     elif mode == "load":
         ckpt_path, out = Path(sys.argv[2]), Path(sys.argv[3])
-        ckpt = Checkpointer(ckpt_path.parent, CheckpointConfig(), rank, world)
-        meta = ckpt.load(ckpt_path, state)
-        torch.save(flat_state(model, opt) | {"meta_step": torch.tensor(meta["step"])}, out / f"loaded_rank{rank}.pt")
+        ckpt, note = make_checkpointer(ckpt_path.parent, CheckpointConfig(), state, rank=rank, world=world)
+        ckpt.load(ckpt_path)
+        torch.save(flat_state(model, opt) | {"meta_step": torch.tensor(note.value["step"])}, out / f"loaded_rank{rank}.pt")
     elif mode == "crash":
         root = Path(sys.argv[2])
-        ckpt = Checkpointer(root, CheckpointConfig(), rank, world)
+        ckpt, note = make_checkpointer(root, CheckpointConfig(), state, {"step": 1}, rank, world)
         train_step(ddp, opt, 1, rank)
-        ckpt.save(1, state, {"step": 1})
+        ckpt.save(1)
         train_step(ddp, opt, 2, rank)
+        note.value = {"step": 2}
         if rank == 1:
             from dist_gpt.checkpoint import writer
 
@@ -96,15 +106,16 @@ def main() -> None:
                 kill_self()
 
             writer.ChecksummedFileSystemWriter.write_data = write_then_die
-        ckpt.save(2, state, {"step": 2})
+        ckpt.save(2)
     elif mode == "crash-at":
         where, root = sys.argv[2], Path(sys.argv[3])
-        ckpt = Checkpointer(root, CheckpointConfig(), rank, world)
+        ckpt, note = make_checkpointer(root, CheckpointConfig(), state, {"step": 1}, rank, world)
         train_step(ddp, opt, 1, rank)
-        ckpt.save(1, state, {"step": 1})
+        ckpt.save(1)
         train_step(ddp, opt, 2, rank)
         inject_crash(where)
-        ckpt.save(2, state, {"step": 2})
+        note.value = {"step": 2}
+        ckpt.save(2)
         raise SystemExit("the injected crash did not happen")
     if distributed:
         dist.barrier()

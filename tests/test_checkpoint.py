@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from checkpoint_worker import build, flat_state, train_step
-from dist_gpt.checkpoint import Checkpointer, CheckpointConfig, ModelOptimizerState, read_metadata
+from checkpoint_worker import build, flat_state, make_checkpointer, train_step
+from dist_gpt.checkpoint import CheckpointConfig, ModelOptimizerState, read_metadata, resolve_checkpoint
 from dist_gpt.checkpoint.layout import CheckpointInfo
 from dist_gpt.checkpoint.retention import steps_to_keep
 from dist_gpt.errors import CheckpointError, ConfigError
@@ -35,9 +35,10 @@ def assert_same_state(a: dict, b: dict) -> None:
 @pytest.mark.parametrize("use_async", [False, True])
 def test_round_trip_is_exact_and_keys_are_plain(tmp_path, use_async):
     model, opt = trained()
-    ckpt = Checkpointer(tmp_path / "checkpoints", CheckpointConfig(async_save=use_async), 0, 1)
     # torch.compile's wrapper (never run here) must not leak `_orig_mod.` into the keys.
-    path = ckpt.save(3, {"model_optim": ModelOptimizerState(torch.compile(model), [opt])}, {"step": 3, "note": "x"})
+    ckpt, _ = make_checkpointer(tmp_path / "checkpoints", CheckpointConfig(async_save=use_async),
+                                {"model_optim": ModelOptimizerState(torch.compile(model), [opt])}, {"step": 3, "note": "x"})
+    path = ckpt.save(3)
     expected = flat_state(model, opt)
     train_step(model, opt, 4, 0)  # the live state moves on while an async write may still run
     ckpt.wait()
@@ -47,8 +48,10 @@ def test_round_trip_is_exact_and_keys_are_plain(tmp_path, use_async):
     assert not any("module." in k or "_orig_mod" in k or "param_groups" in k for k in keys)
 
     model2, opt2 = build()
-    meta = ckpt.load(ckpt.latest(), {"model_optim": ModelOptimizerState(model2, [opt2])})
-    assert meta == {"step": 3, "note": "x"}
+    ckpt2, note = make_checkpointer(tmp_path / "checkpoints", CheckpointConfig(),
+                                    {"model_optim": ModelOptimizerState(model2, [opt2])})
+    ckpt2.load(ckpt2.latest())
+    assert note.value == {"step": 3, "note": "x"}
     assert_same_state(flat_state(model2, opt2), expected)
     # and training continues identically from there
     model3, opt3 = trained(3)
@@ -63,41 +66,46 @@ def test_scalar_optimizer_state_round_trips_as_tensor(tmp_path):
     train_step(model, opt, 1, 0)
     for st in opt.state.values():
         st["count"] = 7  # a plain int, as some optimizers keep
-    ckpt = Checkpointer(tmp_path, CheckpointConfig(), 0, 1)
-    ckpt.save(1, {"s": ModelOptimizerState(model, [opt])}, {})
+    make_checkpointer(tmp_path, CheckpointConfig(), {"s": ModelOptimizerState(model, [opt])}, {})[0].save(1)
     model2, _ = build()
     opt2 = torch.optim.SGD(model2.parameters(), lr=0.1, momentum=0.9)
     train_step(model2, opt2, 5, 0)
     for st in opt2.state.values():
         st["count"] = 0
-    ckpt.load(ckpt.latest(), {"s": ModelOptimizerState(model2, [opt2])})
+    ckpt, _ = make_checkpointer(tmp_path, CheckpointConfig(), {"s": ModelOptimizerState(model2, [opt2])})
+    ckpt.load(ckpt.latest())
     assert all(st["count"] == 7 and type(st["count"]) is int for st in opt2.state.values())
     assert_same_state(flat_state(model2, opt2), flat_state(model, opt))
 
 
 def test_non_tensor_state_is_refused_and_nothing_is_committed(tmp_path):
     model, _ = build()
-    ckpt = Checkpointer(tmp_path, CheckpointConfig(), 0, 1)
+    ckpt, _ = make_checkpointer(tmp_path, CheckpointConfig(), {"s": {"w": model[0].weight, "note": "text"}}, {})
     with pytest.raises(TypeError, match="not a tensor"):
-        ckpt.save(1, {"s": {"w": model[0].weight, "note": "text"}}, {})
+        ckpt.save(1)
     assert ckpt.latest() is None and not ckpt.has_checkpoints()
+    ckpt, _ = make_checkpointer(tmp_path, CheckpointConfig(), {"s": {"w": model[0].weight}}, {"bad": object()})
     with pytest.raises(TypeError):
-        ckpt.save(2, {"s": {"w": model[0].weight}}, {"bad": object()})  # meta must be JSON
+        ckpt.save(2)  # meta must be JSON
 
 
 def test_same_step_saved_twice_in_a_process_is_written_once(tmp_path):
     model, opt = trained(1)
-    ckpt = Checkpointer(tmp_path, CheckpointConfig(), 0, 1)
-    state = {"s": ModelOptimizerState(model, [opt])}
-    first = ckpt.save(1, state, {"n": 1})
+    ckpt, note = make_checkpointer(tmp_path, CheckpointConfig(), {"s": ModelOptimizerState(model, [opt])}, {"n": 1})
+    first = ckpt.save(1)
     stamp = (first / "DONE").stat().st_mtime_ns
-    assert ckpt.save(1, state, {"n": 2}) == first and (first / "DONE").stat().st_mtime_ns == stamp
+    note.value = {"n": 2}
+    assert ckpt.save(1) == first and (first / "DONE").stat().st_mtime_ns == stamp
 
 
-def test_due_follows_interval():
-    ckpt = Checkpointer("unused", CheckpointConfig(interval=5), 0, 1)
-    assert [s for s in range(0, 16) if ckpt.due(s)] == [5, 10, 15]
-    assert not any(Checkpointer("unused", CheckpointConfig(interval=0), 0, 1).due(s) for s in range(10))
+def test_maybe_save_follows_interval_and_skips_the_restored_step(tmp_path):
+    model, opt = trained(1)
+    ckpt, _ = make_checkpointer(tmp_path, CheckpointConfig(interval=5), {"s": ModelOptimizerState(model, [opt])}, {})
+    assert [s for s in range(0, 16) if ckpt.maybe_save(s)] == [5, 10, 15]
+    ckpt.load(tmp_path / "step_0000010")
+    assert ckpt.maybe_save(10) is None and ckpt.maybe_save(15) == tmp_path / "step_0000015"
+    never, _ = make_checkpointer(tmp_path / "never", CheckpointConfig(interval=0), {"s": ModelOptimizerState(model, [opt])}, {})
+    assert not any(never.maybe_save(s) for s in range(10))
 
 
 def test_config_validation_names_the_key():
@@ -117,30 +125,33 @@ def test_crash_mid_save_keeps_previous_checkpoint(tmp_path, where):
     leftovers = {p.name for p in root.iterdir()}
     assert leftovers == {"step_0000001", ".tmp_step_0000002" if where != "done" else "step_0000002"}
 
-    ckpt = Checkpointer(root, CheckpointConfig(), 0, 1)
+    model, opt = build()
+    ckpt, note = make_checkpointer(root, CheckpointConfig(), {"model_optim": ModelOptimizerState(model, [opt])})
     assert ckpt.latest() == root / "step_0000001"
     assert {p.name for p in root.iterdir()} == {"step_0000001"}  # rank 0 cleaned the partial one
-    model, opt = build()
-    assert ckpt.load(ckpt.latest(), {"model_optim": ModelOptimizerState(model, [opt])}) == {"step": 1}
+    ckpt.load(ckpt.latest())
+    assert note.value == {"step": 1}
     expected_model, expected_opt = trained(1)
     assert_same_state(flat_state(model, opt), flat_state(expected_model, expected_opt))
     # and the interrupted step can be saved again
     train_step(model, opt, 2, 0)
-    assert (ckpt.save(2, {"model_optim": ModelOptimizerState(model, [opt])}, {"step": 2}) / "DONE").is_file()
+    note.value = {"step": 2}
+    assert (ckpt.save(2) / "DONE").is_file()
 
 
 def test_incomplete_checkpoint_is_ignored_and_refused_with_the_fix(tmp_path):
     model, opt = trained(1)
-    ckpt = Checkpointer(tmp_path, CheckpointConfig(), 0, 1)
-    good = ckpt.save(1, {"s": ModelOptimizerState(model, [opt])}, {})
+    ckpt, _ = make_checkpointer(tmp_path, CheckpointConfig(), {"s": ModelOptimizerState(model, [opt])}, {})
+    good = ckpt.save(1)
     bad = tmp_path / "step_0000009"
     bad.mkdir()
     (bad / "meta.json").write_text("{}")
-    assert Checkpointer(tmp_path, CheckpointConfig(), 1, 2).latest() == good  # rank 1 only ignores it
+    rank1, _ = make_checkpointer(tmp_path, CheckpointConfig(), {}, rank=1, world=2)
+    assert rank1.latest() == good  # rank 1 only ignores it
     with pytest.raises(CheckpointError, match=r"step_0000009 is incomplete \(no DONE\): delete it or pass --resume"):
-        ckpt.load(bad, {"s": ModelOptimizerState(model, [opt])})
+        ckpt.load(bad)
     with pytest.raises(CheckpointError, match="does not exist"):
-        ckpt.load(tmp_path / "step_0000404", {"s": ModelOptimizerState(model, [opt])})
+        ckpt.load(tmp_path / "step_0000404")
 
 
 def info(step, val=None):
@@ -162,11 +173,12 @@ def test_retention_policy_table():
 def test_retention_on_disk_keeps_exactly_what_it_should(tmp_path):
     model, opt = trained(1)
     cfg = CheckpointConfig(keep_last=2, keep_every=4, keep_best=True)
-    ckpt = Checkpointer(tmp_path, cfg, 0, 1)
     losses = {1: 5.0, 2: 4.0, 3: 1.5, 4: 3.0, 5: 2.0, 6: 2.5, 7: None, 8: 2.2, 9: 3.3, 10: 3.1}
-    for step, loss in losses.items():
-        ckpt.save(step, {"s": ModelOptimizerState(model, [opt])}, {"step": step}, val_loss=loss)
+    ckpt, _ = make_checkpointer(tmp_path, cfg, {"s": ModelOptimizerState(model, [opt])}, {}, val_loss=losses.get)
+    for step in losses:
+        ckpt.save(step)
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "step_0000003", "step_0000004", "step_0000008", "step_0000009", "step_0000010"]
-    assert ckpt.best() == tmp_path / "step_0000003" and ckpt.latest() == tmp_path / "step_0000010"
-    assert json.loads((ckpt.best() / "DONE").read_text())["val_loss"] == 1.5
+    best = resolve_checkpoint(tmp_path, "best")
+    assert best == tmp_path / "step_0000003" and ckpt.latest() == tmp_path / "step_0000010"
+    assert json.loads((best / "DONE").read_text())["val_loss"] == 1.5

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from checkpoint_worker import build, flat_state, train_step
-from dist_gpt.checkpoint import Checkpointer, CheckpointConfig, ModelOptimizerState, read_metadata
+from checkpoint_worker import build, flat_state, make_checkpointer, train_step
+from dist_gpt.checkpoint import CheckpointConfig, ModelOptimizerState, read_metadata
 
 pytestmark = pytest.mark.slow
 WORKER = Path(__file__).with_name("checkpoint_worker.py")
@@ -25,8 +25,9 @@ def torchrun(*args: str) -> subprocess.CompletedProcess:
 
 def load_one_rank(path: Path):
     model, opt = build()
-    meta = Checkpointer(path.parent, CheckpointConfig(), 0, 1).load(path, {"model_optim": ModelOptimizerState(model, [opt])})
-    return meta, flat_state(model, opt)
+    ckpt, note = make_checkpointer(path.parent, CheckpointConfig(), {"model_optim": ModelOptimizerState(model, [opt])})
+    ckpt.load(path)
+    return note.value, flat_state(model, opt)
 
 
 def assert_same(a: dict, b: dict) -> None:
@@ -54,8 +55,9 @@ def test_one_rank_save_loads_on_two_ranks(tmp_path):
     model, opt = build()
     for s in (1, 2):
         train_step(model, opt, s, 0)
-    path = Checkpointer(tmp_path / "checkpoints", CheckpointConfig(), 0, 1).save(
-        2, {"model_optim": ModelOptimizerState(model, [opt])}, {"step": 2})
+    ckpt, _ = make_checkpointer(tmp_path / "checkpoints", CheckpointConfig(),
+                                {"model_optim": ModelOptimizerState(model, [opt])}, {"step": 2})
+    path = ckpt.save(2)
     out = tmp_path / "out"
     out.mkdir()
     proc = torchrun("load", str(path), str(out))
@@ -72,7 +74,7 @@ def test_rank_killed_mid_save_leaves_previous_checkpoint(tmp_path):
     proc = torchrun("crash", str(root), str(tmp_path))
     assert proc.returncode != 0
     assert (root / ".tmp_step_0000002").is_dir()  # the partial write is there ...
-    ckpt = Checkpointer(root, CheckpointConfig(), 0, 1)
+    ckpt, _ = make_checkpointer(root, CheckpointConfig(), {})
     assert ckpt.latest() == root / "step_0000001"  # ... and ignored, then cleaned
     assert not (root / ".tmp_step_0000002").exists()
     meta, _ = load_one_rank(ckpt.latest())

@@ -10,6 +10,9 @@ import torch
 
 from dist_gpt import config as config_mod
 from dist_gpt.checkpoint import Checkpointer, ModelOptimizerState
+from dist_gpt.dist import DistEnv
+from dist_gpt.metrics import NullLogger
+from dist_gpt.resume import ConfigIdentity, DatasetIdentity
 from dist_gpt.data import Dataset
 from dist_gpt.data.prepare import PrepareOptions, prepare
 from dist_gpt.errors import CheckpointError
@@ -36,19 +39,19 @@ def trained_run(run_dir: Path, data_path: Path):
     torch.manual_seed(0)
     model = GPT(cfg.model)
     optimizers = build_optimizers(model, cfg.optim, "cpu")
-    ckpt = Checkpointer(run_dir / "checkpoints", cfg.checkpoint, 0, 1)
+    val_losses = {1: 1.0, 2: 2.0}
+    ckpt = Checkpointer(run_dir / "checkpoints", cfg.checkpoint, DistEnv(),
+                        {"model_optim": ModelOptimizerState(model, optimizers)},
+                        {"config": ConfigIdentity(cfg, NullLogger()), "dataset": DatasetIdentity(ds, str(data_path))},
+                        val_loss=val_losses.get)
     snapshots = {}
-    for step, val_loss in ((1, 1.0), (2, 2.0)):
+    for step in val_losses:
         idx = torch.randint(0, ds.vocab_size, (2, cfg.model.block_size))
         model(idx, idx).backward()
         for opt in optimizers:
             opt.step()
             opt.zero_grad(set_to_none=True)
-        meta = {"step": step, "config": cfg.to_dict(),
-                "dataset": {"path": str(data_path), "fingerprint": ds.fingerprint,
-                            "tokenizer_fingerprint": ds.tokenizer_fingerprint, "tokenizer": ds.tokenizer.name,
-                            "vocab_size": ds.vocab_size, "eot_id": ds.eot_id}}
-        ckpt.save(step, {"model_optim": ModelOptimizerState(model, optimizers)}, meta, val_loss=val_loss)
+        ckpt.save(step)
         snapshots[step] = {k: v.clone() for k, v in model.state_dict().items()}
     return cfg, model, snapshots
 

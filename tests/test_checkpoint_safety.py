@@ -18,12 +18,13 @@ from torch.distributed.checkpoint.filesystem import _StorageInfo
 from torch.distributed.checkpoint.storage import WriteResult
 from torch.futures import Future
 
-from checkpoint_worker import build, flat_state, train_step
+from checkpoint_worker import build, flat_state, make_checkpointer, train_step
 from dist_gpt import config as config_mod
 from dist_gpt.checkpoint import Checkpointer, CheckpointConfig, ModelOptimizerState, read_metadata
 from dist_gpt.checkpoint.layout import build_manifest, write_json_durably
 from dist_gpt.checkpoint.safe_reader import RestrictedUnpickler, UnsafeGlobalError
 from dist_gpt.checkpoint.writer import ChecksummedFileSystemWriter
+from dist_gpt.dist import DistEnv
 from dist_gpt.errors import CheckpointError
 from dist_gpt.model import GPT
 from dist_gpt.optim import build_optimizers
@@ -45,9 +46,14 @@ class RunsShell:
 def saved(tmp_path: Path) -> tuple[Checkpointer, Path, nn.Module, torch.optim.Optimizer]:
     model, opt = build()
     train_step(model, opt, 1, 0)
-    ckpt = Checkpointer(tmp_path / "checkpoints", CheckpointConfig(), 0, 1)
-    path = ckpt.save(1, {"model_optim": ModelOptimizerState(model, [opt])}, {"step": 1})
-    return ckpt, path, model, opt
+    ckpt, _ = make_checkpointer(tmp_path / "checkpoints", CheckpointConfig(),
+                                {"model_optim": ModelOptimizerState(model, [opt])}, {"step": 1})
+    return ckpt, ckpt.save(1), model, opt
+
+
+def load(path: Path, state: dict) -> None:
+    """Load the tensor `state` from the checkpoint at `path` with a Checkpointer that owns only it."""
+    Checkpointer(path.parent, CheckpointConfig(), DistEnv(), state, {}).load(path)
 
 
 def fresh_state():
@@ -72,7 +78,7 @@ def test_flipped_byte_in_tensor_data_names_the_file(tmp_path):
     raw[len(raw) - 40] ^= 0xFF  # inside the last tensor's payload: torch.load alone would not notice
     data.write_bytes(bytes(raw))
     with pytest.raises(CheckpointError, match=r"__0_0\.distcp is corrupt: the bytes of .* do not match their CRC32"):
-        ckpt.load(path, fresh_state())
+        load(path, fresh_state())
 
 
 def test_truncated_data_file_names_the_file(tmp_path):
@@ -80,7 +86,7 @@ def test_truncated_data_file_names_the_file(tmp_path):
     data = path / "__0_0.distcp"
     os.truncate(data, data.stat().st_size - 100)
     with pytest.raises(CheckpointError, match=r"__0_0\.distcp is \d+ bytes but DONE records \d+: the file is truncated"):
-        ckpt.load(path, fresh_state())
+        load(path, fresh_state())
 
 
 @pytest.mark.parametrize("name", [".metadata", "meta.json"])
@@ -88,7 +94,7 @@ def test_truncated_small_files_name_the_file(tmp_path, name):
     ckpt, path, _, _ = saved(tmp_path)
     os.truncate(path / name, (path / name).stat().st_size // 2)
     with pytest.raises(CheckpointError, match=rf"{name} is corrupt or truncated .*delete checkpoint"):
-        ckpt.load(path, fresh_state())
+        load(path, fresh_state())
 
 
 def test_truncated_metadata_with_matching_done_is_still_a_clear_error(tmp_path):
@@ -96,17 +102,17 @@ def test_truncated_metadata_with_matching_done_is_still_a_clear_error(tmp_path):
     os.truncate(path / ".metadata", 200)
     reseal(path, ".metadata")
     with pytest.raises(CheckpointError, match=r"\.metadata is corrupt \("):
-        ckpt.load(path, fresh_state())
+        load(path, fresh_state())
 
 
 def test_garbled_done_and_missing_file_name_the_file(tmp_path):
     ckpt, path, _, _ = saved(tmp_path)
     (path / "__0_0.distcp").unlink()
     with pytest.raises(CheckpointError, match=r"__0_0\.distcp is missing"):
-        ckpt.load(path, fresh_state())
+        load(path, fresh_state())
     (path / "DONE").write_text("{not json")
     with pytest.raises(CheckpointError, match=r"DONE is corrupt"):
-        ckpt.load(path, fresh_state())
+        load(path, fresh_state())
 
 
 def with_adamw(model: nn.Module) -> dict:
@@ -117,15 +123,15 @@ def test_other_model_shapes_are_refused_before_reading(tmp_path):
     ckpt, path, _, _ = saved(tmp_path)
     wider = nn.Sequential(nn.Linear(8, 32), nn.GELU(), nn.Linear(32, 4))
     with pytest.raises(CheckpointError, match=r"holds 'model_optim.model.0.weight' with shape \[16, 8\] but this run's has shape \[32, 8\]"):
-        ckpt.load(path, with_adamw(wider))
+        load(path, with_adamw(wider))
     deeper = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 4), nn.Linear(4, 4))
     with pytest.raises(CheckpointError, match=r"does not hold 'model_optim.model.3.weight' \(and 7 more\)"):
-        ckpt.load(path, with_adamw(deeper))
+        load(path, with_adamw(deeper))
     shallower = nn.Sequential(nn.Linear(8, 16))
     with pytest.raises(CheckpointError, match=r"holds 'model_optim.model.2.weight' \(and 7 more\) that this run does not have"):
-        ckpt.load(path, with_adamw(shallower))
+        load(path, with_adamw(shallower))
     with pytest.raises(CheckpointError, match=r"holds 'model_optim.optim.state.0.weight.step' \(and 11 more\) that this run does not have"):
-        ckpt.load(path, {"model_optim": ModelOptimizerState(build()[0])})  # no optimizer: refused, not half-loaded
+        load(path, {"model_optim": ModelOptimizerState(build()[0])})  # no optimizer: refused, not half-loaded
 
 
 # -- code in the metadata ---------------------------------------------------------------------
@@ -139,7 +145,7 @@ def test_metadata_carrying_os_system_is_refused_and_never_run(tmp_path):
     reseal(path, ".metadata")
 
     with pytest.raises(CheckpointError, match=r"\.metadata refers to (posix|os)\.system, which a checkpoint's metadata never holds"):
-        ckpt.load(path, fresh_state())
+        load(path, fresh_state())
     with pytest.raises(CheckpointError, match="refusing to load it"):
         read_metadata(path)
     assert not marker.exists()
@@ -171,10 +177,10 @@ def test_non_tensor_entry_is_refused_and_never_unpickled(tmp_path):
     dcp.save(state, storage_writer=ChecksummedFileSystemWriter(path), no_dist=True)
     write_json_durably(path / "DONE", build_manifest(path, 1, None, 1))
 
-    ckpt = Checkpointer(path.parent, CheckpointConfig(), 0, 1)
+    ckpt = Checkpointer(path.parent, CheckpointConfig(), DistEnv(), {}, {})
     assert ckpt.latest() == path  # it looks complete ...
     with pytest.raises(CheckpointError, match=r"\.metadata lists a non-tensor entry 'extra'.*refusing"):
-        ckpt.load(path, {"model_optim": {"model": build()[0].state_dict()}})  # ... but is refused
+        load(path, {"model_optim": {"model": build()[0].state_dict()}})  # ... but is refused
     assert not marker.exists()
     # The payload is live: PyTorch's stock reader hands it to torch.load(weights_only=False).
     dcp.load({"extra": 0}, storage_reader=FileSystemReader(path), no_dist=True)
@@ -226,12 +232,12 @@ def test_real_gpt_and_optimizers_round_trip(tmp_path, recipe):
     model(idx, idx).backward()
     for opt in optimizers:
         opt.step()
-    ckpt = Checkpointer(tmp_path, CheckpointConfig(), 0, 1)
-    path = ckpt.save(1, {"model_optim": ModelOptimizerState(model, optimizers)}, {"step": 1})
+    ckpt, _ = make_checkpointer(tmp_path, CheckpointConfig(), {"model_optim": ModelOptimizerState(model, optimizers)})
+    path = ckpt.save(1)
     torch.manual_seed(1)
     model2 = GPT(cfg.model)
     optimizers2 = build_optimizers(model2, cfg.optim, "cpu")
-    ckpt.load(path, {"model_optim": ModelOptimizerState(model2, optimizers2)})
+    load(path, {"model_optim": ModelOptimizerState(model2, optimizers2)})
     for a, b in zip(model.state_dict().values(), model2.state_dict().values()):
         assert torch.equal(a, b)
     for o1, o2 in zip(optimizers, optimizers2):

@@ -32,7 +32,7 @@ def test_space_separated_values_aliases_and_bool_flags():
 
 def test_compile_defaults_to_auto_on_gpu_only():
     import torch
-    from dist_gpt.train import use_compile
+    from dist_gpt.trainer import use_compile
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert config.parse([]).train.compile is None
     assert config.parse(["--train.compile=auto"]).train.compile is None
@@ -55,7 +55,7 @@ def test_optional_values_accept_none():
     (["--preset", "huge"], "unknown preset"),
     (["--recipe", "ancient"], "train.recipe"),
     (["steps=3"], "unexpected argument"),
-    (["--train.global_batch=10", "--train.micro_batch=4"], "not a multiple"),
+    (["--train.global_batch=10", "--train.micro_batch=4"], "must be a multiple of train.micro_batch"),
     (["--config", "/nonexistent.toml"], "not found"),
 ])
 def test_bad_options_give_one_line_errors(argv, fragment):

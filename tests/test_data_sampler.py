@@ -153,7 +153,16 @@ def test_epochs_roll_over_without_stopping(ds):
 
 
 def test_bad_batch_shapes_are_clear(ds):
-    with pytest.raises(DataError, match="multiple"):
+    from dist_gpt.config import TrainConfig
+    from dist_gpt.errors import ConfigError
+
+    # the rule lives in the config (TrainConfig.grad_accum); the loader only refuses an impossible split
+    with pytest.raises(ConfigError, match=r"train.global_batch=10 must be a multiple of train.micro_batch × world size = 4 × 1"):
+        TrainConfig(global_batch=10, micro_batch=4)
+    with pytest.raises(ConfigError, match=r"= 4 × 2 on 2 ranks: change train.global_batch or train.micro_batch"):
+        TrainConfig(global_batch=12, micro_batch=4).grad_accum(2)
+    assert TrainConfig(global_batch=16, micro_batch=4).grad_accum(2) == 2
+    with pytest.raises(ValueError, match="does not split"):
         TrainBatches(ds, T, 10, 4, world_size=1)
     with pytest.raises(DataError, match="block_size"):
         TrainBatches(ds, 100_000, 8, 8)

@@ -9,7 +9,8 @@ from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 
 import dist_gpt.metrics as metrics
 from dist_gpt.errors import ConfigError
-from dist_gpt.metrics import (LogConfig, MetricsLogger, NullLogger, device_peak_flops, format_duration,
+from dist_gpt.dist import DistEnv
+from dist_gpt.metrics import (LogConfig, MetricsLogger, NullLogger, Throughput, device_peak_flops, format_duration,
                               format_value, make_logger, mfu, peak_flops_for_name, resolve_peak_flops)
 
 
@@ -58,9 +59,8 @@ def test_non_main_ranks_stay_quiet(tmp_path, capsys):
         logger.hparams({"a": 1}, {"m": 1.0})
         logger.print("hello")
         logger.close()
-        logger.step(1, loss=1.0, lr=1e-3, grad_norm=1.0, step_time=0.1, data_time=0.0, tokens_per_s=1.0,
-                    flops_per_token=1.0, device="cpu", dtype="fp32")
-        logger.eval(1, loss=1.0, bpb=1.0, blocks=1)
+        logger.step(1, loss=1.0, lr=1e-3, grad_norm=1.0, step_time=0.1, data_time=0.0)
+        logger.eval(1, loss=1.0, bpb=1.0, blocks=1, best=1.0)
     assert capsys.readouterr().out == ""
     assert list(tmp_path.iterdir()) == []
 
@@ -88,12 +88,13 @@ def test_due_is_the_same_on_every_rank(tmp_path):
 
 
 def test_step_and_eval(tmp_path, capsys):
-    log = make_logger(tmp_path, LogConfig(peak_tflops=1.0), is_main=True, total_steps=100)
-    # 1e6 FLOPs/token x 1e6 tokens/s over 2 devices of 1 TFLOP/s: MFU 0.5
-    log.step(10, loss=2.5, lr=3e-4, grad_norm=0.75, step_time=0.2, data_time=0.05, tokens_per_s=1e6,
-             flops_per_token=1e6, device="cpu", dtype="fp32", world_size=2)
-    log.eval(10, loss=1.5, bpb=2.0, blocks=64)
-    log.eval(20, loss=1.75, bpb=2.3, blocks=64)
+    cfg = LogConfig(peak_tflops=1.0)
+    # 1e6 FLOPs/token x 1e6 tokens/s (2e5 tokens in 0.2 s) over 2 devices of 1 TFLOP/s: MFU 0.5
+    throughput = Throughput.of(cfg, DistEnv(world_size=2), "fp32", tokens_per_step=200_000, flops_per_token=1e6)
+    log = make_logger(tmp_path, cfg, is_main=True, total_steps=100, throughput=throughput)
+    log.step(10, loss=2.5, lr=3e-4, grad_norm=0.75, step_time=0.2, data_time=0.05)
+    log.eval(10, loss=1.5, bpb=2.0, blocks=64, best=1.5)
+    log.eval(20, loss=1.75, bpb=2.3, blocks=64, best=1.5)
     log.close()
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith("step 10/100 | loss 2.5000 | lr 3.00e-04 | gnorm 0.75 | tok/s 1M | mfu 50.0% | "

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import time
+from pathlib import Path
 
 import pytest
 
@@ -163,3 +166,94 @@ def test_a_warning_during_start_up_is_kept_not_fatal(tiny_data, tmp_path):
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err[-2000:]
     assert json.loads((run / "requeue.json").read_text())["signal"] == "SIGUSR2"
+
+
+def _last_checkpoint(run):
+    return sorted((run / "checkpoints").glob("step_*"))[-1]
+
+
+def test_a_damaged_meta_json_is_named_before_it_is_parsed(tiny_data, tmp_path):
+    """A flipped byte in meta.json is caught by its CRC32 in DONE before anything is parsed: not a
+    UnicodeDecodeError, a KeyError or a false 'config mismatch'."""
+    run = tmp_path / "run"
+    run_train(_args(tiny_data, run, "--train.steps=3"))
+    meta = _last_checkpoint(run) / "meta.json"
+    raw = bytearray(meta.read_bytes())
+    for where, value in ((0, 0xFF), (raw.index(b'"seed"') + 2, ord("z")), (raw.index(b'"global_batch": ') + 16, ord("9"))):
+        damaged = bytearray(raw)
+        damaged[where] = value  # an invalid UTF-8 byte; a renamed key; a changed value
+        meta.write_bytes(bytes(damaged))
+        out = run_train(_args(tiny_data, run, "--train.steps=6"), check=False)
+        errors = [ln for ln in out.stderr.splitlines() if ln.startswith("error:")]
+        assert out.returncode == 2 and len(errors) == 1 and "Traceback" not in out.stderr, out.stderr[-2000:]
+        assert f"{meta} is corrupt or truncated" in errors[0]
+    meta.write_bytes(bytes(raw))
+    run_train(_args(tiny_data, run, "--train.steps=4"))
+
+
+def test_an_unknown_meta_format_is_one_line_naming_the_version(tiny_data, tmp_path):
+    from dist_gpt.checkpoint.layout import check_small_file, read_manifest, read_meta, write_json_durably
+    from dist_gpt.errors import CheckpointError
+
+    run = tmp_path / "run"
+    run_train(_args(tiny_data, run, "--train.steps=2"))
+    path = _last_checkpoint(run)
+    meta = json.loads((path / "meta.json").read_text())
+    assert meta["meta_format"] == 1
+    (path / "meta.json").write_text(json.dumps({**meta, "meta_format": 7}))
+    done = read_manifest(path)
+    raw = (path / "meta.json").read_bytes()
+    import zlib
+    done["files"]["meta.json"] = {"size": len(raw), "crc32": zlib.crc32(raw)}
+    write_json_durably(path / "DONE", done)
+    check_small_file(path, done, "meta.json")  # intact, as far as the checksum goes
+    with pytest.raises(CheckpointError, match="has meta format 7; this dist_gpt reads format 1"):
+        read_meta(path)
+
+
+def test_a_config_error_is_printed_once_not_once_per_rank(tiny_data, tmp_path):
+    out = run_train(_args(tiny_data, tmp_path / "run", "--train.global_batch=6", "--train.micro_batch=2"),
+                    nproc=2, check=False)
+    errors = [ln for ln in out.stderr.splitlines() if "error:" in ln and "global_batch" in ln]
+    assert out.returncode != 0 and len(errors) == 1, out.stderr[-3000:]
+    assert "train.global_batch=6 must be a multiple of train.micro_batch × world size = 2 × 2 on 2 ranks" in errors[0]
+
+
+def test_an_unwritable_run_directory_is_one_line_on_every_rank(tiny_data, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("a file where the run directory's parent should be")
+    out = run_train(_args(tiny_data, blocker / "run"), nproc=2, check=False)
+    # what the ranks printed comes before torchrun's own failure report (a traceback of its own)
+    ranks = out.stderr.split("Traceback (most recent call last):")[0]
+    errors = [ln for ln in ranks.splitlines() if "error:" in ln]
+    assert out.returncode != 0 and not any(ln.startswith("[rank") for ln in ranks.splitlines()), out.stderr[-3000:]
+    assert len(errors) == 2 and all(f"cannot write the run directory {blocker / 'run'}" in e for e in errors), errors
+    assert not any("peer may have died" in ln for ln in out.stderr.splitlines())
+
+
+def test_usr1_to_the_process_group_of_plain_torchrun_still_saves(tiny_data, tmp_path):
+    """SIGUSR1 to the whole process group of `torchrun --standalone ...` (no --signals-to-handle) kills the
+    torchrun agent, and with it the rendezvous store; the ranks must still agree, save and leave the marker."""
+    import signal
+    import subprocess
+    import sys
+
+    from conftest import REPO, _env
+
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "dist_gpt.train",
+           *_args(tiny_data, run, "--train.steps=1000000", "--eval.interval=0", "--log.interval=1000")]
+    proc = subprocess.Popen(cmd, env=_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    # run.json is written by rank 0 once every rank joined the process group, so every rank's
+    # handlers are in (they are installed before torch is imported).
+    while not (run / "run.json").exists():
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGUSR1)
+    # The ranks inherited the agent's stdout/stderr: the pipes close when the last rank exits.
+    out, err = proc.communicate(timeout=300)
+    marker = json.loads((run / "requeue.json").read_text())
+    assert marker["signal"] == "SIGUSR1", err[-3000:]
+    assert (Path(marker["checkpoint"]) / "DONE").exists()
+    assert "error:" not in err, err[-3000:]

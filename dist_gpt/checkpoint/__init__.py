@@ -1,17 +1,17 @@
 """Sharded checkpoints: DCP tensors + JSON meta, atomic commit, retention, safe loading.
 
     from dist_gpt.checkpoint import Checkpointer, CheckpointConfig, ModelOptimizerState
-    ckpt = Checkpointer(run_dir / "checkpoints", cfg.checkpoint, env.rank, env.world_size)
+    ckpt = Checkpointer(run_dir / "checkpoints", cfg.checkpoint, env, tensors={...}, json_states={...})
 
 See docs/CHECKPOINTS.md for the layout, the commit protocol and what the safe reader admits.
 """
 
 from .config import CheckpointConfig
 from .layout import read_manifest, read_meta, resolve_checkpoint
-from .loading import load_checkpoint
+from .loading import load_tensors
 from .manager import Checkpointer
 from .safe_reader import read_metadata
-from .state import ModelOptimizerState
+from .state import JsonState, ModelOptimizerState
 
-__all__ = ["CheckpointConfig", "Checkpointer", "ModelOptimizerState", "load_checkpoint", "read_manifest",
+__all__ = ["CheckpointConfig", "Checkpointer", "JsonState", "ModelOptimizerState", "load_tensors", "read_manifest",
            "read_meta", "read_metadata", "resolve_checkpoint"]

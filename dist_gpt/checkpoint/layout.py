@@ -31,7 +31,8 @@ DONE = "DONE"
 META = "meta.json"
 METADATA = ".metadata"
 SUMS_SUFFIX = ".crc32.json"  # per data file, written by the rank that wrote it, merged into DONE
-FORMAT = 1
+FORMAT = 1       # of DONE
+META_FORMAT = 1  # of meta.json ("meta_format"; checkpoints written before it was recorded are format 1)
 _STEP_RE = re.compile(r"^step_(\d+)$")
 _CHUNK = 16 << 20
 
@@ -183,6 +184,9 @@ def read_meta(path: Path, manifest: dict | None = None) -> dict:
     except ValueError as e:
         raise CheckpointError(f"{Path(path) / META} is not valid JSON ({e}): delete checkpoint {path} or "
                               "pass --resume with another checkpoint") from None
+    if meta.get("meta_format", 1) != META_FORMAT:
+        raise CheckpointError(f"{Path(path) / META} has meta format {meta.get('meta_format')!r}; this dist_gpt reads "
+                              f"format {META_FORMAT}: it was written by another dist_gpt version; use that version")
     return meta
 
 
@@ -215,6 +219,8 @@ def clean_partials(root: Path, keep: tuple[Path, ...] = ()) -> list[Path]:
 
 def resolve_checkpoint(path: str | Path, which: str = "latest") -> Path:
     """A checkpoint directory as given, or a run/checkpoints directory's latest (or best) complete one."""
+    from .retention import best_checkpoint  # retention builds on this module
+
     path = Path(path)
     if (path / DONE).exists() or _STEP_RE.match(path.name):
         return path
@@ -222,11 +228,8 @@ def resolve_checkpoint(path: str | Path, which: str = "latest") -> Path:
         found = [c for c in list_checkpoints(root) if c.complete]
         if not found:
             continue
-        if which == "best":
-            scored = [c for c in found if c.val_loss is not None]
-            if scored:
-                return min(scored, key=lambda c: (c.val_loss, -c.step)).path
-        return found[-1].path
+        best = best_checkpoint(found) if which == "best" else None
+        return (best or found[-1]).path
     if not path.exists():
         raise CheckpointError(f"{path} does not exist: pass a run directory, a checkpoint directory "
                               "(runs/NAME/checkpoints/step_...) or an exported .safetensors file")

@@ -18,7 +18,6 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
 from ..errors import CheckpointError, UserError
-from .layout import read_manifest, read_meta
 from .planners import SafeLoadPlanner
 from .safe_reader import SafeFileSystemReader, read_metadata
 
@@ -49,18 +48,15 @@ def unwrap_dcp_error(exc: CheckpointException, what: str) -> BaseException:
     return CheckpointError(f"{what} failed on rank {rank}: {type(err).__name__}: {err}")
 
 
-def load_checkpoint(path: str | Path, state: dict[str, Any], strict_prefixes: tuple[str, ...] | None = None,
-                    no_dist: bool | None = None, process_group=None) -> dict:
-    """Load `state` (a dict of Stateful objects or nested dicts of tensors) from a checkpoint; return meta.
+def load_tensors(path: Path, manifest: dict, state: dict[str, Any], strict_prefixes: tuple[str, ...] | None = None,
+                 no_dist: bool | None = None, metadata=None) -> None:
+    """DCP-load `state` from the checkpoint at `path` whose DONE is `manifest` (and whose `.metadata`,
+    read through the safe reader, is `metadata` when the caller already has it).
 
-    Collective when a process group is initialised (every rank calls it), unless no_dist=True.
     strict_prefixes defaults to every top-level key of `state`: the checkpoint may hold nothing under
     them that this run lacks.
     """
-    path = Path(path)
-    manifest = read_manifest(path)
-    meta = read_meta(path, manifest)
-    metadata = read_metadata(path, manifest)
+    metadata = metadata if metadata is not None else read_metadata(path, manifest)
     if strict_prefixes is None:
         strict_prefixes = tuple(f"{k}." for k in state)
     if no_dist is None:
@@ -68,7 +64,6 @@ def load_checkpoint(path: str | Path, state: dict[str, Any], strict_prefixes: tu
     try:
         with single_process_quiet():
             dcp.load(state, storage_reader=SafeFileSystemReader(path, metadata, manifest),
-                     planner=SafeLoadPlanner(path, strict_prefixes), no_dist=no_dist, process_group=process_group)
+                     planner=SafeLoadPlanner(path, strict_prefixes), no_dist=no_dist)
     except CheckpointException as e:
         raise unwrap_dcp_error(e, f"loading checkpoint {path}") from None
-    return meta

@@ -1,10 +1,19 @@
-"""Checkpointer: save (sync or async), atomic commit, retention, latest/best, safe load.
+"""Checkpointer: owns the run's stateful objects; saves (sync or async), restores, rolls back.
 
-    ckpt = Checkpointer(run_dir / "checkpoints", cfg.checkpoint, rank, world_size)
-    if ckpt.due(step):
-        ckpt.save(step, {"model_optim": ModelOptimizerState(model, optimizers)}, meta, val_loss)
-    ckpt.wait()                                   # before exit and before rolling back
-    meta = ckpt.load(ckpt.latest(), state)
+    ckpt = Checkpointer(run_dir / "checkpoints", cfg.checkpoint, env,
+                        tensors={"model_optim": ModelOptimizerState(model, optimizers)},  # DCP
+                        json_states={"config": ..., "run": state, "batches": batches},   # meta.json
+                        val_loss=evaluator.loss_at)
+    ckpt.restore()            # checkpoint.resume: auto | none | PATH (once, before the first step)
+    ckpt.maybe_save(step)     # when checkpoint.interval says so (never the step it restored)
+    ckpt.save(step)           # at the end, or on a stop signal
+    ckpt.rollback()           # the NaN policy: reload the latest complete checkpoint
+    ckpt.wait()               # before exit
+
+Every object handed over has `state_dict()` / `load_state_dict()`. The tensor states go through DCP
+(tensors only); the JSON states go into meta.json, one key per state, in the order given, which is
+also the order they are loaded in (identity checks first). meta.json is read once, verified
+against the CRC32 in DONE, before any of it is parsed.
 
 A save, on every rank (it is collective):
   1. rank 0 clears a stale `.tmp_step_N/` and writes meta.json into it; barrier.
@@ -26,6 +35,7 @@ import json
 import os
 import shutil
 import threading
+import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,22 +45,26 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, UserError
 from .config import CheckpointConfig
 from .layout import (
     DONE,
     META,
+    META_FORMAT,
     SUMS_SUFFIX,
     build_manifest,
     clean_partials,
     fsync_dir,
     list_checkpoints,
+    read_manifest,
+    read_meta,
     remove_checkpoint,
+    resolve_checkpoint,
     step_dir_name,
     tmp_dir_name,
     write_json_durably,
 )
-from .loading import load_checkpoint, single_process_quiet, unwrap_dcp_error
+from .loading import load_tensors, single_process_quiet, unwrap_dcp_error
 from .planners import TensorOnlySavePlanner
 from .retention import apply_retention
 from .writer import ChecksummedFileSystemWriter
@@ -75,22 +89,33 @@ def _distributed() -> bool:
 
 
 class Checkpointer:
-    def __init__(self, root: str | Path, cfg: CheckpointConfig, rank: int = 0, world_size: int = 1):
+    """The run's checkpoints: `tensors` through DCP, `json_states` into meta.json (see the module doc).
+
+    `env` needs `.rank` and `.world_size`; `val_loss(step)` gives the validation loss measured at
+    `step` (or None), recorded in DONE for keep_best.
+    """
+
+    def __init__(self, root: str | Path, cfg: CheckpointConfig, env, tensors: dict[str, Any],
+                 json_states: dict[str, Any], val_loss=lambda step: None):
         self.root = Path(root)
         self.cfg = cfg
-        self.rank, self.world_size = rank, world_size
+        self.rank, self.world_size = env.rank, env.world_size
+        self.tensors, self.json_states, self.val_loss = tensors, json_states, val_loss
+        self.restored_step = 0  # the step of the checkpoint loaded last (0: none)
         self._pending: _Pending | None = None
         self._async_group = None
         self._last_saved: tuple[int, Path] | None = None
 
     # -- when ---------------------------------------------------------------------------------
-    def due(self, step: int) -> bool:
-        """Whether checkpoint.interval asks for a save at this step (the final save is the caller's)."""
-        return self.cfg.interval > 0 and step > 0 and step % self.cfg.interval == 0
+    def maybe_save(self, step: int) -> Path | None:
+        """Save when checkpoint.interval asks for `step`, unless `step` is the one just restored."""
+        if self.cfg.interval > 0 and step > self.restored_step and step % self.cfg.interval == 0:
+            return self.save(step)
+        return None
 
     # -- save ---------------------------------------------------------------------------------
-    def save(self, step: int, state: dict[str, Any], meta: dict, val_loss: float | None = None) -> Path:
-        """Write a checkpoint of `state` (tensors, via DCP) and `meta` (JSON) at `step`; every rank calls it.
+    def save(self, step: int) -> Path:
+        """Write a checkpoint of every state at `step`; every rank calls it.
 
         Returns the checkpoint's final path (with async_save it is committed once the background
         write completes; `wait()` guarantees it). Saving the same step twice in one process is a no-op.
@@ -98,7 +123,11 @@ class Checkpointer:
         self.wait()
         if self._last_saved is not None and self._last_saved[0] == step:
             return self._last_saved[1]
+        meta = {"meta_format": META_FORMAT, "step": step, "saved_at": time.time(),
+                **{name: obj.state_dict() for name, obj in self.json_states.items()}}
         meta_text = json.dumps(meta, indent=1, sort_keys=True)  # every rank: a bad meta fails everywhere
+        val_loss = self.val_loss(step)
+        state = self.tensors
         tmp, final = self.root / tmp_dir_name(step), self.root / step_dir_name(step)
         self._agree(self._on_rank0(lambda: self._prepare(tmp, meta_text), f"could not create {tmp}"))
         writer = ChecksummedFileSystemWriter(tmp)
@@ -222,16 +251,64 @@ class Checkpointer:
         done = [c for c in list_checkpoints(self.root) if c.complete]
         return done[-1].path if done else None
 
-    def best(self) -> Path | None:
-        """The complete checkpoint with the lowest validation loss (the newest among equals)."""
-        scored = [c for c in list_checkpoints(self.root) if c.complete and c.val_loss is not None]
-        return min(scored, key=lambda c: (c.val_loss, -c.step)).path if scored else None
-
     def has_checkpoints(self) -> bool:
         return any(c.complete for c in list_checkpoints(self.root))
 
     # -- load ---------------------------------------------------------------------------------
-    def load(self, path: str | Path, state: dict[str, Any]) -> dict:
-        """Load `state` from the checkpoint at `path` (collective) and return its meta."""
+    def restore(self) -> Path | None:
+        """Apply checkpoint.resume before the first step: auto (the latest here, if any), none (start
+        fresh; with checkpoint.force an old checkpoints directory is moved aside) or PATH (a checkpoint
+        or a run directory's latest). Returns the checkpoint loaded, or None."""
+        resume = self.cfg.resume
+        if resume == "none":
+            if self.has_checkpoints():
+                if not self.cfg.force:
+                    raise CheckpointError(
+                        f"{self.root} already holds checkpoints and --resume none would start over: pass --resume "
+                        "auto to continue, --force to start fresh (the old checkpoints are moved aside, not "
+                        "deleted), or another --train.run_dir")
+                self._agree(self._on_rank0(self._move_aside, f"could not move {self.root} aside"))
+            return None
+        path = self.latest() if resume == "auto" else self._named(Path(resume))
+        if path is not None:
+            self.load(path)
+        return path
+
+    def _named(self, path: Path) -> Path:
+        if not path.exists():
+            raise CheckpointError(f"--resume {path}: no such checkpoint; pass a checkpoint directory, auto or none")
+        try:
+            return resolve_checkpoint(path)
+        except CheckpointError:
+            raise CheckpointError(f"--resume {path}: that directory holds no complete checkpoint") from None
+
+    def _move_aside(self) -> None:
+        aside = self.root.with_name(f"{self.root.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+        shutil.move(str(self.root), str(aside))
+        print(f"--force: moved the old checkpoints to {aside}")
+
+    def rollback(self) -> Path | None:
+        """Reload the latest complete checkpoint (the NaN policy); None when there is none."""
+        self.wait()  # an in-flight async save must finish (and retention run) before choosing
+        path = self.latest()
+        if path is not None:
+            self.load(path)
+        return path
+
+    def load(self, path: str | Path) -> None:
+        """Load every state from the checkpoint at `path` (collective): meta.json verified and parsed
+        once, the JSON states in order (identity checks first), then the tensors."""
         self.wait()
-        return load_checkpoint(path, state)
+        path = Path(path)
+        manifest = read_manifest(path)
+        meta = read_meta(path, manifest)
+        for name, obj in self.json_states.items():
+            if name not in meta:
+                raise CheckpointError(f"{path / META} has no {name!r} state: it was not written by this "
+                                      "trainer; pass another checkpoint or --resume none")
+            try:
+                obj.load_state_dict(meta[name])
+            except UserError as e:
+                raise type(e)(f"{path}: {e}") from None
+        load_tensors(path, manifest, self.tensors)
+        self.restored_step = int(meta["step"])

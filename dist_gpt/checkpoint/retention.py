@@ -7,6 +7,13 @@ from pathlib import Path
 from .layout import CheckpointInfo, list_checkpoints, remove_checkpoint
 
 
+def best_checkpoint(checkpoints: list[CheckpointInfo]) -> CheckpointInfo | None:
+    """The complete checkpoint with the lowest finite validation loss, the newest among equals (None
+    when no complete checkpoint has one): what keep_best keeps and `--best` / which="best" pick."""
+    scored = [c for c in checkpoints if c.complete and c.val_loss is not None]
+    return min(scored, key=lambda c: (c.val_loss, -c.step)) if scored else None
+
+
 def steps_to_keep(checkpoints: list[CheckpointInfo], keep_last: int, keep_every: int, keep_best: bool) -> set[int]:
     """Steps of the complete checkpoints to keep; the newest one is always kept.
 
@@ -20,9 +27,9 @@ def steps_to_keep(checkpoints: list[CheckpointInfo], keep_last: int, keep_every:
     keep = {c.step for c in done[-keep_last:]}
     if keep_every > 0:
         keep |= {c.step for c in done if c.step % keep_every == 0}
-    scored = [c for c in done if c.val_loss is not None]
-    if keep_best and scored:
-        keep.add(min(scored, key=lambda c: (c.val_loss, -c.step)).step)
+    best = best_checkpoint(done) if keep_best else None
+    if best is not None:
+        keep.add(best.step)
     return keep
 
 

@@ -85,3 +85,17 @@ class ModelOptimizerState(Stateful):
                 state[fqn][key] = kind(value.item()) if kind is not None else value
         set_state_dict(self.model, self.optimizers, model_state_dict=sd["model"],
                        optim_state_dict={"state": state, "param_groups": live["param_groups"]})
+
+
+class JsonState:
+    """A plain JSON value as a checkpoint's JSON state: saved as it is, loaded back into `.value`
+    (for what has no live object of its own, e.g. the notebook importer's provenance)."""
+
+    def __init__(self, value=None):
+        self.value = value
+
+    def state_dict(self):
+        return self.value
+
+    def load_state_dict(self, value) -> None:
+        self.value = value

@@ -25,15 +25,6 @@ from dist_gpt.errors import DataError
 _PINNED_SLOTS = 3  # host buffers in flight on CUDA: being filled, being copied, spare
 
 
-def _check_batch_shape(global_batch: int, micro_batch: int, world_size: int) -> int:
-    if micro_batch < 1 or world_size < 1 or global_batch % (micro_batch * world_size):
-        raise DataError(
-            f"global batch {global_batch} is not a multiple of micro_batch * world_size = "
-            f"{micro_batch} * {world_size}; change train.batch_size or train.micro_batch_size"
-        )
-    return global_batch // (micro_batch * world_size)
-
-
 class _HostToDevice:
     """Turns (R, L) token rows into (2, R, T) int64 (inputs, targets) on the device."""
 
@@ -86,7 +77,11 @@ class TrainBatches:
     def __init__(self, ds: Dataset, block_size: int, global_batch: int, micro_batch: int, rank: int = 0,
                  world_size: int = 1, seed: int = 0, device: torch.device | str = "cpu",
                  prefetch: bool = True, prefetch_on_cpu: bool = False):
-        self.grad_accum = _check_batch_shape(global_batch, micro_batch, world_size)
+        # The batch arithmetic is checked where it is configured (TrainConfig.grad_accum).
+        self.grad_accum, rest = divmod(global_batch, micro_batch * world_size)
+        if rest or not self.grad_accum:
+            raise ValueError(f"global_batch={global_batch} does not split into micro-batches of {micro_batch} "
+                             f"on {world_size} ranks")
         if not 0 <= rank < world_size:
             raise DataError(f"rank {rank} is outside world size {world_size}")
         self.ds, self.block_size, self.global_batch, self.micro_batch = ds, block_size, global_batch, micro_batch
@@ -167,12 +162,6 @@ class TrainBatches:
         self.position = int(state["position"])
         self._next_sample = int(state.get("next_sample", self.position * self.global_batch))
 
-    def close(self) -> None:
-        self._drop_ahead()
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-        self.reader.close()
-
 
 class ValBlocks:
     """A fixed, deterministic validation set, split across ranks; iterate for (x, y) batches.
@@ -194,10 +183,6 @@ class ValBlocks:
     def __len__(self) -> int:
         """Blocks across all ranks (each rank iterates its own share: every W-th block)."""
         return len(self.layout)
-
-    @property
-    def num_local_blocks(self) -> int:
-        return int(self.shard.size)
 
     def __iter__(self):
         reader = self.ds.reader("val")

@@ -1,0 +1,221 @@
+"""One builder and one step: the objects a run is made of, and the training step they take.
+
+    trainer = build(cfg, env, stop)   # every component, restored from a checkpoint when there is one
+    verdict = trainer.step()          # one optimizer step: PROCEED, or SKIP / ROLLED_BACK / STOP
+
+The training loop (`dist_gpt.train`) and the benchmarks (`bench/train_bench.py`) drive exactly
+these objects and this step. Each component is handed the few things it uses when it is built:
+
+    batches       TrainBatches: this rank's micro-batches of the global stream (data/loader.py)
+    model         the raw GPT (saving, sampling); train_model: compiled and wrapped for distribution
+    optimizers    AdamW (+ Muon), with the LR schedule `schedule` (optim.py)
+    precision     the autocast context and loss scaler (precision.py)
+    state         RunState: step, tokens, best validation loss, NaN bookkeeping (resume.py)
+    evaluator     validation loss and samples when due (evaluate.py)
+    checkpointer  owns every stateful object above; saves when due, restores, rolls back (checkpoint/)
+    guard         FaultGuard: heartbeat, stop signals, NaN policy, fault injection (faults.py)
+    log           metrics on rank 0, a no-op elsewhere (metrics.py)
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.profiler import record_function
+
+from . import dist
+from .checkpoint import Checkpointer, ModelOptimizerState
+from .data import DataConfig, Dataset, TrainBatches, ValBlocks, ensure_default_dataset
+from .evaluate import Evaluator
+from .faults import FaultGuard, StopSignals, Verdict
+from .metrics import NullLogger, Throughput, make_logger
+from .model import GPT
+from .optim import LRSchedule, build_optimizers, clip_grad_norm
+from .precision import Precision
+from .resume import ConfigIdentity, DatasetIdentity, RunState
+from .runinfo import make_run_dir, resolve_model_config
+from .weights import init_from
+
+
+@dataclass
+class Trainer:
+    """A run's components (built once by `build`) and its training step."""
+
+    model: GPT                     # the raw model: what is saved, sampled and initialised from
+    train_model: torch.nn.Module   # the model as trained: compiled, wrapped for distribution
+    optimizers: list
+    schedule: LRSchedule
+    precision: Precision
+    batches: TrainBatches
+    state: RunState
+    evaluator: Evaluator
+    checkpointer: Checkpointer
+    guard: FaultGuard
+    log: NullLogger
+    rank: int = 0
+    world_size: int = 1
+    seed: int = 0                  # train.seed: dropout masks are a function of (seed, step, rank)
+    grad_clip: float = 0.0
+    total_steps: int = 0
+
+    def __post_init__(self) -> None:
+        # Per-run constants, looked up once instead of at every step.
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.autocast = self.precision.autocast()
+        self.dropout = self.model.cfg.dropout > 0
+        self.tokens_per_step = self.batches.global_batch * self.batches.block_size
+        self.train_loss = float("nan")  # the last logged global-batch loss
+        self.data_time = 0.0            # seconds the last step waited for its batch
+
+    def step(self) -> Verdict:
+        """One training step on every rank: batch, forward/backward, the fault guard's verdict, then
+        (on PROCEED) clip, optimizer step and, when due, a log line."""
+        step = self.state.step
+        self.guard.before_step(step)
+        self.schedule.apply(self.optimizers, step)
+        if self.dropout:  # resumable: the masks are a function of (seed, step, rank), not of RNG state
+            torch.manual_seed(dropout_seed(self.seed, step, self.rank))
+        t0 = time.perf_counter()
+        with record_function("data"):
+            position, micro = self._next_batch()
+        self.data_time = time.perf_counter() - t0
+        with record_function("forward_backward"):
+            loss = forward_backward(self.train_model, micro, self.autocast, self.precision.scaler)
+        with record_function("agree"):
+            verdict = self.guard.after_loss(loss, position)
+        if verdict is not Verdict.PROCEED:
+            zero_grads(self.optimizers)
+            return verdict
+        with record_function("optimizer"):
+            grad_norm = optimizer_step(self.params, self.optimizers, self.precision.scaler, self.grad_clip)
+        self.state.step += 1
+        self.state.tokens += self.tokens_per_step
+        if self.log.due(self.state.step):  # the only read-back of the loss besides the agreement
+            self.train_loss = (dist.all_reduce_sum(loss.detach().clone()) / self.world_size).item()
+            self.log.step(self.state.step, loss=self.train_loss, lr=self.optimizers[0].param_groups[0]["lr"],
+                          grad_norm=float(grad_norm), step_time=time.perf_counter() - t0, data_time=self.data_time)
+        return verdict
+
+    def _next_batch(self) -> tuple[int, list]:
+        """(global batch index, this rank's micro-batches), past the batches a NaN rollback condemned."""
+        while self.batches.position in self.state.bad_positions:
+            self.batches.skip(1)
+        return self.batches.position, self.batches.next()
+
+
+def forward_backward(model, micro: list, autocast, scaler) -> torch.Tensor:
+    """Accumulate gradients over this rank's micro-batches; DDP syncs them only on the last one.
+
+    Returns this rank's mean loss over its micro-batches as a 0-d tensor (no host sync).
+    """
+    losses = []
+    n = len(micro)
+    for i, (x, y) in enumerate(micro):  # x, y: (micro_batch, block_size) int64
+        sync = model.no_sync() if i < n - 1 and hasattr(model, "no_sync") else nullcontext()
+        with sync:
+            with autocast:
+                loss = model(x, y)
+            scaler.scale(loss / n).backward()
+        losses.append(loss.detach())
+    return losses[0] if n == 1 else torch.stack(losses).mean()
+
+
+def optimizer_step(params: list, optimizers: list, scaler, grad_clip: float) -> torch.Tensor:
+    """Unscale (fp16 only), clip, step every optimizer and drop the gradients.
+
+    Returns the global gradient norm before clipping as a 0-d tensor (no host sync).
+    """
+    if scaler.is_enabled():
+        for opt in optimizers:
+            scaler.unscale_(opt)
+    grad_norm = clip_grad_norm(params, grad_clip)
+    for opt in optimizers:
+        scaler.step(opt)  # a disabled scaler (every mode but fp16) just calls opt.step()
+    scaler.update()
+    zero_grads(optimizers)
+    return grad_norm
+
+
+def zero_grads(optimizers: list) -> None:
+    for opt in optimizers:
+        opt.zero_grad(set_to_none=True)
+
+
+def dropout_seed(seed: int, step: int, rank: int) -> int:
+    """The seed of step `step`'s dropout masks on `rank`: a pure function, so a resumed run (or a
+    NaN rollback) draws the same masks as the uninterrupted one without saving any RNG state."""
+    return (seed * 1_000_003 + step) * 4099 + rank
+
+
+def use_compile(setting: bool | None, device: torch.device) -> bool:
+    """train.compile, with auto (None) decided: on for CUDA; off on CPU, where compiling the 4 x 4 x 128
+    model took 13 s and gained 7.7% per step, so it pays only after ~7,900 steps (docs/PERFORMANCE.md).
+    An explicit true/false always wins."""
+    return device.type == "cuda" if setting is None else setting
+
+
+# ---------------------------------------------------------------------------------------------
+# Building
+
+
+def build(cfg, env: dist.DistEnv, stop: StopSignals, log: NullLogger | None = None) -> Trainer:
+    """Every component of a run, wired once, then restored: from checkpoint.resume's checkpoint when
+    there is one, else from train.init_from's weights when given. `log` replaces the run's logger
+    (the benchmarks pass a NullLogger)."""
+    tc = cfg.train
+    torch.manual_seed(tc.seed)  # the model's initial weights
+    data = open_dataset(cfg, env)
+    cfg.model = resolve_model_config(cfg.model, data)
+    model = GPT(cfg.model).to(env.device)
+    precision = Precision(tc.precision, env.device)
+    optimizers = build_optimizers(model, cfg.optim, env.device, exact=precision.name == "fp32")
+    batches = TrainBatches(data, block_size=cfg.model.block_size, global_batch=tc.global_batch,
+                           micro_batch=tc.micro_batch, rank=env.rank, world_size=env.world_size,
+                           seed=tc.seed, device=env.device, prefetch=cfg.data.prefetch)
+    make_run_dir(cfg.run_dir, env)
+    throughput = Throughput.of(cfg.log, env, precision.name, tc.global_batch * cfg.model.block_size,
+                               model.flops_per_token())
+    log = log or make_logger(cfg.run_dir, cfg.log, env.is_main, tc.steps, throughput)
+    state = RunState()
+    fwd_model = torch.compile(model) if use_compile(tc.compile, env.device) else model
+    val = ValBlocks(data, block_size=cfg.model.block_size, batch_size=cfg.eval.batch_size or tc.micro_batch,
+                    rank=env.rank, world_size=env.world_size, max_blocks=cfg.eval.max_blocks, device=env.device)
+    evaluator = Evaluator(fwd_model, val, precision.autocast(), cfg.eval, log, state)
+    checkpointer = Checkpointer(
+        cfg.run_dir / "checkpoints", cfg.checkpoint, env,
+        tensors={"model_optim": ModelOptimizerState(model, optimizers)},
+        json_states={"config": ConfigIdentity(cfg, log), "dataset": DatasetIdentity(data, cfg.data.path),
+                     "run": state, "batches": batches, "precision": precision},
+        val_loss=evaluator.loss_at)
+    guard = FaultGuard(tc, env, stop, state, checkpointer.rollback, log)
+    restore(checkpointer, model, tc.init_from, state, batches, log)
+    return Trainer(model=model, train_model=dist.wrap(fwd_model, env), optimizers=optimizers,
+                   schedule=LRSchedule(cfg.optim, tc.steps), precision=precision, batches=batches, state=state,
+                   evaluator=evaluator, checkpointer=checkpointer, guard=guard, log=log, rank=env.rank,
+                   world_size=env.world_size, seed=tc.seed, grad_clip=cfg.optim.grad_clip, total_steps=tc.steps)
+
+
+def open_dataset(cfg, env: dist.DistEnv) -> Dataset:
+    """Rank 0 prepares the default dataset once while the others wait, then every rank opens it."""
+    path = Path(cfg.data.path)
+    is_default = path.resolve() == Path(DataConfig.path).resolve()
+    if cfg.data.prepare_if_missing and is_default and env.is_main and not (path / "manifest.json").exists():
+        ensure_default_dataset(path)
+    dist.barrier()
+    return Dataset.open(path, verify=cfg.data.verify)
+
+
+def restore(checkpointer: Checkpointer, model: GPT, init_weights: str | None, state: RunState,
+            batches: TrainBatches, log) -> None:
+    """checkpoint.resume first; a fresh run with train.init_from starts from those weights instead."""
+    path = checkpointer.restore()
+    if path is not None:
+        log.print(f"resumed from {path} at step {state.step} ({state.tokens:,} tokens, "
+                  f"global batch {batches.position})")
+    elif init_weights:
+        init_from(init_weights, model)
+        log.print(f"initialised the weights from {init_weights} (fresh optimizer, step 0)")
