@@ -29,6 +29,7 @@ from typing import Any
 
 from .checkpoint.config import CheckpointConfig
 from .data import DataConfig
+from .dist import ParallelConfig
 from .errors import ConfigError
 from .metrics import LogConfig
 from .model import GPTConfig
@@ -110,6 +111,7 @@ SECTIONS: dict[str, type] = {
     "eval": EvalConfig,
     "checkpoint": CheckpointConfig,
     "log": LogConfig,
+    "parallel": ParallelConfig,
 }
 
 # Short flags and the keys they stand for. A flag without "=" whose key is a bool is set to true.
@@ -130,6 +132,7 @@ class Config:
     eval: EvalConfig
     checkpoint: CheckpointConfig
     log: LogConfig
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     preset: str = "cpu"
 
     def to_dict(self) -> dict[str, Any]:
@@ -323,15 +326,16 @@ def build(preset: str = "cpu", file: str | None = None, overrides: dict[str, Any
     return Config(preset=preset, **sections)
 
 
-def parse(argv: list[str] | None = None, world_size: int = 1) -> Config | None:
-    """Parse the command line and check it against the launch's world size; prints --help and
-    returns None when asked for help."""
+def parse(argv: list[str] | None = None, world: tuple[int, int] = (1, 1)) -> Config | None:
+    """Parse the command line and check it against the launch's (world size, ranks per node); prints
+    --help and returns None when asked for help."""
     cl = parse_argv(list(sys.argv[1:] if argv is None else argv))
     cfg = build(cl.preset or "cpu", cl.config_file, cl.overrides)
     if cl.help:
         print(help_text(cfg))
         return None
-    cfg.train.grad_accum(world_size)
+    cfg.train.grad_accum(world[0])
+    cfg.parallel.mesh_shape(*world)
     return cfg
 
 

@@ -8,11 +8,12 @@ of a world of 1 and starts no process group at all.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -119,6 +120,150 @@ def init(device: str = "auto", timeout_s: float = 600.0, threads: int | None = N
     return env
 
 
+# ---------------------------------------------------------------------------------------------
+# Layouts: how the model is spread over the ranks (section `parallel`)
+
+LAYOUTS = ("ddp", "fsdp", "hsdp")
+
+
+@dataclass
+class ParallelConfig:
+    """The `parallel` section: how the model, its gradients and its optimizer state are laid out over
+    the ranks. Applied by `parallelize`; a checkpoint saved under any layout resumes under any other."""
+
+    data: str = field(default="ddp", metadata={"help": "ddp (every rank holds the whole model, optimizer state and gradients) | fsdp (all three sharded over every rank: FSDP2 fully_shard) | hsdp (sharded within groups of parallel.shard_size ranks, replicated across the groups)"})
+    shard_size: int | None = field(default=None, metadata={"help": "hsdp: ranks per shard group; must divide the world size (default: the ranks of one node)"})
+    reshard_after_forward: bool = field(default=True, metadata={"help": "fsdp/hsdp: free each block's gathered parameters after its forward and gather them again in backward (less memory, more communication)"})
+
+    def __post_init__(self) -> None:
+        if self.data not in LAYOUTS:
+            raise ConfigError(f"parallel.data must be one of {' | '.join(LAYOUTS)}, got {self.data!r}")
+        if self.shard_size is not None and self.shard_size < 1:
+            raise ConfigError(f"parallel.shard_size must be at least 1 (or none), got {self.shard_size}")
+
+    def mesh_shape(self, world_size: int, local_world_size: int) -> tuple[int, ...]:
+        """(shard,) for fsdp, (replicate, shard) for hsdp, () for ddp; a ConfigError when the shard size
+        does not divide the world."""
+        if self.data == "ddp":
+            return ()
+        if self.data == "fsdp":
+            return (world_size,)
+        shard = self.shard_size or local_world_size
+        if world_size % shard:
+            raise ConfigError(f"parallel.shard_size={shard} does not divide the world size {world_size}: hsdp "
+                              "needs whole shard groups; pass --parallel.shard_size=S with S dividing "
+                              f"{world_size} (e.g. the ranks of one node)")
+        return (world_size // shard, shard)
+
+
+def device_mesh(env: DistEnv, cfg: ParallelConfig):
+    """The DeviceMesh of a sharded layout; None for ddp, and for any layout in a world of one process
+    (nothing to shard: the model is whole on its one device)."""
+    if cfg.data == "ddp" or not env.distributed:
+        return None
+    from torch.distributed.device_mesh import init_device_mesh
+
+    shape = cfg.mesh_shape(env.world_size, env.local_world_size)
+    names = ("shard",) if len(shape) == 1 else ("replicate", "shard")
+    return init_device_mesh(env.device.type, shape, mesh_dim_names=names)
+
+
+def parallelize(model: nn.Module, env: DistEnv, cfg: ParallelConfig, mesh, compile_model: bool,
+                precision: str) -> tuple[nn.Module, nn.Module]:
+    """Apply the layout to `model`, in this order; return (forward model, training model).
+
+    1. activation checkpointing: the model's own option (model.activation_checkpointing), so it
+       works the same on every layout;
+    2. compile: the whole model under ddp; each block in place under fsdp/hsdp (names unchanged);
+    3. fsdp/hsdp: `fully_shard` each block, then the root (embeddings, final norm, head); on CUDA in
+       bf16 the parameters are gathered in bf16 and gradients reduced in fp32;
+    4. ddp: DistributedDataParallel around the (compiled) model, on several ranks.
+
+    The forward model evaluates and samples (never DDP's wrapper, whose forward would sync); the
+    training model runs forward/backward. Under fsdp/hsdp both are `model` itself, sharded in place.
+    """
+    if mesh is None:
+        fwd_model = torch.compile(model) if compile_model else model
+        return fwd_model, wrap(fwd_model, env)
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+
+    if compile_model:
+        for block in model.blocks:
+            block.compile()
+    mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+          if env.device.type == "cuda" and precision == "bf16" else MixedPrecisionPolicy())
+    for block in model.blocks:
+        fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=cfg.reshard_after_forward)
+    fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=cfg.reshard_after_forward)
+    register_fsdp_forward_method(model, "generate")  # sampling reads the root's parameters outside forward
+    return model, model
+
+
+@torch.no_grad()
+def materialize(model: nn.Module, device: torch.device) -> None:
+    """Give a model built on the meta device and sharded its initial weights, one parameter at a time.
+
+    Each parameter is made full size on the CPU by the model's own init step, in the model's own
+    order (so the random numbers are those an unsharded build with the same seed draws), and only
+    this rank's share is kept: no rank ever holds the whole model.
+    """
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    _replay_construction_draws(model)
+    model.to_empty(device=device)
+    params = dict(model.named_parameters(remove_duplicate=False))
+    for name, init in model.init_steps():
+        param = params[name]
+        full = torch.empty(param.shape, dtype=param.dtype)  # one parameter, full size, on the CPU
+        init(full)
+        if isinstance(param, DTensor):
+            shape, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
+            part = full[tuple(slice(o, o + n) for o, n in zip(offset, shape))]
+            param.to_local().copy_(part)
+        else:
+            param.copy_(full)
+
+
+def _replay_construction_draws(model: nn.Module) -> None:
+    """An unsharded build draws random numbers before the model's own init: every nn.Linear and
+    nn.Embedding initialises itself when it is constructed (and the model then overwrites it). On
+    the meta device those draws do not happen, so make them here, in construction order, on
+    throwaway CPU twins (one module at a time): the model's init then draws what it draws unsharded."""
+    for module in model.modules():  # registration order = construction order
+        if isinstance(module, nn.Linear):
+            nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
+        elif isinstance(module, nn.Embedding):
+            nn.Embedding(module.num_embeddings, module.embedding_dim, padding_idx=module.padding_idx)
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """Whether forward passes of `model` are collective (fsdp/hsdp): every rank must run the same ones."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+@contextlib.contextmanager
+def no_grad_sync(model: nn.Module):
+    """Backward passes inside accumulate gradients without reducing them over the ranks (every
+    micro-step but the last one of a step). Under fsdp/hsdp the gradients then stay unsharded until
+    the last micro-step: gradient accumulation costs a full gradient's memory per rank."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if isinstance(model, FSDPModule):
+        model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)
+    elif hasattr(model, "no_sync"):  # DDP
+        with model.no_sync():
+            yield
+    else:
+        yield
+
+
 def wrap(model: nn.Module, env: DistEnv) -> nn.Module:
     """DDP around the model on several ranks; the raw model stays the caller's for saving/sampling.
 
@@ -219,7 +364,9 @@ def launch_rank() -> int:
     return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
 
 
-def launch_world_size() -> int:
-    """The world size the launcher set up (torchrun's WORLD_SIZE, or the SLURM tasks of a step), before init."""
+def launch_world() -> tuple[int, int]:
+    """(world size, ranks on this node) as the launcher set them up (torchrun's WORLD_SIZE and
+    LOCAL_WORLD_SIZE, or the SLURM tasks of a step), before the process group starts."""
     _slurm_to_torch_env()
-    return int(os.environ.get("WORLD_SIZE", "1"))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return world, int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))

@@ -27,17 +27,31 @@ from .weights import add_source_arguments, load_model
 @torch.no_grad()
 def validation_loss(model, val, autocast) -> tuple[float, int]:
     """Mean loss over this rank's share of `val`, reduced over ranks -> (nats per token, blocks).
-    `autocast` is the run's precision context (Precision.autocast())."""
+    `autocast` is the run's precision context (Precision.autocast()).
+
+    The ranks' shares differ by at most one block. When a forward pass is collective (fsdp/hsdp
+    gather each block's parameters), every rank must run as many as the busiest one: a rank with
+    fewer batches repeats its last one without counting it.
+    """
     was_training = model.training
     model.eval()
     # (sum of per-token losses, tokens, blocks) on this rank, summed over ranks below.
     acc = torch.zeros(3, dtype=torch.float64, device=val.device)
+    batches = 0
+    x = y = None
     for x, y in val:  # x, y: (b, T)
         with autocast:
             loss = model(x, y)
         acc[0] += loss.double() * y.numel()  # stays on the device: no sync per batch
         acc[1] += y.numel()
         acc[2] += y.size(0)
+        batches += 1
+    if dist.is_sharded(model):
+        if x is None:  # no block at all on this rank: any input of the right width keeps it in step
+            x = y = torch.zeros(1, val.block_size, dtype=torch.long, device=val.device)
+        for _ in range(val.max_batches - batches):
+            with autocast:
+                model(x, y)  # uncounted: keeps this rank in step with the others' gathers
     model.train(was_training)
     total, tokens, blocks = dist.all_reduce_sum(acc).tolist()
     return total / max(tokens, 1), int(blocks)
@@ -59,6 +73,8 @@ class Evaluator:
         self.model, self.raw_model = model, unwrap_model(model)
         self.val, self.autocast, self.cfg, self.log, self.state = val, autocast, cfg, log, state
         self.bytes_per_token = val.ds.bytes_per_token("val")
+        # A sharded model's forward passes are collective: then every rank samples, in step.
+        self.lockstep = dist.is_sharded(model)
         self.last_step: int | None = None
         self.last_loss = float("nan")
         self.last_bpb = float("nan")
@@ -86,20 +102,27 @@ class Evaluator:
         self.last_bpb = bits_per_byte(loss, self.bytes_per_token)
         self.state.best_val = min(self.state.best_val, loss)
         self.log.eval(step, loss=loss, bpb=self.last_bpb, blocks=blocks, best=self.state.best_val)
-        if self.cfg.sample_tokens and self.log.is_main:
+        if self.cfg.sample_tokens and (self.log.is_main or self.lockstep):
             self.log.text(step, "sample", self.sample())
         return loss
 
     def sample(self) -> str:
-        """Rank 0 only, no collectives. The RNG is forked so sampling never moves training's stream."""
+        """Rank 0 only and without collectives, unless the model is sharded: then on every rank in
+        step, each drawing the same tokens, and always the full eval.sample_tokens (an end-of-text
+        token ends the text afterwards), so no rank stops gathering parameters before the others.
+        A generator of its own: sampling never moves training's random stream."""
         tokenizer, eot_id, device = self.val.ds.tokenizer, self.val.ds.eot_id, self.val.device
         ids = tokenizer.encode(self.cfg.prompt) or [eot_id or 0]
         idx = torch.tensor([ids[-self.raw_model.cfg.block_size:]], dtype=torch.long, device=device)
         gen = torch.Generator(device=device).manual_seed(1234)
         with self.autocast:
             out = self.raw_model.generate(idx, self.cfg.sample_tokens, temperature=self.cfg.temperature,
-                                          top_k=self.cfg.top_k, eot_id=eot_id, generator=gen)
-        return self.cfg.prompt + tokenizer.decode(out[0, idx.size(1):].tolist())
+                                          top_k=self.cfg.top_k, eot_id=None if self.lockstep else eot_id,
+                                          generator=gen)
+        new = out[0, idx.size(1):].tolist()
+        if eot_id in new:
+            new = new[:new.index(eot_id) + 1]
+        return self.cfg.prompt + tokenizer.decode(new)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ Tied embeddings: `head.weight` IS `tok_emb.weight` (one Parameter, listed once b
 
 import math
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 import torch.nn as nn
@@ -306,19 +306,33 @@ class GPT(nn.Module):
         std / sqrt(2 * n_layer), as GPT-2: each block adds two of them to the residual stream, so its
         variance stays O(1) with depth. With zero_init they start at zero instead (each block then
         starts as the identity), and so does the head when it is not tied to the embedding."""
+        params = dict(self.named_parameters(remove_duplicate=False))
+        for name, init in self.init_steps():
+            init(params[name])
+
+    def init_steps(self) -> list[tuple[str, Callable[[torch.Tensor], object]]]:
+        """The initialisation as (parameter name, in-place init) in the order it draws random numbers.
+
+        `reset_parameters` applies them to this model's tensors; a model whose parameters are spread
+        over several devices can apply the same steps, in the same order, to one full-size tensor at
+        a time and keep its share, and so start from exactly the weights of an unsplit build.
+        """
         std = self.cfg.init_std
-        for module in self.modules():
+        steps: list[tuple[str, Callable[[torch.Tensor], object]]] = []
+        for prefix, module in self.named_modules(remove_duplicate=False):
             if isinstance(module, Norm):
-                module.weight.fill_(1.0)
+                steps.append((f"{prefix}.weight", lambda t: t.fill_(1.0)))
             elif isinstance(module, (nn.Linear, nn.Embedding)):
-                module.weight.normal_(0.0, std)
+                steps.append((f"{prefix}.weight", lambda t: t.normal_(0.0, std)))
             if getattr(module, "bias", None) is not None:
-                module.bias.zero_()
-        for block in self.blocks:
-            for proj in (block.attn.proj, block.mlp.proj):
-                proj.weight.zero_() if self.cfg.zero_init else proj.weight.normal_(0.0, std / math.sqrt(2 * self.cfg.n_layer))
+                steps.append((f"{prefix}.bias", torch.Tensor.zero_))
+        proj_std = std / math.sqrt(2 * self.cfg.n_layer)
+        for i in range(self.cfg.n_layer):
+            for proj in (f"blocks.{i}.attn.proj.weight", f"blocks.{i}.mlp.proj.weight"):
+                steps.append((proj, torch.Tensor.zero_ if self.cfg.zero_init else lambda t: t.normal_(0.0, proj_std)))
         if self.cfg.zero_init and not self.cfg.tie_embeddings:
-            self.head.weight.zero_()
+            steps.append(("head.weight", torch.Tensor.zero_))
+        return steps
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
         """idx (B, T) int64 -> logits (B, T, V) float32; with targets (B, T): the mean cross-entropy

@@ -259,10 +259,13 @@ class LRSchedule:
 
 def clip_grad_norm(params, max_norm: float) -> torch.Tensor:
     """Global L2 norm of the gradients (a 0-dim tensor, no host sync); scales them down to
-    `max_norm` when it is > 0. Under DDP every rank holds the same reduced grads, so the same norm."""
+    `max_norm` when it is > 0. Under DDP every rank holds the same reduced grads, so the same norm;
+    under FSDP each rank holds a shard (a DTensor) and the norm is reduced over the shards."""
     params = [p for p in params if p.grad is not None]
     if hasattr(torch.nn.utils, "get_total_norm"):  # torch >= 2.6
         total = torch.nn.utils.get_total_norm([p.grad for p in params])
+        if hasattr(total, "full_tensor"):  # a DTensor: partial norms of the shards, summed over ranks
+            total = total.full_tensor()
         if max_norm > 0:
             torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
         return total

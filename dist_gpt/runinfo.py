@@ -69,6 +69,16 @@ def make_run_dir(run_dir: Path, env) -> None:
         raise ConfigError(error)
 
 
+def layout_name(parallel, env) -> str:
+    """'ddp', 'fsdp over 4 ranks', 'hsdp 2 × 2 (replicas × shard)', or a note that one process shards nothing."""
+    if parallel.data == "ddp":
+        return "ddp"
+    if not env.distributed:
+        return f"{parallel.data} (one process: nothing to shard)"
+    shape = parallel.mesh_shape(env.world_size, env.local_world_size)
+    return f"fsdp over {shape[0]} ranks" if len(shape) == 1 else f"hsdp {shape[0]} × {shape[1]} (replicas × shard)"
+
+
 def describe_run(cfg, env, model, data, log) -> None:
     tokens_per_step = cfg.train.global_batch * cfg.model.block_size
     accum = cfg.train.grad_accum(env.world_size)
@@ -83,6 +93,7 @@ def describe_run(cfg, env, model, data, log) -> None:
         "device_name": torch.cuda.get_device_name(env.device) if env.device.type == "cuda" else platform.processor(),
         "world_size": env.world_size,
         "backend": env.backend,
+        "layout": layout_name(cfg.parallel, env),
         "threads_per_rank": torch.get_num_threads(),
         "grad_accum": accum,
         "tokens_per_step": tokens_per_step,
@@ -97,7 +108,7 @@ def describe_run(cfg, env, model, data, log) -> None:
         _write_json(cfg.run_dir / "run.json", info)
     log.print(f"dist_gpt: preset {cfg.preset}, recipe {cfg.train.recipe}, {model.num_params() / 1e6:.2f}M params, "
               f"world {env.world_size} × {env.device.type} ({env.backend or 'no process group'}), "
-              f"{torch.get_num_threads()} threads/rank")
+              f"{torch.get_num_threads()} threads/rank, layout {layout_name(cfg.parallel, env)}")
     log.print(f"batch: {cfg.train.global_batch} seqs × {cfg.model.block_size} tokens = {tokens_per_step:,} tokens/step "
               f"= {cfg.train.micro_batch} micro × {accum} accum × {env.world_size} ranks; "
               f"{cfg.train.steps} steps = {cfg.train.steps * tokens_per_step / 1e6:.1f}M tokens "

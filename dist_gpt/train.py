@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> None:
 def run(argv: list[str], stop: faults.StopSignals) -> int:
     """Parse, start the process group, build, train. Returns the exit status: 0 done (or stopped by a
     signal, with a checkpoint and a requeue marker), 3 stopped by the NaN policy."""
-    cfg = config_mod.parse(argv, world_size=dist.launch_world_size())
+    cfg = config_mod.parse(argv, world=dist.launch_world())
     if cfg is None:  # --help
         return 0
     env = dist.init(cfg.train.device, cfg.train.timeout_s, cfg.train.threads)

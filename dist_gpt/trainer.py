@@ -108,14 +108,15 @@ class Trainer:
 
 
 def forward_backward(model, micro: list, autocast, scaler) -> torch.Tensor:
-    """Accumulate gradients over this rank's micro-batches; DDP syncs them only on the last one.
+    """Accumulate gradients over this rank's micro-batches; they are reduced over the ranks (DDP's
+    all-reduce, FSDP's reduce-scatter) only in the last one's backward.
 
     Returns this rank's mean loss over its micro-batches as a 0-d tensor (no host sync).
     """
     losses = []
     n = len(micro)
     for i, (x, y) in enumerate(micro):  # x, y: (micro_batch, block_size) int64
-        sync = model.no_sync() if i < n - 1 and hasattr(model, "no_sync") else nullcontext()
+        sync = dist.no_grad_sync(model) if i < n - 1 else nullcontext()
         with sync:
             with autocast:
                 loss = model(x, y)
@@ -170,8 +171,8 @@ def build(cfg, env: dist.DistEnv, stop: StopSignals, log: NullLogger | None = No
     torch.manual_seed(tc.seed)  # the model's initial weights
     data = open_dataset(cfg, env)
     cfg.model = resolve_model_config(cfg.model, data)
-    model = GPT(cfg.model).to(env.device)
     precision = Precision(tc.precision, env.device)
+    model, fwd_model, train_model = build_model(cfg, env, precision.name)
     optimizers = build_optimizers(model, cfg.optim, env.device, exact=precision.name == "fp32")
     batches = TrainBatches(data, block_size=cfg.model.block_size, global_batch=tc.global_batch,
                            micro_batch=tc.micro_batch, rank=env.rank, world_size=env.world_size,
@@ -181,7 +182,6 @@ def build(cfg, env: dist.DistEnv, stop: StopSignals, log: NullLogger | None = No
                                model.flops_per_token())
     log = log or make_logger(cfg.run_dir, cfg.log, env.is_main, tc.steps, throughput)
     state = RunState()
-    fwd_model = torch.compile(model) if use_compile(tc.compile, env.device) else model
     val = ValBlocks(data, block_size=cfg.model.block_size, batch_size=cfg.eval.batch_size or tc.micro_batch,
                     rank=env.rank, world_size=env.world_size, max_blocks=cfg.eval.max_blocks, device=env.device)
     evaluator = Evaluator(fwd_model, val, precision.autocast(), cfg.eval, log, state)
@@ -193,10 +193,30 @@ def build(cfg, env: dist.DistEnv, stop: StopSignals, log: NullLogger | None = No
         val_loss=evaluator.loss_at)
     guard = FaultGuard(tc, env, stop, state, checkpointer.rollback, log)
     restore(checkpointer, model, tc.init_from, state, batches, log)
-    return Trainer(model=model, train_model=dist.wrap(fwd_model, env), optimizers=optimizers,
+    return Trainer(model=model, train_model=train_model, optimizers=optimizers,
                    schedule=LRSchedule(cfg.optim, tc.steps), precision=precision, batches=batches, state=state,
                    evaluator=evaluator, checkpointer=checkpointer, guard=guard, log=log, rank=env.rank,
                    world_size=env.world_size, seed=tc.seed, grad_clip=cfg.optim.grad_clip, total_steps=tc.steps)
+
+
+def build_model(cfg, env: dist.DistEnv, precision: str) -> tuple[GPT, torch.nn.Module, torch.nn.Module]:
+    """(raw model, forward model, training model) laid out as `parallel` says (dist.parallelize).
+
+    ddp: built whole on the CPU, moved to the device. fsdp/hsdp: built on the meta device (no memory),
+    sharded, then each rank initialises only its share, one parameter at a time, with the weights
+    an unsharded build of the same seed has (dist.materialize).
+    """
+    mesh = dist.device_mesh(env, cfg.parallel)
+    if mesh is None:
+        model = GPT(cfg.model).to(env.device)
+    else:
+        with torch.device("meta"):
+            model = GPT(cfg.model)
+    fwd_model, train_model = dist.parallelize(model, env, cfg.parallel, mesh,
+                                              use_compile(cfg.train.compile, env.device), precision)
+    if mesh is not None:
+        dist.materialize(model, env.device)
+    return model, fwd_model, train_model
 
 
 def open_dataset(cfg, env: dist.DistEnv) -> Dataset:

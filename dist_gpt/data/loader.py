@@ -176,13 +176,19 @@ class ValBlocks:
         if batch_size < 1:
             raise DataError(f"validation batch size must be at least 1, got {batch_size}")
         self.layout = ValLayout([s.num_tokens for s in ds.shards["val"]], block_size + 1, max_blocks)
-        self.ds, self.block_size, self.batch_size = ds, block_size, batch_size
+        self.ds, self.block_size, self.batch_size, self.world_size = ds, block_size, batch_size, world_size
         self.shard, self.start = self.layout.for_rank(rank, world_size)
         self.device = torch.device(device)
 
     def __len__(self) -> int:
         """Blocks across all ranks (each rank iterates its own share: every W-th block)."""
         return len(self.layout)
+
+    @property
+    def max_batches(self) -> int:
+        """Batches of the rank with the most blocks (ranks' shares differ by at most one block)."""
+        most = -(-len(self.layout) // self.world_size)
+        return -(-most // self.batch_size)
 
     def __iter__(self):
         reader = self.ds.reader("val")
