@@ -8,7 +8,6 @@ unsharded build with the same seed has.
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
