@@ -262,6 +262,9 @@ class CommandLine:
     preset: str | None = None
     config_file: str | None = None
     help: bool = False
+    dry_run: bool = False
+    dry_run_world: int | None = None      # plan for this many ranks instead of the launch's
+    dry_run_memory: float | None = None   # GiB of one device: say whether each layout fits
     overrides: dict[str, Any] = field(default_factory=dict)
 
 
@@ -274,9 +277,21 @@ def parse_argv(argv: list[str]) -> CommandLine:
         if arg in ("-h", "--help"):
             cl.help = True
             continue
+        if arg == "--dry-run":
+            cl.dry_run = True
+            continue
         if not arg.startswith("--"):
             raise ConfigError(f"unexpected argument {arg!r}: options are --section.key=value (see --help)")
         name, eq, value = arg[2:].partition("=")
+        if name in ("dry-run-world", "dry-run-memory"):
+            if not eq:
+                if i >= len(argv):
+                    raise ConfigError(f"--{name} needs a value")
+                value, i = argv[i], i + 1
+            key = "dry_run_world" if name == "dry-run-world" else "dry_run_memory"
+            setattr(cl, key, parse_value(name, int if key == "dry_run_world" else float, value))
+            cl.dry_run = True
+            continue
         if name in ("preset", "config"):
             if not eq:
                 if i >= len(argv):
@@ -334,8 +349,15 @@ def parse(argv: list[str] | None = None, world: tuple[int, int] = (1, 1)) -> Con
     if cl.help:
         print(help_text(cfg))
         return None
+    if cl.dry_run_world:
+        world = (cl.dry_run_world, min(cl.dry_run_world, world[1] if world[0] > 1 else cl.dry_run_world))
     cfg.train.grad_accum(world[0])
     cfg.parallel.mesh_shape(*world)
+    if cl.dry_run:
+        from .memory import dry_run_report
+
+        print(dry_run_report(cfg, world[0], world[1], cl.dry_run_memory))
+        return None
     return cfg
 
 
@@ -347,6 +369,8 @@ def help_text(cfg: Config) -> str:
         "",
         f"presets: {', '.join(PRESETS)} (defaults below are those of --preset {cfg.preset})",
         "aliases: --recipe -> --train.recipe, --resume -> --checkpoint.resume, --force -> --checkpoint.force, --init-from -> --train.init_from",
+        "--dry-run [--dry-run-world=N] [--dry-run-memory=GIB]: print the run's size and each layout's memory per "
+        "rank (on N ranks; whether it fits GIB of device memory), then exit",
     ]
     for name, cls in SECTIONS.items():
         lines += ["", f"[{name}]"]

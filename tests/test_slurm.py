@@ -1,6 +1,6 @@
 """slurm/train.sh and launch/submit.py against a real two-node SLURM on this machine.
 
-    sudo bash slurm/cluster/up.sh && python -m pytest tests/test_slurm.py -q     # ~4-6 minutes on 2 cores
+    sudo bash slurm/cluster/up.sh && python -m pytest tests/test_slurm.py -q     # ~5-8 minutes on 2 cores
 
 The cluster (slurm/cluster/up.sh: slurmctld + nodes n1, n2 of one CPU each) is started by the
 `cluster` fixture when the tests run as root; elsewhere they skip with the reason, except under
@@ -65,12 +65,13 @@ def cluster() -> None:
         unavailable(f"slurm/cluster/up.sh failed:\n{out.stdout[-2000:]}\n{out.stderr[-2000:]}")
 
 
-def sbatch(workdir: Path, args: list[str], *sbatch_flags: str, nodes: int = 2) -> str:
-    """Submit slurm/train.sh from `workdir` on CPU nodes, one rank per node; returns the job id."""
+def sbatch(workdir: Path, args: list[str], *sbatch_flags: str, nodes: int = 2, per_node: int = 1) -> str:
+    """Submit slurm/train.sh from `workdir` on CPU nodes, `per_node` ranks per node; returns the job id."""
     (workdir / "logs/slurm").mkdir(parents=True, exist_ok=True)
     cmd = ["sbatch", "--parsable", f"--nodes={nodes}", "--gpus-per-node=0", "--cpus-per-task=1",
            f"--chdir={workdir}", *sbatch_flags, str(REPO / "slurm/train.sh"), *args]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=_env({"NPROC_PER_NODE": "1"}))
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True,
+                         env=_env({"NPROC_PER_NODE": str(per_node)}))
     return out.stdout.strip().split(";")[0]
 
 
@@ -275,6 +276,29 @@ def test_lost_node_is_requeued_and_its_checkpoint_continues_on_one_node(cluster,
     info1 = wait_done(job1, 300, tmp_path / f"logs/slurm/dist_gpt-{job1}.out")
     assert info1["JobState"] == "COMPLETED", (info1, job_log(tmp_path, job1)[-4000:])
     assert "1 node(s)" in job_log(tmp_path, job1)
+    assert min(losses(one)) == INTERVAL + 1, "the one-node run did not start from the checkpoint"
+    assert_same_run(one, two_node_run.run, RTOL, range(INTERVAL + 1, STEPS + 1))
+
+
+# ---------------------------------------------------------------------------------------------
+# e. hsdp across the nodes: replicated across them, sharded within each; resumed on one node
+
+def test_hsdp_on_two_nodes_matches_and_its_checkpoint_continues_on_one_node(cluster, tiny_data, tmp_path,
+                                                                            two_node_run):
+    run = tmp_path / "run"
+    job = sbatch(tmp_path, train_args(tiny_data, run, "--parallel.data=hsdp"), per_node=2)
+    info = wait_done(job, 600, tmp_path / f"logs/slurm/dist_gpt-{job}.out")
+    log = job_log(tmp_path, job)
+    assert info["JobState"] == "COMPLETED", (info, log[-4000:])
+    assert "2 node(s) (n[1-2]) x 2 worker(s)" in log, log[-3000:]
+    assert json.loads((run / "run.json").read_text())["layout"] == "hsdp 2 × 2 (replicas × shard)"
+    assert_same_run(run, two_node_run.run, RTOL)
+
+    one = tmp_path / "one_node"  # the sharded checkpoint of step 50, as ddp on one node, one rank
+    job1 = sbatch(tmp_path, train_args(tiny_data, one, f"--resume={run / 'checkpoints' / f'step_{INTERVAL:07d}'}"),
+                  nodes=1)
+    info1 = wait_done(job1, 300, tmp_path / f"logs/slurm/dist_gpt-{job1}.out")
+    assert info1["JobState"] == "COMPLETED", (info1, job_log(tmp_path, job1)[-4000:])
     assert min(losses(one)) == INTERVAL + 1, "the one-node run did not start from the checkpoint"
     assert_same_run(one, two_node_run.run, RTOL, range(INTERVAL + 1, STEPS + 1))
 
