@@ -64,7 +64,7 @@ def worker(out: Path, argv: list[str], steps: int) -> None:
     from dist_gpt.trainer import build, forward_backward, zero_grads
 
     cfg = config.parse(argv, world=dist.launch_world())
-    env = dist.init(cfg.train.device, cfg.train.timeout_s, cfg.train.threads)
+    env = dist.init(cfg.train.device, cfg.train.timeout_s, cfg.train.threads, cfg.parallel.data)
     cfg.train.run_dir = dist.from_rank0(tempfile.mkdtemp(prefix="dist_gpt-membench-") if env.is_main else None)
     cfg.checkpoint.interval, cfg.checkpoint.resume = 0, "none"
     baseline = _rss_bytes()

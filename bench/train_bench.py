@@ -373,7 +373,7 @@ def describe_machine(env, cfg) -> str:
 def run(argv: list[str]) -> int:
     args, cl = parse_args(argv)
     base = config_mod.build(cl.preset or "cpu", cl.config_file, cl.overrides)
-    env = dist.init(base.train.device, base.train.timeout_s, base.train.threads)
+    env = dist.init(base.train.device, base.train.timeout_s, base.train.threads, base.parallel.data)
     say = print if env.is_main else (lambda *a, **k: None)
     data = open_dataset(base, env)
     base.model = resolve_model_config(base.model, data)

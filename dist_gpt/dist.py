@@ -75,15 +75,15 @@ def _cpu_threads(local_world_size: int, threads: int | None) -> int:
     return max(1, cores // max(1, local_world_size))
 
 
-def _keep_freed_memory() -> None:
+def _keep_freed_memory(largest: int) -> None:
     """Stop glibc from handing the memory a CPU training step frees back to the kernel.
 
     Every step frees and re-allocates the same activations. By default glibc serves blocks above
     its mmap threshold with fresh mappings and trims freed memory at the top of a heap, so each
     step page-faults (and zero-fills) that memory in again: ~3,400 faults and ~7 ms of a 70-100 ms
-    step of the 4 x 4 x 128 model (docs/PERFORMANCE.md). Serving blocks up to 32 MiB (glibc's
-    largest threshold) from the heap and never trimming it removes them; the process keeps its peak
-    heap mapped, which the next step needs anyway. Linux with glibc only; elsewhere nothing changes.
+    step of the 4 x 4 x 128 model (docs/PERFORMANCE.md). Serving blocks up to `largest` bytes from
+    the heap and never trimming it removes them; the process keeps its peak heap mapped, which the
+    next step needs anyway. Linux with glibc only; elsewhere nothing changes.
     """
     import ctypes
     import platform
@@ -95,12 +95,19 @@ def _keep_freed_memory() -> None:
     except (OSError, AttributeError):
         return
     M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # from glibc's malloc.h
-    mallopt(M_MMAP_THRESHOLD, 32 << 20)
+    mallopt(M_MMAP_THRESHOLD, largest)
     mallopt(M_TRIM_THRESHOLD, 2**31 - 1)
 
 
-def init(device: str = "auto", timeout_s: float = 600.0, threads: int | None = None) -> DistEnv:
-    """Detect the launcher, pick device and backend (nccl on CUDA, gloo on CPU), start the group."""
+def init(device: str = "auto", timeout_s: float = 600.0, threads: int | None = None, layout: str = "ddp") -> DistEnv:
+    """Detect the launcher, pick device and backend (nccl on CUDA, gloo on CPU), start the group.
+
+    On a CPU, freed memory is kept for the next step (`_keep_freed_memory`): blocks up to 32 MiB
+    (glibc's largest threshold) under ddp; under fsdp/hsdp only up to 4 MiB, because every block's
+    gathered parameters (several MiB per matrix) are freed right after use and, kept in the heap,
+    would never shrink the resident set: on 4 ranks of a 6 x 768 model (3 steps, one micro-step each)
+    a rank's peak was 1,713 MiB with 32 MiB (ddp's: 1,813) and 1,093 MiB with 4 MiB (docs/SCALING.md).
+    """
     _slurm_to_torch_env()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -110,7 +117,7 @@ def init(device: str = "auto", timeout_s: float = 600.0, threads: int | None = N
     if dev.type == "cpu":
         # torchrun sets OMP_NUM_THREADS=1 per worker; give each rank its share of the cores instead.
         torch.set_num_threads(_cpu_threads(local_world, threads))
-        _keep_freed_memory()
+        _keep_freed_memory(32 << 20 if layout == "ddp" else 4 << 20)
     env = DistEnv(rank, local_rank, world, local_world, dev, None)
     if world > 1:
         env.backend = "nccl" if dev.type == "cuda" else "gloo"

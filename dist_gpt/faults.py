@@ -21,8 +21,10 @@ The heartbeat. Each rank records in the rendezvous store how far it got, (step, 
 write before the step's forward/backward and one before the agreement. When a collective fails or
 times out (`train.timeout_s`), `named_collective_failures` turns the error into one line naming the
 rank(s) furthest behind. If the store itself goes away (plain `torchrun` whose agent was killed by
-a SIGUSR1 sent to its whole process group) the heartbeat stops writing instead of failing the run:
-the ranks' own process group still works, so the stop request is agreed and saved as usual.
+a signal sent to its process group: torchrun starts every rank in a session of its own, so such a
+signal reaches the agent only) the heartbeat stops writing instead of failing the run, and the ranks,
+orphaned, see that their parent is no longer the agent that started them: that counts as a stop
+request (AGENT_LOST), agreed and saved like a signal, since nothing would ever restart them.
 
 Fault injection for the tests, read from the environment (never set in normal use):
     DIST_GPT_FAULT_NAN_AT=P          the loss of global batch P becomes NaN (once per process)
@@ -46,7 +48,8 @@ from pathlib import Path
 # No torch import at module level: the entry points install StopSignals before importing torch.
 
 STOP_SIGNALS = {signal.SIGTERM: 1, signal.SIGUSR1: 2, signal.SIGUSR2: 3}
-CODE_TO_NAME = {code: sig.name for sig, code in STOP_SIGNALS.items()}
+AGENT_LOST = 4  # not a signal: the torchrun agent that started this rank is gone
+CODE_TO_NAME = {**{code: sig.name for sig, code in STOP_SIGNALS.items()}, AGENT_LOST: "AGENT_LOST"}
 MARKER = "requeue.json"
 
 
@@ -86,6 +89,8 @@ class FaultGuard:
         self.heartbeat = Heartbeat(env)
         self.inject = FaultInjector(env.rank)
         self.stopped_by: str | None = None  # the agreed stop signal's name, once one arrived
+        # torchrun's workers are its children; an orphaned worker is re-parented (to init or a subreaper)
+        self.agent_pid = os.getppid() if "TORCHELASTIC_RUN_ID" in os.environ else None
 
     def before_step(self, step: int) -> None:
         self.inject.before_step(step)
@@ -99,7 +104,8 @@ class FaultGuard:
 
         loss = self.inject.corrupt_loss(loss, position)
         self.heartbeat.beat(self.state.step, phase=1)
-        flags = torch.stack([torch.tensor(float(self.stop.code), device=loss.device), (~torch.isfinite(loss)).float()])
+        code = self.stop.code or (AGENT_LOST if self.agent_pid not in (None, os.getppid()) else 0)
+        flags = torch.stack([torch.tensor(float(code), device=loss.device), (~torch.isfinite(loss)).float()])
         code, nonfinite = dist.all_reduce_max(flags).tolist()  # the step's one host-device synchronisation
         self.stopped_by = CODE_TO_NAME[int(code)] if code else self.stopped_by
         return self._nonfinite(position) if nonfinite else Verdict.PROCEED
@@ -130,8 +136,14 @@ class FaultGuard:
 
     def leave_marker(self, run_dir: Path, step: int, checkpoint: Path | None) -> None:
         """After the stop save: rank 0 writes requeue.json for the launchers."""
-        if self.is_main:
-            write_marker(run_dir, self.stopped_by, step, checkpoint)
+        if not self.is_main:
+            return
+        write_marker(run_dir, self.stopped_by, step, checkpoint)
+        if self.stopped_by == CODE_TO_NAME[AGENT_LOST]:
+            self.log.print(f"torchrun's agent (pid {self.agent_pid}) is gone, killed by a signal it does not handle? "
+                           f"saved {checkpoint} at step {step}; run the same command again to resume "
+                           "(torchrun --signals-to-handle=...,SIGUSR1,SIGUSR2 forwards those signals instead)")
+        else:
             self.log.print(f"{self.stopped_by}: saved {checkpoint} at step {step}; requeue marker written")
 
 

@@ -38,7 +38,7 @@ def run(argv: list[str], stop: faults.StopSignals) -> int:
     cfg = config_mod.parse(argv, world=dist.launch_world())
     if cfg is None:  # --help
         return 0
-    env = dist.init(cfg.train.device, cfg.train.timeout_s, cfg.train.threads)
+    env = dist.init(cfg.train.device, cfg.train.timeout_s, cfg.train.threads, cfg.parallel.data)
     with faults.named_collective_failures(env, cfg.train.timeout_s):
         trainer = build(cfg, env, stop)
         try:

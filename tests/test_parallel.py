@@ -84,3 +84,35 @@ def test_an_fsdp_run_is_evaluated_sampled_and_exported_in_one_process(tiny_data,
     again = run_train(["--model", str(exported), "--prompt", "The ", "--max-new-tokens", "10", "--temperature", "0"],
                       module="dist_gpt.sample")
     assert again.stdout == out.stdout
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs CUDA")
+def test_fsdp_on_a_gpu_gathers_bf16_parameters_and_keeps_fp32_gradients(tmp_path):
+    """The GPU mixed-precision policy (never run on this project's CPU machines): under fsdp with
+    precision bf16, blocks compute with bf16 parameters while the shards and their gradients stay fp32."""
+    import torch
+    import torch.distributed as tdist
+
+    from dist_gpt import config, dist
+    from dist_gpt.model import GPT
+
+    tdist.init_process_group("nccl", store=tdist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        env = dist.DistEnv(device=torch.device("cuda", 0), backend="nccl")
+        cfg = config.build("debug", overrides={"parallel.data": "fsdp"})
+        from torch.distributed.device_mesh import init_device_mesh
+
+        mesh = init_device_mesh("cuda", (1,), mesh_dim_names=("shard",))
+        with torch.device("meta"):
+            model = GPT(cfg.model)
+        dist.parallelize(model, env, cfg.parallel, mesh, False, "bf16")
+        dist.materialize(model, env.device)
+        seen = []
+        model.blocks[0].attn.qkv.register_forward_pre_hook(lambda m, a: seen.append(m.weight.dtype))
+        idx = torch.randint(0, cfg.model.vocab_size, (2, cfg.model.block_size), device="cuda")
+        model(idx, idx).backward()
+        assert seen == [torch.bfloat16]
+        for p in model.parameters():
+            assert p.to_local().dtype == torch.float32 and p.grad.to_local().dtype == torch.float32
+    finally:
+        tdist.destroy_process_group()

@@ -231,9 +231,10 @@ def test_an_unwritable_run_directory_is_one_line_on_every_rank(tiny_data, tmp_pa
     assert not any("peer may have died" in ln for ln in out.stderr.splitlines())
 
 
-def test_usr1_to_the_process_group_of_plain_torchrun_still_saves(tiny_data, tmp_path):
-    """SIGUSR1 to the whole process group of `torchrun --standalone ...` (no --signals-to-handle) kills the
-    torchrun agent, and with it the rendezvous store; the ranks must still agree, save and leave the marker."""
+def test_usr1_to_the_process_group_of_plain_torchrun_saves_when_its_agent_dies(tiny_data, tmp_path):
+    """SIGUSR1 to the process group of `torchrun --standalone ...` (no --signals-to-handle) reaches only
+    the agent (torchrun starts each rank in a session of its own) and kills it, and the rendezvous store
+    with it. The orphaned ranks must notice, agree, save and leave a marker, not train on unwatched."""
     import signal
     import subprocess
     import sys
@@ -245,8 +246,7 @@ def test_usr1_to_the_process_group_of_plain_torchrun_still_saves(tiny_data, tmp_
            *_args(tiny_data, run, "--train.steps=1000000", "--eval.interval=0", "--log.interval=1000")]
     proc = subprocess.Popen(cmd, env=_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
-    # run.json is written by rank 0 once every rank joined the process group, so every rank's
-    # handlers are in (they are installed before torch is imported).
+    # run.json is written by rank 0 once every rank joined the process group.
     while not (run / "run.json").exists():
         assert proc.poll() is None, proc.communicate()
         time.sleep(0.2)
@@ -254,6 +254,7 @@ def test_usr1_to_the_process_group_of_plain_torchrun_still_saves(tiny_data, tmp_
     # The ranks inherited the agent's stdout/stderr: the pipes close when the last rank exits.
     out, err = proc.communicate(timeout=300)
     marker = json.loads((run / "requeue.json").read_text())
-    assert marker["signal"] == "SIGUSR1", err[-3000:]
+    assert marker["signal"] == "AGENT_LOST", err[-3000:]
     assert (Path(marker["checkpoint"]) / "DONE").exists()
+    assert "run the same command again to resume" in out, out[-3000:]
     assert "error:" not in err, err[-3000:]
