@@ -166,7 +166,7 @@ class Muon(torch.optim.Optimizer):
         by_layout: dict = {}
         for i, p in enumerate(params):
             by_layout.setdefault(layout_key(p), []).append(i)
-        out: list[Tensor] = [updates[0]] * len(params)
+        out: list = [None] * len(params)
         for idx in by_layout.values():
             layout = layout_of(params[idx[0]], self.process_group)
 
@@ -180,7 +180,7 @@ class Muon(torch.optim.Optimizer):
 
     def _newton_schulz(self, groups: list[dict], matrices: list[Tensor]) -> list[Tensor]:
         """NS of whole matrices; with `batched`, one iteration per (shape, NS settings)."""
-        out: list[Tensor] = [matrices[0]] * len(matrices)
+        out: list = [None] * len(matrices)
         batches: dict = {}
         for k, (group, m) in enumerate(zip(groups, matrices)):
             settings = (tuple(group["ns_coefficients"]), group["ns_steps"], group["eps"])

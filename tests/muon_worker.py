@@ -2,6 +2,10 @@
 
     run_layouts(world, ["fsdp", "ddp", "hsdp"], out_dir)    # spawns `world` processes, one file per layout
 
+Layouts: fsdp (FSDP2, matrices sliced by rows), fsdp_columns (FSDP2's shard_placement_fn slices
+the matrices with an even number of columns by columns, so one Muon holds two layouts), hsdp (2
+replicas x world/2 shards), ddp.
+
 Every layout trains the same tiny GPT (AdamW + Muon from dist_gpt.optim.build_optimizers, fp32
 Newton-Schulz) for STEPS steps on the same global batches, each rank on its share, and rank 0 saves
 the whole weights after every step, the mean loss of every step and how many matrices each rank
@@ -92,12 +96,18 @@ def single_process(world: int, batched: bool = True) -> dict:
     return train(model, model, optimizers, 0, 1)
 
 
-def _shard(model: GPT, mesh) -> None:
+def _shard(model: GPT, mesh, columns: bool = False) -> None:
+    """fully_shard per block and at the root; with `columns`, the matrices whose columns divide the
+    world are sliced by columns (FSDP2 slices other dims only evenly), the rest by rows."""
     from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import Shard
+
+    def placement(p):
+        return Shard(1 if columns and p.ndim == 2 and p.shape[1] % mesh.size() == 0 else 0)
 
     for block in model.blocks:
-        fully_shard(block, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+        fully_shard(block, mesh=mesh, shard_placement_fn=placement)
+    fully_shard(model, mesh=mesh, shard_placement_fn=placement)
 
 
 def run_layout(layout: str, rank: int, world: int) -> dict:
@@ -105,8 +115,8 @@ def run_layout(layout: str, rank: int, world: int) -> dict:
 
     model, group = build(CONFIGS[world]), None
     forward = model
-    if layout == "fsdp":
-        _shard(model, init_device_mesh("cpu", (world,)))
+    if layout in ("fsdp", "fsdp_columns"):
+        _shard(model, init_device_mesh("cpu", (world,)), columns=layout == "fsdp_columns")
     elif layout == "hsdp":
         _shard(model, init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("replicate", "shard")))
     else:

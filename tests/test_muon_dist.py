@@ -22,7 +22,7 @@ def reference() -> dict:
 
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory) -> dict:
-    return run_layouts(2, ["fsdp", "ddp"], tmp_path_factory.mktemp("muon2"))
+    return run_layouts(2, ["fsdp", "fsdp_columns", "ddp"], tmp_path_factory.mktemp("muon2"))
 
 
 @pytest.fixture(scope="module")
@@ -52,9 +52,9 @@ def test_reference_is_the_same_batched_or_not(reference):
     assert all(torch.equal(a[n], b[n]) for a, b in zip(unbatched["weights"], reference[2]["weights"]) for n in a)
 
 
-@pytest.mark.parametrize("layout", ["fsdp", "ddp"])
+@pytest.mark.parametrize("layout", ["fsdp", "fsdp_columns", "ddp"])
 def test_two_ranks_match_one_process(two_ranks, reference, layout):
-    assert_matches(two_ranks[layout], reference, world=2, sharded=layout == "fsdp")
+    assert_matches(two_ranks[layout], reference, world=2, sharded=layout != "ddp")
 
 
 @pytest.mark.slow
