@@ -159,6 +159,10 @@ def _through_owners(layout: Layout, mine: list[int], owner: dict[int, int], upda
                     shapes: list[torch.Size], ns: NewtonSchulz) -> dict[int, Tensor]:
     """Slices to owners, NS there, slices of the results back. Returns {i: this rank's slice of NS(i)}."""
     S, me, d = layout.shards, layout.shard_rank, layout.shard_dim
+    for i in mine:  # the exchange sizes assume torch.chunk's slices: refuse any other
+        if updates[i].shape[d] != layout.slice_range(shapes[i], me)[1]:
+            raise ValueError(f"Muon: shard rank {me} of {S} holds {tuple(updates[i].shape)} of a {tuple(shapes[i])} "
+                             f"matrix sliced on dim {d}, not torch.chunk's slice")
     like = updates[mine[0]]
     to = [[i for i in mine if owner[i] == r] for r in range(S)]  # matrices owned by rank r, in order
     owned = to[me]
