@@ -30,7 +30,7 @@ import argparse
 import statistics
 import sys
 import time
-from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -208,7 +208,7 @@ def run(argv: list[str]) -> int:
     args, cl = parse_args(argv)
     cfg = config_mod.build(cl.preset, cl.config_file, {**cl.overrides, "train.recipe": "modern"})
     env = dist.init(cfg.train.device, cfg.train.timeout_s, cfg.train.threads)
-    say = print if env.is_main else (lambda *a, **k: None)
+    say = partial(print, flush=True) if env.is_main else (lambda *a, **k: None)
     if cfg.model.vocab_size == 0:  # the dataset's; part 1 needs only a number
         cfg.model = resolve_model_config(cfg.model, open_dataset(cfg, env))
     precision = Precision(cfg.train.precision, env.device)
