@@ -46,7 +46,7 @@ from dist_gpt.muon import Muon, newton_schulz  # noqa: E402
 from dist_gpt.optim import split_params  # noqa: E402
 from dist_gpt.precision import Precision  # noqa: E402
 from dist_gpt.runinfo import resolve_model_config  # noqa: E402
-from dist_gpt.train import open_dataset  # noqa: E402
+from dist_gpt.trainer import open_dataset  # noqa: E402
 
 SHAPE = ["--preset", "cpu", "--model.block_size=64", "--train.global_batch=12", "--train.micro_batch=12",
          "--model.vocab_size=0"]
@@ -166,11 +166,12 @@ def training_steps(cl, env, ns_dtype, args, say) -> None:
     sides = {"classic": build_side("A", "train.recipe=classic", cl, env, data, total)}
     if hasattr(torch.optim, "Muon"):
         before = build_side("B", "train.recipe=modern", cl, env, data, total)
-        before.optimizers[1] = BeforeMuon(before.optimizers[1].param_groups, ns_dtype, Timer(env.device))
+        optimizers = before.trainer.optimizers
+        optimizers[1] = BeforeMuon(optimizers[1].param_groups, ns_dtype, Timer(env.device))
         sides["modern, before"] = before
     after = build_side("C", "train.recipe=modern", cl, env, data, total)
-    if env.distributed:  # what the trainer passes: the DDP group, among which Muon divides its work
-        after.optimizers[1].process_group = torch.distributed.group.WORLD
+    if env.distributed:  # the DDP group, among which Muon divides its work
+        after.trainer.optimizers[1].process_group = torch.distributed.group.WORLD
     sides["modern, dist_gpt.muon"] = after
     names = list(sides)
     for side in sides.values():

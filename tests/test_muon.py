@@ -6,7 +6,8 @@ import copy
 import pytest
 import torch
 
-from dist_gpt.checkpoint import CheckpointConfig, Checkpointer, ModelOptimizerState
+from checkpoint_worker import make_checkpointer
+from dist_gpt.checkpoint import CheckpointConfig, ModelOptimizerState
 from dist_gpt.model import GPT, GPTConfig
 from dist_gpt.muon import BATCH_MIN_SIDE, Muon, newton_schulz
 from dist_gpt.muon_layout import Layout, assign_workers, ns_cost
@@ -128,14 +129,14 @@ def test_torch_muon_checkpoint_resumes_identically(tmp_path, torch_muon_in, exac
     adamw, ours = build_optimizers(model, cfg, "cpu", exact=exact)
     theirs = torch_muon_in(torch.float32 if exact else torch.bfloat16)([dict(g) for g in ours.param_groups])
     _train(model, [adamw, theirs], 3, 0)
-    ckpt = Checkpointer(tmp_path, CheckpointConfig(), 0, 1)
-    path = ckpt.save(3, {"model_optim": ModelOptimizerState(model, [adamw, theirs])}, {"step": 3})
+    ckpt, _ = make_checkpointer(tmp_path, CheckpointConfig(), {"model_optim": ModelOptimizerState(model, [adamw, theirs])})
+    path = ckpt.save(3)
     _train(model, [adamw, theirs], 3, 3)
 
     resumed = _tiny_gpt()
     optimizers = build_optimizers(resumed, cfg, "cpu", exact=exact)
     assert type(optimizers[1]) is Muon
-    ckpt.load(path, {"model_optim": ModelOptimizerState(resumed, optimizers)})
+    make_checkpointer(tmp_path, CheckpointConfig(), {"model_optim": ModelOptimizerState(resumed, optimizers)})[0].load(path)
     state = optimizers[1].state
     assert len(state) == 8 and all(set(s) == {"momentum_buffer"} and s["momentum_buffer"].abs().sum() > 0
                                    for s in state.values())
