@@ -9,6 +9,8 @@ import torch
 
 from muon_worker import CONFIGS, STEPS, run_layouts, single_process
 
+pytestmark = pytest.mark.slow  # each world size is one job of spawned gloo processes: 20-60 s here
+
 
 def matrices(world: int) -> int:
     """Muon's matrices in the GPT of muon_worker for `world` ranks: per block qkv, attn.proj, mlp.fc, mlp.proj."""
@@ -57,7 +59,6 @@ def test_two_ranks_match_one_process(two_ranks, reference, layout):
     assert_matches(two_ranks[layout], reference, world=2, sharded=layout != "ddp")
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("layout", ["fsdp", "ddp", "hsdp"])
 def test_four_ranks_match_one_process(four_ranks, reference, layout):
     """fsdp: slices of 3, 3, 3 and 0 rows of the 9-row matrices; hsdp: 2 replicas x 2 shards."""
