@@ -84,7 +84,7 @@ def adjusted_lr(lr: float, adjust_lr_fn: str | None, shape: Sequence[int]) -> fl
     rows, cols = shape[:2]
     if adjust_lr_fn is None or adjust_lr_fn == "original":
         return lr * math.sqrt(max(1, rows / cols))
-    return lr * 0.2 * math.sqrt(max(rows, cols))  # match_rms_adamw
+    return lr * (0.2 * math.sqrt(max(rows, cols)))  # match_rms_adamw, rounded as torch does
 
 
 class Muon(torch.optim.Optimizer):

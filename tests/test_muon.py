@@ -52,9 +52,10 @@ def _params(seed=0):
 
 
 def _groups(params):
-    """Two groups with different settings: batches never mix them."""
+    """Two groups with different settings (every option torch's Muon has): batches never mix them."""
     return [{"params": params[:4], "lr": 0.02, "weight_decay": 0.01},
-            {"params": params[4:], "lr": 0.05, "weight_decay": 0.0, "ns_steps": 3, "nesterov": False}]
+            {"params": params[4:], "lr": 0.05, "weight_decay": 0.0, "ns_steps": 3, "nesterov": False,
+             "adjust_lr_fn": "match_rms_adamw"}]
 
 
 def _run(opt, params, steps, start=0):
