@@ -4,7 +4,8 @@ Two optimizer recipes, chosen with `--optim.name`:
 
 * `adamw` (the classic GPT-2 recipe): one AdamW. Every matrix (embeddings, head, block weights) is
   decayed with `optim.weight_decay`; norms and biases (tensors with fewer than 2 dims) are not.
-* `muon`: `torch.optim.Muon` (PyTorch >= 2.9) for the 2-D weight matrices inside the blocks (names
+* `muon`: Muon (`dist_gpt.muon`: torch.optim.Muon's update and state, correct under FSDP2 and with
+  its Newton-Schulz work divided among ranks) for the 2-D weight matrices inside the blocks (names
   `blocks.*`, ndim == 2: fused QKV, attention output, MLP in/out), at `optim.muon_lr`; one AdamW
   for everything else (embeddings, head, norms, biases) at `optim.lr`/`embed_lr`/`head_lr`. Muon
   orthogonalises a whole matrix update, which is meaningless for embeddings (rows are looked up
@@ -32,6 +33,7 @@ from dataclasses import dataclass, field
 import torch
 
 from dist_gpt.errors import ConfigError
+from dist_gpt.muon import Muon
 
 OPTIMIZERS = ("adamw", "muon")
 SCHEDULES = ("cosine", "constant", "wsd")
@@ -43,7 +45,7 @@ _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 class OptimConfig:
     """Section `optim`: the optimizer, its learning rates and the LR schedule."""
 
-    name: str = field(default="adamw", metadata={"help": "optimizer: adamw | muon (Muon for the 2-D block matrices, AdamW for the rest; needs torch>=2.9)"})
+    name: str = field(default="adamw", metadata={"help": "optimizer: adamw | muon (Muon for the 2-D block matrices, AdamW for the rest)"})
     lr: float = field(default=6e-4, metadata={"help": "peak AdamW learning rate (block matrices under adamw; norms, biases and by default embeddings and head)"})
     min_lr_ratio: float = field(default=0.1, metadata={"help": "final learning rate as a fraction of the peak (cosine and wsd end here)"})
     weight_decay: float = field(default=0.1, metadata={"help": "AdamW decoupled weight decay for matrices; norms and biases are never decayed"})
@@ -54,7 +56,7 @@ class OptimConfig:
     schedule: str = field(default="cosine", metadata={"help": "LR schedule after warmup: cosine (to min_lr_ratio) | constant | wsd (constant, then linear cooldown)"})
     warmup_steps: int = field(default=100, metadata={"help": "linear warmup from lr/warmup_steps to the peak over this many steps (0 = none)"})
     cooldown_fraction: float = field(default=0.2, metadata={"help": "wsd only: the final fraction of the run that decays linearly to min_lr_ratio"})
-    muon_lr: float = field(default=0.02, metadata={"help": "Muon learning rate for the 2-D block matrices (scaled by sqrt(max(1, rows/cols)) inside torch.optim.Muon)"})
+    muon_lr: float = field(default=0.02, metadata={"help": "Muon learning rate for the 2-D block matrices (scaled by sqrt(max(1, rows/cols)) per matrix, as torch.optim.Muon does)"})
     muon_momentum: float = field(default=0.95, metadata={"help": "Muon (Nesterov) momentum"})
     muon_ns_steps: int = field(default=5, metadata={"help": "Muon's Newton-Schulz iterations per update (torch's default 5; each costs ~3 matmuls per block matrix)"})
     muon_weight_decay: float = field(default=0.0, metadata={"help": "Muon decoupled weight decay"})
@@ -77,8 +79,8 @@ class OptimConfig:
         for key, value in non_negative.items():
             if value < 0:
                 raise ConfigError(f"optim.{key}={value} must be >= 0")
-        if self.muon_ns_steps < 1:
-            raise ConfigError(f"optim.muon_ns_steps={self.muon_ns_steps} must be at least 1")
+        if not 1 <= self.muon_ns_steps < 100:
+            raise ConfigError(f"optim.muon_ns_steps={self.muon_ns_steps} must be between 1 and 99")
         unit = {"beta1": self.beta1, "beta2": self.beta2, "muon_momentum": self.muon_momentum}
         for key, value in unit.items():
             if not 0 <= value < 1:
@@ -132,52 +134,15 @@ def _adamw_fused(cfg: OptimConfig, device: torch.device) -> bool | None:
     return True if device.type == "cuda" else None
 
 
-def _newton_schulz_fp32(grad: torch.Tensor, ns_coefficients, ns_steps: int, eps: float) -> torch.Tensor:
-    """torch's quintic Newton-Schulz orthogonalisation, carried out in fp32 instead of bf16.
-
-    grad: (rows, cols). Same coefficients, steps and normalisation as torch.optim.Muon's own.
-    """
-    a, b, c = ns_coefficients
-    x = grad.float()
-    if grad.size(0) > grad.size(1):
-        x = x.T
-    x = x / x.norm().clamp(min=eps)  # spectral norm <= 1
-    for _ in range(ns_steps):
-        gram = x @ x.T
-        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
-    return x.T if grad.size(0) > grad.size(1) else x
-
-
-class ExactMuon(torch.optim.Muon if hasattr(torch.optim, "Muon") else torch.optim.Optimizer):
-    """torch.optim.Muon whose orthogonalisation runs in fp32, for runs in precision=fp32.
-
-    torch's Muon rounds every update to bf16 before orthogonalising it. Gradients summed over a
-    different number of ranks differ in the last fp32 bits, and that rounding turns those 1e-7
-    differences into 1e-5 loss differences within 10 steps; in fp32 they stay at 1e-7. Everything
-    else (momentum, Nesterov, LR adjustment, weight decay, state) is torch's own `step`.
-    """
-
-    def step(self, closure=None):
-        import torch.optim._muon as muon_impl
-
-        original = muon_impl._zeropower_via_newtonschulz
-        muon_impl._zeropower_via_newtonschulz = _newton_schulz_fp32
-        try:
-            return super().step(closure)
-        finally:
-            muon_impl._zeropower_via_newtonschulz = original
-
-
 def build_optimizers(model: torch.nn.Module, cfg: OptimConfig, device: torch.device | str,
-                     exact: bool = False) -> list[torch.optim.Optimizer]:
+                     exact: bool = False, process_group=None) -> list[torch.optim.Optimizer]:
     """[AdamW] for `adamw`, [AdamW, Muon] for `muon`. Pass the raw model (DDP/compile prefixes are
-    stripped anyway). Every group carries `name` and `base_lr`; its `lr` starts at `base_lr`.
-    `exact` (the run is in fp32) makes Muon orthogonalise in fp32 (see ExactMuon)."""
+    stripped anyway; FSDP2-sharded parameters are fine). Every group carries `name` and `base_lr`;
+    its `lr` starts at `base_lr`. `exact` (the run is in fp32) makes Muon orthogonalise in fp32
+    instead of torch's bf16. `process_group`: the group the (plain, DDP) parameters are replicated
+    across, among whose ranks Muon divides its Newton-Schulz work; FSDP2 parameters bring their mesh."""
     device = torch.device(device)
     use_muon = cfg.name == "muon"
-    if use_muon and not hasattr(torch.optim, "Muon"):
-        raise ConfigError(f"optim.name=muon needs torch>=2.9 (torch.optim.Muon); this is torch {torch.__version__}: "
-                          "upgrade torch or pass --optim.name=adamw")
     params = split_params(model, use_muon)
     adamw_settings = {  # group name -> (lr, weight decay)
         "embed": (cfg.embed_lr or cfg.lr, cfg.weight_decay),
@@ -193,19 +158,10 @@ def build_optimizers(model: torch.nn.Module, cfg: OptimConfig, device: torch.dev
     ]
     if use_muon and params.get("muon"):
         muon_group = {"name": "muon", "params": params["muon"], "lr": cfg.muon_lr, "base_lr": cfg.muon_lr}
-        muon_cls = ExactMuon if exact and _has_muon_internals() else torch.optim.Muon
-        optimizers.append(muon_cls([muon_group], lr=cfg.muon_lr, momentum=cfg.muon_momentum,
-                                   weight_decay=cfg.muon_weight_decay, ns_steps=cfg.muon_ns_steps))
+        optimizers.append(Muon([muon_group], lr=cfg.muon_lr, momentum=cfg.muon_momentum,
+                               weight_decay=cfg.muon_weight_decay, ns_steps=cfg.muon_ns_steps,
+                               ns_dtype=torch.float32 if exact else torch.bfloat16, process_group=process_group))
     return optimizers
-
-
-def _has_muon_internals() -> bool:
-    """ExactMuon swaps one private function of torch's Muon; on a torch without it, plain Muon."""
-    try:
-        import torch.optim._muon as muon_impl
-    except ImportError:
-        return False
-    return hasattr(muon_impl, "_zeropower_via_newtonschulz")
 
 
 class LRSchedule:
