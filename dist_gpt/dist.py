@@ -285,6 +285,13 @@ def wrap(model: nn.Module, env: DistEnv) -> nn.Module:
                gradient_as_bucket_view=True, bucket_cap_mb=25)
 
 
+def replica_group(env: DistEnv, cfg: ParallelConfig):
+    """The group across which plain (unsharded) parameters are replicated: the whole world under ddp
+    on several ranks, else None (FSDP2's DTensor parameters carry their own mesh). Muon divides its
+    Newton-Schulz work among the ranks of this group."""
+    return dist.group.WORLD if env.distributed and cfg.data == "ddp" else None
+
+
 def is_collective_failure(error: BaseException) -> bool:
     """A timeout or a lost peer inside a collective, as opposed to a bug."""
     kinds = tuple(getattr(dist, name) for name in ("DistBackendError", "DistNetworkError", "DistError") if hasattr(dist, name))

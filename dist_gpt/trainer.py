@@ -173,7 +173,8 @@ def build(cfg, env: dist.DistEnv, stop: StopSignals, log: NullLogger | None = No
     cfg.model = resolve_model_config(cfg.model, data)
     precision = Precision(tc.precision, env.device)
     model, fwd_model, train_model = build_model(cfg, env, precision.name)
-    optimizers = build_optimizers(model, cfg.optim, env.device, exact=precision.name == "fp32")
+    optimizers = build_optimizers(model, cfg.optim, env.device, exact=precision.name == "fp32",
+                                  process_group=dist.replica_group(env, cfg.parallel))
     batches = TrainBatches(data, block_size=cfg.model.block_size, global_batch=tc.global_batch,
                            micro_batch=tc.micro_batch, rank=env.rank, world_size=env.world_size,
                            seed=tc.seed, device=env.device, prefetch=cfg.data.prefetch)

@@ -41,6 +41,35 @@ def test_sharded_layouts_match_one_process(tiny_data, tmp_path, classic_ref, npr
     assert "layout fsdp over 2 ranks" in out.stdout or "layout hsdp 2 × 2" in out.stdout
 
 
+# ddp-2 -> fsdp-4 -> ddp-1 -> fsdp-2 -> hsdp-2x2: every hand-over of the issue's matrix
+# (ddp-2 -> fsdp-4, fsdp-4 -> ddp-1, fsdp-2 -> hsdp-2x2) in one run, two steps per layout.
+CHAIN = [(2, "ddp"), (4, "fsdp"), (1, "ddp"), (2, "fsdp"), (4, "hsdp")]
+
+
+@pytest.mark.slow
+def test_a_modern_run_handed_across_every_layout_continues_the_uninterrupted_one(tiny_data, tmp_path):
+    """The modern recipe (Muon for the block matrices, AdamW for the rest): each layout resumes the
+    checkpoint the previous one saved when a SIGTERM stopped it, Muon's momentum and the data
+    stream included, and the losses stay within 1e-5 of a run that never stopped."""
+    modern = ("--recipe", "modern", "--train.micro_batch=2")  # divides the global batch of 8 on 1, 2, 4 ranks
+    ref = tmp_path / "ref"
+    run_train(_args(tiny_data, ref, *modern))
+    run = tmp_path / "run"
+    for i, (nproc, layout) in enumerate(CHAIN):
+        extra = [f"--parallel.data={layout}", *(["--parallel.shard_size=2"] if layout == "hsdp" else [])]
+        env = {} if i == len(CHAIN) - 1 else {"DIST_GPT_FAULT_SIGNAL_AT": f"{2 * i + 1}:SIGTERM"}  # saved after step 2i+2
+        out = run_train(_args(tiny_data, run, *modern, *extra), nproc=nproc, env=env)
+        if i < len(CHAIN) - 1:
+            marker = json.loads((run / "requeue.json").read_text())
+            assert marker["step"] == 2 * i + 2, (marker, out.stdout[-2000:])
+        if i > 0:
+            assert f"resumed from {run / 'checkpoints' / f'step_{2 * i:07d}'}" in out.stdout, out.stdout[-2000:]
+    got, want = losses(run), losses(ref)
+    worst = _worst(got, want, range(1, STEPS + 1))
+    print(f"modern run across {' -> '.join(f'{l}-{n}' for n, l in CHAIN)} (hsdp 2 x 2): largest relative loss difference {worst:.2e}")
+    assert worst < 1e-5
+
+
 @pytest.mark.parametrize("layout", ["fsdp", "hsdp"])
 def test_meta_device_build_gives_each_rank_its_share_of_the_unsharded_weights(tmp_path, layout):
     nproc = 2 if layout == "fsdp" else 4
