@@ -20,10 +20,10 @@ def counting_dataset(directory: Path, shard_lengths=(5000, 3000, 7000, 1200), va
     val = [make(n, 100 + k) for k, n in enumerate(val_lengths)]
     w = DatasetWriter(Path(directory), ByteTokenizer(), shard_tokens or max(shard_lengths + val_lengths))
     for a in train:
-        w.write("train", a, source_bytes=a.size, documents=1)
+        w.write("train", a, source_bytes=a.size, doc_starts=[0])
         w.close_shard("train")
     for a in val:
-        w.write("val", a, source_bytes=a.size, documents=1)
+        w.write("val", a, source_bytes=a.size, doc_starts=[0])
         w.close_shard("val")
     w.finish({"kind": "test"})
     return directory

@@ -85,6 +85,21 @@ def test_mixed_compressed_and_parquet_inputs(tmp_path, capsys):
     assert "nothing to do" in capsys.readouterr().err
 
 
+def test_byte_level_documents_from_the_index(tmp_path):
+    corpus, docs = mixed_corpus(tmp_path / "corpus")
+    out = tmp_path / "ds"
+    assert _prepare(corpus, "--include", ALL + ",*.jsonl", "--chunk-mb", "0.0625", "--shard-tokens", "20000",
+                    "--out", out) == 0
+    ds = Dataset.open(out)
+    got = []
+    for split in ("train", "val"):  # several shards: documents run across their ends
+        ends = np.cumsum([s.num_tokens for s in ds.shards[split]]) - [s.num_tokens for s in ds.shards[split]]
+        starts = np.concatenate([local + end for local, end in zip(ds.doc_starts(split, "test"), ends)])
+        bounds = list(starts) + [ds.num_tokens(split)]
+        got += [decode_slice(out, split, int(a), int(b - a)) for a, b in zip(bounds, bounds[1:])]
+    assert sorted(got) == sorted(d for d in docs if d)  # the null parquet row has no tokens, no start
+
+
 def test_byte_tokens_of_compressed_text_are_its_bytes(tmp_path):
     text = "".join(_docs(2000, 5))
     (tmp_path / "t.txt.gz").write_bytes(gzip.compress(text.encode()))

@@ -79,7 +79,7 @@ class UnitResult:
     raw_bytes: int
     tokens: dict = field(default_factory=dict)        # split -> np.ndarray (final dtype)
     source_bytes: dict = field(default_factory=dict)  # split -> int
-    documents: dict = field(default_factory=dict)     # split -> int
+    doc_starts: dict = field(default_factory=dict)    # split -> offsets in tokens[split] where a document starts
     skipped: dict = field(default_factory=dict)       # what -> count
     chars: str = ""                                   # the chars seen (char vocabulary pass)
 
@@ -252,15 +252,19 @@ def _encode_unit(unit: Unit) -> UnitResult:
     else:
         arrays = tok.encode_batch_np(texts) if texts else []
     pieces: dict[str, list[np.ndarray]] = {}
+    lengths: dict[str, int] = {}  # tokens in pieces[split] so far
     splits = doc_splits(f, [d[0] for d in docs], opts.splitter)
     for ids, n, split in zip(arrays, nbytes, splits):
         if ids.size == 0:
             continue
-        starts = f.kind != "text" or unit.doc_start  # every jsonl line and parquet row starts one
-        if starts and tok.eot_id is not None:
-            pieces.setdefault(split, []).append(np.array([tok.eot_id], dtype=dtype))
-        pieces.setdefault(split, []).append(ids.astype(dtype, copy=False))
+        parts, at = pieces.setdefault(split, []), lengths.get(split, 0)
+        if f.kind != "text" or unit.doc_start:  # every jsonl line and parquet row starts one
+            res.doc_starts.setdefault(split, []).append(at)
+            if tok.eot_id is not None:  # the end-of-text id is the document's first token
+                parts.append(np.array([tok.eot_id], dtype=dtype))
+                at += 1
+        parts.append(ids.astype(dtype, copy=False))
+        lengths[split] = at + ids.size
         res.source_bytes[split] = res.source_bytes.get(split, 0) + n
-        res.documents[split] = res.documents.get(split, 0) + int(starts)
     res.tokens = {s: np.concatenate(p) if len(p) > 1 else p[0] for s, p in pieces.items()}
     return res

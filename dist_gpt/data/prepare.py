@@ -160,7 +160,7 @@ def _check_existing(out: Path, request: dict, opts: PrepareOptions) -> bool:
                             "pass --force to replace it, or choose another --out")
         return False
     ours = {MANIFEST, TOKENIZER_FILE, MANIFEST + ".tmp"}
-    strangers = [p.name for p in out.iterdir() if not (p.name in ours or p.suffix in (".bin", ".tmp"))]
+    strangers = [p.name for p in out.iterdir() if not (p.name in ours or p.suffix in (".bin", ".docs", ".tmp"))]
     if strangers:
         raise DataError(f"--out {out} is not empty and not a dataset (it holds {strangers[0]!r}, ...); choose a new directory")
     return False
@@ -353,6 +353,9 @@ def prepare(opts: PrepareOptions) -> Path:
         request = {**_tokenizer_identity(opts), "inputs": inputs_id, "options": opts.output_options()}
         if _check_existing(out, request, opts):
             _say(opts, f"dataset {out} is complete and made from the same inputs and options: nothing to do")
+            if "doc_index" not in load_manifest(out, "")["splits"]["train"]:
+                _say(opts, "it has no document index (made by dist_gpt 0.1.0): data.align=document and "
+                           "model.doc_mask need one; add --force to rebuild it with one")
             shutil.rmtree(staging)
             return out
         _build(opts, staging, files, source, request)
@@ -404,7 +407,7 @@ def _build(opts: PrepareOptions, staging: Path, files, source: dict, request: di
             for results in _ordered_map(encode.encode_task, _tasks(units(), chunk), workers, (enc, dtype)):
                 for r in results:
                     for split, tokens in r.tokens.items():
-                        writer.write(split, tokens, r.source_bytes.get(split, 0), r.documents.get(split, 0))
+                        writer.write(split, tokens, r.source_bytes.get(split, 0), r.doc_starts.get(split, ()))
                         ntok += tokens.size
                     for k, v in r.skipped.items():
                         skipped[k] = skipped.get(k, 0) + v
@@ -449,7 +452,7 @@ def _split_tail(writer: DatasetWriter, fraction: float, records: list[tuple[int,
         path = writer.directory / name
         keep = min(max(keep_total - pos, 0), header.num_tokens)
         for chunk in iter_payload(path, header, start=keep):
-            writer.write("val", chunk)
+            writer.write("val", chunk, doc_starts=[0] if writer.written["val"] == 0 else ())  # the tail
         if keep == header.num_tokens:
             kept.append((name, header))
         elif keep > 0:
@@ -473,7 +476,6 @@ def _split_tail(writer: DatasetWriter, fraction: float, records: list[tuple[int,
             pos += tokens
     writer.source_bytes["train"] -= round(val_bytes)
     writer.source_bytes["val"] += round(val_bytes)
-    writer.documents["val"] = 1  # the document's tail
 
 
 def _raise_interrupt(signum, frame):
