@@ -176,7 +176,7 @@ def build(cfg, env: dist.DistEnv, stop: StopSignals, log: NullLogger | None = No
     optimizers = build_optimizers(model, cfg.optim, env.device, exact=precision.name == "fp32")
     batches = TrainBatches(data, block_size=cfg.model.block_size, global_batch=tc.global_batch,
                            micro_batch=tc.micro_batch, rank=env.rank, world_size=env.world_size,
-                           seed=tc.seed, device=env.device, prefetch=cfg.data.prefetch)
+                           seed=tc.seed, device=env.device, prefetch=cfg.data.prefetch, align=cfg.data.align)
     make_run_dir(cfg.run_dir, env)
     throughput = Throughput.of(cfg.log, env, precision.name, tc.global_batch * cfg.model.block_size,
                                model.flops_per_token())

@@ -35,3 +35,18 @@ def random_dataset(directory: Path, train_tokens: int = 20000, val_tokens: int =
                                                "val": [rng.integers(0, 256, val_tokens, dtype=np.uint8)]},
                   shard_tokens=train_tokens // 3 + 1)
     return Path(directory)
+
+
+def documents_dataset(directory: Path, train_docs: int = 400, val_docs: int = 40, shard_tokens: int = 3000,
+                      seed: int = 0) -> Path:
+    """A byte dataset of documents of mixed lengths (mostly short, some longer than a 16-token
+    block), every token of document k equal to 1 + k % 250, so a row shows where documents change;
+    shards cut documents, so some run across a shard's end."""
+    rng = np.random.default_rng(seed)
+    w = DatasetWriter(Path(directory), ByteTokenizer(), shard_tokens)
+    for split, n in (("train", train_docs), ("val", val_docs)):
+        for k in range(n):
+            length = int(rng.integers(40, 120)) if k % 7 == 0 else int(rng.integers(1, 14))
+            w.write(split, np.full(length, 1 + k % 250, dtype=np.uint8), source_bytes=length, doc_starts=[0])
+    w.finish({"kind": "test"})
+    return Path(directory)
