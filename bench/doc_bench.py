@@ -34,7 +34,6 @@ Corpora (prepared once under --data-root, with their document indexes):
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import statistics
@@ -47,7 +46,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.prose_corpus import check_size, write_corpus  # noqa: E402
-from bench.recipe_bench import Run, _run_quiet, describe_data, prepare_stdlib, train  # noqa: E402
+from bench.recipe_bench import Run, _run_quiet, bench_arguments, describe_data, prepare_stdlib, train  # noqa: E402
 
 STEPS = 300
 EVAL_INTERVAL = 50
@@ -126,18 +125,7 @@ def report(s: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--corpus", choices=(*CORPORA, "both"), default="both")
-    p.add_argument("--seeds", type=int, default=3, help="seeds per setting (default 3; every figure is their median)")
-    p.add_argument("--threads", type=int, default=1, help="CPU threads per run (default 1)")
-    p.add_argument("--precision", default="auto", help="train.precision of every run (default auto, the trainer's)")
-    p.add_argument("--data-root", type=Path, default=REPO / "data" / "doc_bench")
-    p.add_argument("--workdir", type=Path, default=None, help="run directories (default: a temporary one)")
-    p.add_argument("--results", type=Path, help="write every curve and summary as JSON here")
-    p.add_argument("--from-results", type=Path, nargs="+", metavar="JSON",
-                   help="train nothing: report the summaries in these --results files")
-    args = p.parse_args(argv)
+    args = bench_arguments(__doc__, CORPORA, REPO / "data" / "doc_bench").parse_args(argv)
     if args.from_results:
         for path in args.from_results:
             for s in json.loads(path.read_text()).values():

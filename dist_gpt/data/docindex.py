@@ -11,7 +11,6 @@ vocabulary has an end-of-text token, a document's first token is that token.
 from __future__ import annotations
 
 import hashlib
-import os
 import struct
 import zlib
 from dataclasses import dataclass
@@ -19,11 +18,11 @@ from pathlib import Path
 
 import numpy as np
 
+from dist_gpt.data.format import HEADER_SIZE, StagedFile, read_head
 from dist_gpt.errors import DataError
 
 MAGIC = b"DGPTDOC\x00"
 VERSION = 1
-HEADER_SIZE = 256
 DTYPE = np.dtype("<u8")
 _FIELDS = struct.Struct("<8sIQQ32s")  # magic, version, documents, the split's tokens, payload sha256
 _CRC = struct.Struct("<I")
@@ -48,14 +47,7 @@ class DocIndexHeader:
 def read_doc_header(path: Path | str) -> DocIndexHeader:
     """Parse and check a document index's header and file size (cheap: no hashing)."""
     path = Path(path)
-    try:
-        with open(path, "rb") as f:
-            raw = f.read(HEADER_SIZE)
-            size = os.fstat(f.fileno()).st_size
-    except FileNotFoundError:
-        raise DataError(f"{path}: document index is missing") from None
-    except OSError as e:
-        raise DataError(f"{path}: cannot read the document index ({e.strerror})") from None
+    raw, size = read_head(path, "document index")
     if len(raw) < HEADER_SIZE or raw[:8] != MAGIC:
         raise DataError(f"{path}: not a dist_gpt document index (bad magic or shorter than its header)")
     fields = raw[:_FIELDS.size]
@@ -117,16 +109,13 @@ def check_doc_index(directory: Path | str, entry: dict, full: bool) -> None:
         verify_doc_index(path, header)
 
 
-class DocIndexWriter:
+class DocIndexWriter(StagedFile):
     """Appends document offsets under `<name>.tmp`; the header is written last, then the file renamed."""
 
     def __init__(self, path: Path | str):
-        self.path = Path(path)
-        self.tmp_path = self.path.with_name(self.path.name + ".tmp")
+        super().__init__(path)
         self.documents, self.last = 0, -1
         self._sha = hashlib.sha256()
-        self._f = open(self.tmp_path, "wb")
-        self._f.write(b"\x00" * HEADER_SIZE)
 
     def add(self, starts: np.ndarray) -> None:
         """Append offsets (in the split), each greater than every one before."""
@@ -145,15 +134,5 @@ class DocIndexWriter:
         if self.last >= num_tokens:
             raise DataError(f"{self.path}: a document starts at {self.last}, past the split's {num_tokens} tokens")
         header = DocIndexHeader(self.documents, num_tokens, self._sha.hexdigest())
-        self._f.seek(0)
-        self._f.write(header.pack())
-        self._f.flush()
-        os.fsync(self._f.fileno())
-        self._f.close()
-        os.replace(self.tmp_path, self.path)
+        self.seal(header.pack())
         return header
-
-    def abort(self) -> None:
-        if not self._f.closed:
-            self._f.close()
-        self.tmp_path.unlink(missing_ok=True)
