@@ -49,7 +49,7 @@ from bench.prose_corpus import check_size, write_corpus  # noqa: E402
 from bench.recipe_bench import Run, _run_quiet, bench_arguments, describe_data, prepare_stdlib, train  # noqa: E402
 
 STEPS = 300
-EVAL_INTERVAL = 50
+EVAL_INTERVAL = 100
 CONTEXT = 128
 SETTINGS = {
     "plain": {"data.align": "random", "model.doc_mask": False},

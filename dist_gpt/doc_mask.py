@@ -17,6 +17,8 @@ How, by device:
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 _compiled_flex = None
@@ -40,7 +42,16 @@ def flex_usable(device: torch.device, dropout: float, head_dim: int) -> bool:
     """FlexAttention where it is fast and supported: CUDA, no attention dropout (flex has none),
     a power-of-two head width of at least 16."""
     return (device.type == "cuda" and dropout == 0.0 and head_dim >= 16 and head_dim & (head_dim - 1) == 0
-            and hasattr(torch.nn.attention, "flex_attention"))
+            and _has_flex())
+
+
+@functools.cache
+def _has_flex() -> bool:
+    try:
+        import torch.nn.attention.flex_attention  # noqa: F401  (torch >= 2.5)
+    except ImportError:
+        return False
+    return True
 
 
 @torch.compiler.disable  # built eagerly, outside a compiled model's graph, then handed to it
@@ -57,10 +68,14 @@ def block_mask(doc: torch.Tensor):
 
 
 def flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask) -> torch.Tensor:
-    """FlexAttention (compiled on first use: uncompiled it materialises the whole score matrix)."""
+    """FlexAttention, compiled: inside a compiled model by the model's compilation, otherwise by
+    its own, made on first use (uncompiled it would materialise the whole score matrix)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if torch.compiler.is_compiling():
+        return flex_attention(q, k, v, block_mask=mask)
     global _compiled_flex
     if _compiled_flex is None:
-        from torch.nn.attention.flex_attention import flex_attention
         _compiled_flex = torch.compile(flex_attention, dynamic=False)
     return _compiled_flex(q, k, v, block_mask=mask)
 

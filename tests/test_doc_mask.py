@@ -69,6 +69,11 @@ def test_flex_block_mask_is_the_boolean_mask():
         flexed = flex_attention(q, k, v, block_mask=doc_mask.block_mask(doc))
     masked = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=doc_mask.document_mask(doc, doc))
     assert torch.allclose(flexed, masked, atol=1e-6)
+    # which path a device takes (decided without touching the device)
+    cuda = torch.device("cuda")
+    assert doc_mask.flex_usable(cuda, 0.0, 64) and doc_mask.flex_usable(cuda, 0.0, 16)
+    assert not doc_mask.flex_usable(cuda, 0.1, 64)  # flex has no attention dropout
+    assert not doc_mask.flex_usable(cuda, 0.0, 19) and not doc_mask.flex_usable(torch.device("cpu"), 0.0, 64)
 
 
 def _greedy(model: GPT, prompt: torch.Tensor, n: int, use_cache: bool) -> list[int]:
