@@ -48,7 +48,7 @@ sys.path.insert(0, str(REPO))
 from bench.prose_corpus import check_size, write_corpus  # noqa: E402
 from bench.recipe_bench import Run, _run_quiet, bench_arguments, describe_data, prepare_stdlib, train  # noqa: E402
 
-STEPS = 300
+STEPS = 250
 EVAL_INTERVAL = 100
 CONTEXT = 128
 SETTINGS = {
