@@ -9,7 +9,10 @@ stdlib corpus, next to the tokenizer library alone on the same texts in one proc
 `encode_batch` and `encode_batch_fast`, which use every core; tiktoken's `encode_ordinary_batch`;
 for byte, reading the files). Sampler: tokens/s on one core for 12 x 1024-token batches from a 100M-token uint16
 dataset, next to a nanoGPT-style `get_batch` (np.memmap + torch.randint + torch.stack) on the
-same file. Record results in docs/PERFORMANCE.md ("Data").
+same file. Streams: MB/s of text that prepare's own process reads out of the stdlib corpus as one
+.jsonl.gz, one .jsonl.zst and one .parquet file (one document per source file; decompressing and
+cutting work units, which is all it does for such a file before the workers encode). Record
+results in docs/PERFORMANCE.md ("Data").
 """
 
 from __future__ import annotations
@@ -82,6 +85,30 @@ def bench_prepare(workdir: Path, bpe: int, repeats: int) -> list[dict]:
     return rows
 
 
+def bench_streams(workdir: Path, repeats: int) -> list[dict]:
+    import gzip
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import zstandard
+
+    from dist_gpt.data.sources import CHUNK_BYTES, _input
+    from dist_gpt.data.streams import stream_units
+
+    texts = [Path(f.path).read_text(encoding="utf-8") for f in stdlib_inputs()]
+    body = "".join(json.dumps({"text": t}) + "\n" for t in texts).encode()
+    (workdir / "stdlib.jsonl.gz").write_bytes(gzip.compress(body, compresslevel=6))
+    (workdir / "stdlib.jsonl.zst").write_bytes(zstandard.ZstdCompressor(level=3).compress(body))
+    pq.write_table(pa.table({"text": texts}), workdir / "stdlib.parquet", compression="zstd")
+    text_mb = sum(len(t.encode()) for t in texts) / 1e6
+    rows = []
+    for name in ("stdlib.jsonl.gz", "stdlib.jsonl.zst", "stdlib.parquet"):
+        f = _input(workdir / name)
+        seconds = _best(lambda: sum(1 for _ in stream_units(f, 0, 0, CHUNK_BYTES, "text")), repeats)
+        rows.append({"file": name, "mb_on_disk": f.size / 1e6, "text_mb_s": text_mb / seconds})
+    return rows
+
+
 def _sampler_dataset(workdir: Path) -> Path:
     from dist_gpt.data.tokenizers import _sha256_json
     from dist_gpt.data.writer import DatasetWriter
@@ -142,6 +169,7 @@ def main() -> int:
         result = {"cores": len(os.sched_getaffinity(0))}
         result["sampler"] = bench_sampler(workdir, args.batches, args.repeats)
         if not args.skip_prepare:
+            result["streams"] = bench_streams(workdir, args.repeats)
             result["prepare"] = bench_prepare(workdir, args.bpe, args.repeats)
     finally:
         if not args.workdir:
@@ -152,6 +180,8 @@ def main() -> int:
     s = result["sampler"]
     print(f"sampler ({B} x {T} tokens, uint16, 100M-token dataset, 1 core): {s['sampler_mtok_s']:.1f}M tokens/s "
           f"({s['us_per_batch']:.0f} us/batch); nanoGPT get_batch: {s['nanogpt_get_batch_mtok_s']:.1f}M tokens/s")
+    for row in result.get("streams", []):
+        print(f"read {row['file']:<17} ({row['mb_on_disk']:.1f} MB on disk): {row['text_mb_s']:7.1f} MB/s of text")
     for row in result.get("prepare", []):
         if "error" in row:
             print(f"prepare {row['tokenizer']:<10} unavailable: {row['error']}")

@@ -3,6 +3,7 @@
     python bench/prose_corpus.py --out data/recipe_bench/prose.jsonl       # then, as recipe_bench does:
     python -m tools.prepare data/recipe_bench/prose.jsonl --tokenizer char --val-split 0.1 \
         --out data/recipe_bench/prose
+    python bench/prose_corpus.py --paragraphs --out data/doc_bench/paragraphs.jsonl   # short documents
 
 English legal prose, one document per licence text, taken in this fixed order until the corpus
 holds `TARGET_CHARS` characters (aiming above MIN_CHARS, 1M, on a machine with enough licence text;
@@ -14,6 +15,10 @@ holds `TARGET_CHARS` characters (aiming above MIN_CHARS, 1M, on a machine with e
    `-MIT` or `.APACHE`) and it is not code or markup (`.py`, `.json`, `.html`, ...);
 2. Debian's `/usr/share/common-licenses/*` (the full GPL, LGPL, Apache, MPL, ... texts), by name;
 3. Debian's `/usr/share/doc/*/copyright` files, by package name.
+
+With --paragraphs each of those texts is cut at its blank lines (a line of nothing but white
+space) and every non-blank paragraph is a document of its own (its own leading and trailing
+white space removed, one newline added): the short-document corpus of bench/doc_bench.py.
 
 A text that is not UTF-8 is skipped. Identical texts (compared with runs of whitespace collapsed)
 are kept once, at their first place: dozens of packages ship the same MIT or Apache text.
@@ -36,6 +41,7 @@ from pathlib import Path
 TARGET_CHARS = 1_250_000
 MIN_CHARS = 1_000_000  # the benchmark's floor: at least 1 MB of prose
 _LICENCE_NAME = re.compile(r"(LICEN[CS]E|COPYING|NOTICE)([._-][A-Za-z0-9._-]*)?", re.IGNORECASE)
+_BLANK_LINE = re.compile(r"\n[ \t\r\f\v]*\n")
 _NOT_PROSE = {".py", ".pyi", ".json", ".html", ".htm", ".xml", ".toml", ".yaml", ".yml", ".c", ".h",
               ".cfg", ".in", ".sh", ".js", ".css", ".pdf", ".gz"}
 
@@ -86,13 +92,22 @@ def documents(target_chars: int = TARGET_CHARS) -> Iterator[tuple[str, str]]:
             return
 
 
-def write_corpus(out: Path, target_chars: int = TARGET_CHARS) -> dict:
+def paragraphs(docs: Iterator[tuple[str, str]]) -> Iterator[tuple[str, str]]:
+    """Each document's paragraphs (cut at blank lines) as documents: (source#k, text)."""
+    for source, text in docs:
+        for k, para in enumerate(p.strip() for p in _BLANK_LINE.split(text)):
+            if para:
+                yield f"{source}#{k}", para + "\n"
+
+
+def write_corpus(out: Path, target_chars: int = TARGET_CHARS, by_paragraph: bool = False) -> dict:
     """Write the corpus as JSON lines ({"text", "source"}), and `<out>.manifest.json`; returns the manifest."""
     out.parent.mkdir(parents=True, exist_ok=True)
     digest, sources, chars = hashlib.sha256(), [], 0
     tmp = out.with_name(out.name + ".tmp")
+    docs = documents(target_chars)
     with tmp.open("w", encoding="utf-8") as f:
-        for source, text in documents(target_chars):
+        for source, text in paragraphs(docs) if by_paragraph else docs:
             f.write(json.dumps({"text": text, "source": source}, ensure_ascii=False) + "\n")
             digest.update(text.encode())
             sources.append(source)
@@ -107,8 +122,9 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=Path("data/recipe_bench/prose.jsonl"), help="JSON-lines file to write")
     p.add_argument("--chars", type=int, default=TARGET_CHARS, help=f"stop after this many characters (default {TARGET_CHARS:,})")
+    p.add_argument("--paragraphs", action="store_true", help="one document per paragraph (short documents)")
     args = p.parse_args(argv)
-    m = write_corpus(args.out, args.chars)
+    m = write_corpus(args.out, args.chars, args.paragraphs)
     print(f"{args.out}: {m['documents']} documents, {m['chars']:,} characters, sha256 {m['sha256'][:16]}")
     check_size(m)
 

@@ -320,20 +320,25 @@ def sweep(data: Path, workdir: Path, threads: int, precision: str) -> dict:
     return results
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--corpus", choices=(*CORPORA, "both"), default="both")
+def bench_arguments(doc: str, corpora: tuple[str, ...], data_root: Path) -> argparse.ArgumentParser:
+    """The options this benchmark and bench/doc_bench.py share."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--corpus", choices=(*corpora, "both"), default="both")
     p.add_argument("--seeds", type=int, default=3, help="seeds per run (default 3; every figure is their median)")
-    p.add_argument("--threads", type=int, default=1, help="CPU threads per run (default 1, see above)")
+    p.add_argument("--threads", type=int, default=1, help="CPU threads per run (default 1, see the docstring)")
     p.add_argument("--precision", default="auto", help="train.precision of every run (default auto, the trainer's)")
-    p.add_argument("--data-root", type=Path, default=REPO / "data" / "recipe_bench")
+    p.add_argument("--data-root", type=Path, default=data_root)
     p.add_argument("--workdir", type=Path, default=None, help="run directories (default: a temporary one)")
     p.add_argument("--results", type=Path, help="write every curve and summary as JSON here")
-    p.add_argument("--plot", type=Path, help="draw validation loss against wall time into this PNG")
-    p.add_argument("--sweep", action="store_true", help="run the learning-rate sweeps instead")
     p.add_argument("--from-results", type=Path, nargs="+", metavar="JSON",
-                   help="train nothing: report (and --plot) the summaries in these --results files")
+                   help="train nothing: report the summaries in these --results files")
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = bench_arguments(__doc__, CORPORA, REPO / "data" / "recipe_bench")
+    p.add_argument("--plot", type=Path, help="draw validation loss against wall time into this PNG (also with --from-results)")
+    p.add_argument("--sweep", action="store_true", help="run the learning-rate sweeps instead")
     args = p.parse_args(argv)
     if args.from_results:
         summaries = [s for path in args.from_results for s in json.loads(path.read_text()).values()]

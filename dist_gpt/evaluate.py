@@ -39,9 +39,10 @@ def validation_loss(model, val, autocast) -> tuple[float, int]:
     acc = torch.zeros(3, dtype=torch.float64, device=val.device)
     batches = 0
     x = y = None
-    for x, y in val:  # x, y: (b, T)
+    doc = []
+    for x, y, *doc in val:  # x, y (and doc, under model.doc_mask): (b, T)
         with autocast:
-            loss = model(x, y)
+            loss = model(x, y, *doc)
         acc[0] += loss.double() * y.numel()  # stays on the device: no sync per batch
         acc[1] += y.numel()
         acc[2] += y.size(0)
@@ -51,7 +52,7 @@ def validation_loss(model, val, autocast) -> tuple[float, int]:
             x = y = torch.zeros(1, val.block_size, dtype=torch.long, device=val.device)
         for _ in range(val.max_batches - batches):
             with autocast:
-                model(x, y)  # uncounted: keeps this rank in step with the others' gathers
+                model(x, y, *doc)  # uncounted: keeps this rank in step with the others' gathers
     model.train(was_training)
     total, tokens, blocks = dist.all_reduce_sum(acc).tolist()
     return total / max(tokens, 1), int(blocks)
@@ -153,7 +154,8 @@ def evaluate(argv: list[str] | None) -> int:
         raise DataError(f"dataset {args.data} has {data.vocab_size} tokens but the model only "
                         f"{loaded.config.vocab_size}: evaluate on a dataset made with the model's tokenizer")
     val = ValBlocks(data, block_size=loaded.config.block_size, batch_size=args.batch_size, rank=env.rank,
-                    world_size=env.world_size, max_blocks=args.max_blocks, device=env.device)
+                    world_size=env.world_size, max_blocks=args.max_blocks, device=env.device,
+                    documents=loaded.config.doc_mask)
     loss, blocks = validation_loss(model, val, Precision(args.precision, env.device).autocast())
     if env.is_main:
         bpb = bits_per_byte(loss, data.bytes_per_token("val"))

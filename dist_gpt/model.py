@@ -4,6 +4,7 @@
     model = GPT(GPTConfig(vocab_size=256, block_size=256))
     logits = model(idx)               # idx (B, T) int64 -> (B, T, V) float32
     loss = model(idx, targets)        # scalar mean cross-entropy in fp32, ignore_index=-1
+    loss = model(idx, targets, doc)   # doc (B, T): attention stays inside each document (doc_mask.py)
     out = model.generate(idx, 100, temperature=0.8, top_k=50)   # (B, T + <=100)
     for tok in model.stream(idx, 100): print(decode(tok[0].tolist()), end="")
 
@@ -35,6 +36,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from dist_gpt import doc_mask
 from dist_gpt.errors import ConfigError
 
 NORMS = ("layernorm", "rmsnorm")
@@ -77,6 +79,10 @@ class GPTConfig:
     init_std: float = field(default=0.02, metadata={"help": "std of the normal init of weights"})
     activation_checkpointing: bool = field(default=False, metadata={
         "help": "recompute each block in backward to save memory (about 1/3 more compute)"})
+    doc_mask: bool = field(default=False, metadata={
+        "help": "attention never crosses a document boundary: training and validation batches carry each "
+                "token's document (from the dataset's document index); at generation an end-of-text token "
+                "starts a new document"})
 
     def __post_init__(self):
         if self.vocab_size < 0:
@@ -162,7 +168,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class KVCache:
-    """Keys and values of the tokens already seen, for every layer: (n_layer, B, nh, max_len, hd).
+    """Keys and values of the tokens already seen, for every layer: (n_layer, B, nh, max_len, hd),
+    and their document ids (B, max_len) under document masking.
 
     Allocated on first use with the keys' dtype (bf16 under autocast). `pos` counts the cached
     tokens; the model advances it after a forward pass through all layers."""
@@ -170,7 +177,15 @@ class KVCache:
     def __init__(self, n_layer: int, max_len: int):
         self.n_layer, self.max_len = n_layer, max_len
         self.pos = 0
-        self.k = self.v = None
+        self.k = self.v = self.doc = None
+
+    def documents(self, doc: torch.Tensor) -> torch.Tensor:
+        """Store the document ids (B, T) of the new tokens; return those of every token so far (B, pos+T)."""
+        if self.doc is None:
+            self.doc = doc.new_zeros(doc.size(0), self.max_len)
+        end = self.pos + doc.size(1)
+        self.doc[:, self.pos:end] = doc
+        return self.doc[:, :end]
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         """Store k, v (B, nh, T, hd) of the new tokens; return all keys and values so far (B, nh, pos+T, hd)."""
@@ -212,7 +227,8 @@ class CausalSelfAttention(nn.Module):
         self.dropout = cfg.dropout
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, rope=None, cache: KVCache | None = None):
+    def forward(self, x, rope=None, cache: KVCache | None = None, mask=None):
+        """mask: None (causal), a boolean (B, 1, T, past+T) mask or a FlexAttention BlockMask (GPT._mask)."""
         B, T, _ = x.shape
         q, k, v = self.qkv(x).split(self.n_head * self.head_dim, dim=2)  # (B, T, nh*hd) each
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
@@ -227,7 +243,11 @@ class CausalSelfAttention(nn.Module):
             past = cache.pos
             k, v = cache.update(self.layer, k, v)  # (B, nh, past+T, hd)
         dropout_p = self.dropout if self.training else 0.0
-        if past == 0:
+        if mask is not None and not isinstance(mask, torch.Tensor):
+            y = doc_mask.flex(q, k, v, mask)  # documents, on CUDA
+        elif mask is not None:
+            y = attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)  # documents
+        elif past == 0:
             # queries and keys cover the same positions: the plain causal mask (flash kernels on GPU)
             y = attention(q, k, v, dropout_p=dropout_p, is_causal=True)
         elif T == 1:
@@ -276,11 +296,11 @@ class Block(nn.Module):
         self.norm2 = Norm(cfg.n_embd, cfg.norm, cfg.bias)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, rope=None, cache: KVCache | None = None):
+    def forward(self, x, rope=None, cache: KVCache | None = None, mask=None):
         if self.postnorm:  # the original notebook: normalise after each residual add
-            x = self.norm1(x + self.attn(x, rope, cache))
+            x = self.norm1(x + self.attn(x, rope, cache, mask))
             return self.norm2(x + self.mlp(x))
-        x = x + self.attn(self.norm1(x), rope, cache)
+        x = x + self.attn(self.norm1(x), rope, cache, mask)
         return x + self.mlp(self.norm2(x))
 
 
@@ -334,17 +354,20 @@ class GPT(nn.Module):
             steps.append(("head.weight", torch.Tensor.zero_))
         return steps
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
+                doc_ids: torch.Tensor | None = None) -> torch.Tensor:
         """idx (B, T) int64 -> logits (B, T, V) float32; with targets (B, T): the mean cross-entropy
-        (fp32) over targets != -1."""
-        logits = self._logits(self._trunk(idx))
+        (fp32) over targets != -1. With doc_ids (B, T) int64, a token attends only to earlier tokens
+        of its own document (equal ids); without, to every earlier token."""
+        logits = self._logits(self._trunk(idx, doc_ids=doc_ids))
         if targets is None:
             return logits
         return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
 
-    def _trunk(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+    def _trunk(self, idx: torch.Tensor, cache: KVCache | None = None, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Embeddings and blocks: idx (B, T) -> final-normed hidden states (B, T, C). With a cache,
-        idx are the tokens after the cached ones, at positions cache.pos .. cache.pos + T - 1."""
+        idx are the tokens after the cached ones, at positions cache.pos .. cache.pos + T - 1.
+        doc_ids (B, T): the documents of idx (attention stays inside them)."""
         B, T = idx.shape
         start = cache.pos if cache is not None else 0
         if start + T > self.cfg.block_size:
@@ -355,15 +378,28 @@ class GPT(nn.Module):
         if self.cfg.positions == "learned":
             x = x + self.pos_emb(pos)  # (T, C) broadcast over B
         rope = rope_tables(pos, self.cfg.head_size, self.cfg.rope_base) if self.cfg.positions == "rope" else None
+        mask = None if doc_ids is None else self._mask(doc_ids, cache)
         recompute = self.cfg.activation_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.blocks:
             if recompute:
-                x = checkpoint(block, x, rope, use_reentrant=False)
+                x = checkpoint(block, x, rope, None, mask, use_reentrant=False)
             else:
-                x = block(x, rope, cache)
+                x = block(x, rope, cache, mask)
         if cache is not None:
             cache.pos += T
         return self.norm_f(x)
+
+    def _mask(self, doc_ids: torch.Tensor, cache: KVCache | None):
+        """The attention mask of documents doc_ids (B, T): a FlexAttention BlockMask on CUDA, a boolean
+        (B, 1, T, past + T) mask otherwise, or None where the plain causal mask is the same."""
+        dropout = self.cfg.dropout if self.training else 0.0
+        if cache is not None:
+            return doc_mask.document_mask(doc_ids, cache.documents(doc_ids))
+        if doc_mask.flex_usable(doc_ids.device, dropout, self.cfg.head_size):
+            return doc_mask.block_mask(doc_ids)
+        if doc_ids.device.type == "cpu" and doc_mask.one_document_per_row(doc_ids):
+            return None
+        return doc_mask.document_mask(doc_ids, doc_ids)
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         """Hidden states (B, T, C) -> logits (B, T, V), in fp32 (and soft-capped if configured)."""
@@ -413,6 +449,11 @@ class GPT(nn.Module):
         produced it keeps producing it, and the stream ends when every row has (after yielding it).
         The model runs in eval mode (no dropout) while streaming.
 
+        Documents (cfg.doc_mask with an eot_id): every end-of-text token in the prompt starts a new
+        document, as in training, so the new tokens attend only to the prompt's last document (from
+        its end-of-text token on); what comes before it changes nothing. Without an eot_id (byte and
+        char vocabularies have none) the whole context is one document.
+
         Context: each token sees at most the last block_size tokens. Without a cache the window
         slides by one every step (every step recomputes up to block_size tokens). With the cache
         each new token costs one position (O(T) attention); when the cache is full it is rebuilt
@@ -429,12 +470,17 @@ class GPT(nn.Module):
             pending = idx[:, -L:]  # tokens the model has not yet seen
             cache = KVCache(self.cfg.n_layer, L) if use_cache else None
             done = torch.zeros(idx.size(0), 1, dtype=torch.bool, device=idx.device)
+            documents = self.cfg.doc_mask and eot_id is not None
             for _ in range(max_new_tokens):
                 if use_cache and cache.pos + pending.size(1) > L:
                     cache, pending = KVCache(self.cfg.n_layer, L), seq[:, -max(1, L // 2):]
                 if not use_cache:
                     pending = seq[:, -L:]
-                logits = self._logits(self._trunk(pending, cache)[:, -1:])[:, -1]  # (B, V)
+                doc = None
+                if documents:  # continue the numbering of the cached tokens' documents
+                    before = cache.doc[:, cache.pos - 1] if use_cache and cache.pos else None
+                    doc = doc_mask.eot_documents(pending, eot_id, before)
+                logits = self._logits(self._trunk(pending, cache, doc)[:, -1:])[:, -1]  # (B, V)
                 nxt = _sample(logits, temperature, top_k, top_p, generator)  # (B, 1)
                 if eot_id is not None:
                     nxt = torch.where(done, torch.full_like(nxt, eot_id), nxt)

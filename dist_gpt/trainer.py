@@ -115,11 +115,11 @@ def forward_backward(model, micro: list, autocast, scaler) -> torch.Tensor:
     """
     losses = []
     n = len(micro)
-    for i, (x, y) in enumerate(micro):  # x, y: (micro_batch, block_size) int64
+    for i, (x, y, *doc) in enumerate(micro):  # x, y (and doc, under model.doc_mask): (micro_batch, block_size) int64
         sync = dist.no_grad_sync(model) if i < n - 1 else nullcontext()
         with sync:
             with autocast:
-                loss = model(x, y)
+                loss = model(x, y, *doc)
             scaler.scale(loss / n).backward()
         losses.append(loss.detach())
     return losses[0] if n == 1 else torch.stack(losses).mean()
@@ -177,14 +177,16 @@ def build(cfg, env: dist.DistEnv, stop: StopSignals, log: NullLogger | None = No
                                   process_group=dist.replica_group(env, cfg.parallel))
     batches = TrainBatches(data, block_size=cfg.model.block_size, global_batch=tc.global_batch,
                            micro_batch=tc.micro_batch, rank=env.rank, world_size=env.world_size,
-                           seed=tc.seed, device=env.device, prefetch=cfg.data.prefetch)
+                           seed=tc.seed, device=env.device, prefetch=cfg.data.prefetch, align=cfg.data.align,
+                           documents=cfg.model.doc_mask)
     make_run_dir(cfg.run_dir, env)
     throughput = Throughput.of(cfg.log, env, precision.name, tc.global_batch * cfg.model.block_size,
                                model.flops_per_token())
     log = log or make_logger(cfg.run_dir, cfg.log, env.is_main, tc.steps, throughput)
     state = RunState()
     val = ValBlocks(data, block_size=cfg.model.block_size, batch_size=cfg.eval.batch_size or tc.micro_batch,
-                    rank=env.rank, world_size=env.world_size, max_blocks=cfg.eval.max_blocks, device=env.device)
+                    rank=env.rank, world_size=env.world_size, max_blocks=cfg.eval.max_blocks, device=env.device,
+                    documents=cfg.model.doc_mask)
     evaluator = Evaluator(fwd_model, val, precision.autocast(), cfg.eval, log, state)
     checkpointer = Checkpointer(
         cfg.run_dir / "checkpoints", cfg.checkpoint, env,

@@ -20,10 +20,10 @@ def counting_dataset(directory: Path, shard_lengths=(5000, 3000, 7000, 1200), va
     val = [make(n, 100 + k) for k, n in enumerate(val_lengths)]
     w = DatasetWriter(Path(directory), ByteTokenizer(), shard_tokens or max(shard_lengths + val_lengths))
     for a in train:
-        w.write("train", a, source_bytes=a.size, documents=1)
+        w.write("train", a, source_bytes=a.size, doc_starts=[0])
         w.close_shard("train")
     for a in val:
-        w.write("val", a, source_bytes=a.size, documents=1)
+        w.write("val", a, source_bytes=a.size, doc_starts=[0])
         w.close_shard("val")
     w.finish({"kind": "test"})
     return directory
@@ -34,4 +34,19 @@ def random_dataset(directory: Path, train_tokens: int = 20000, val_tokens: int =
     write_dataset(directory, ByteTokenizer(), {"train": [rng.integers(0, 256, train_tokens, dtype=np.uint8)],
                                                "val": [rng.integers(0, 256, val_tokens, dtype=np.uint8)]},
                   shard_tokens=train_tokens // 3 + 1)
+    return Path(directory)
+
+
+def documents_dataset(directory: Path, train_docs: int = 400, val_docs: int = 40, shard_tokens: int = 3000,
+                      seed: int = 0) -> Path:
+    """A byte dataset of documents of mixed lengths (mostly short, some longer than a 16-token
+    block), every token of document k equal to 1 + k % 250, so a row shows where documents change;
+    shards cut documents, so some run across a shard's end."""
+    rng = np.random.default_rng(seed)
+    w = DatasetWriter(Path(directory), ByteTokenizer(), shard_tokens)
+    for split, n in (("train", train_docs), ("val", val_docs)):
+        for k in range(n):
+            length = int(rng.integers(40, 120)) if k % 7 == 0 else int(rng.integers(1, 14))
+            w.write(split, np.full(length, 1 + k % 250, dtype=np.uint8), source_bytes=length, doc_starts=[0])
+    w.finish({"kind": "test"})
     return Path(directory)

@@ -111,3 +111,62 @@ def test_data_config_section():
     assert all(f.metadata.get("help") for f in fields(DataConfig))
     with pytest.raises(ConfigError, match="data.path"):
         DataConfig(path="")
+
+
+def _flip(path, offset: int) -> None:
+    raw = bytearray(path.read_bytes())
+    raw[offset] ^= 0xFF
+    path.write_bytes(bytes(raw))
+
+
+def test_document_index_damage_is_caught(tmp_path):
+    from dist_gpt.data.docindex import HEADER_SIZE as INDEX_HEADER
+    from dist_gpt.data.shard_tools import verify_dataset
+
+    path = random_dataset(tmp_path / "r")
+    ds = Dataset.open(path)
+    assert [a.tolist() for a in ds.doc_starts("train", "test")] == [[0], [], []]  # one document, three shards
+    index = path / "train.docs"
+    assert verify_dataset(path) == []
+    _flip(index, INDEX_HEADER)  # the offset 0 becomes 255: only the checksum sees it
+    Dataset.open(path)
+    (problem,) = verify_dataset(path)
+    assert str(index) in problem and "checksum" in problem
+    with pytest.raises(DataError, match="checksum.*re-run"):
+        Dataset.open(path, verify=True)
+    _flip(index, INDEX_HEADER)
+    _flip(index, 20)  # the header
+    with pytest.raises(DataError, match="train.docs: document index header is corrupt"):
+        Dataset.open(path)
+    _flip(index, 20)
+    index.write_bytes(index.read_bytes()[:-1])
+    with pytest.raises(DataError, match="train.docs: file is .*truncated"):
+        Dataset.open(path)
+    index.unlink()
+    with pytest.raises(DataError, match="train.docs: document index is missing"):
+        Dataset.open(path)
+
+
+def test_dataset_without_a_document_index_still_opens(tmp_path, capsys):
+    """A dataset made by dist_gpt 0.1.0 (manifest version 1, no index) trains as before; asking
+    it for document-aware training is a one-line error saying to re-run prepare."""
+    import json
+
+    from dist_gpt.data.prepare import main as prepare_main
+    from dist_gpt.data.shard_tools import verify_dataset
+
+    (tmp_path / "a.txt").write_text("some text\n" * 100)
+    args = [str(tmp_path / "a.txt"), "--out", str(tmp_path / "ds"), "--val-split", "0.1"]
+    assert prepare_main(args + ["--quiet"]) == 0
+    manifest = json.loads((tmp_path / "ds" / "manifest.json").read_text())
+    manifest["version"] = 1
+    for split in ("train", "val"):
+        (tmp_path / "ds" / manifest["splits"][split].pop("doc_index")["file"]).unlink()
+    (tmp_path / "ds" / "manifest.json").write_text(json.dumps(manifest))
+    ds = Dataset.open(tmp_path / "ds", verify=True)
+    assert not ds.has_doc_index and verify_dataset(tmp_path / "ds") == []
+    with pytest.raises(DataError, match=r"no document index .* which data.align=document needs; re-run `python -m tools.prepare "):
+        ds.doc_starts("train", "data.align=document")
+    assert prepare_main(args) == 0
+    err = capsys.readouterr().err
+    assert "nothing to do" in err and "add --force to rebuild it with one" in err

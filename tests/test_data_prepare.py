@@ -44,6 +44,14 @@ def _split_text(out: Path, split: str) -> str:
     return decode_slice(out, split, 0, Dataset.open(out).num_tokens(split))
 
 
+def _indexed_documents(out: Path, split: str) -> list[str]:
+    """The split's text cut where its document index says documents start (one shard here)."""
+    ds = Dataset.open(out)
+    (starts,) = ds.doc_starts(split, "the test")
+    ends = list(starts[1:]) + [ds.num_tokens(split)]
+    return [decode_slice(out, split, int(a), int(b - a)) for a, b in zip(starts, ends)]
+
+
 def _user_tokenizer_json(path: Path) -> Path:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     tok = Tokenizer(models.BPE())
@@ -72,6 +80,9 @@ def test_tokenizers_round_trip(tmp_path, tokenizer):
     assert train == "".join(eot + DOCS[n] for n in files if n != val_name)
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["splits"]["val"]["documents"] == 1 and manifest["splits"]["train"]["documents"] == 2
+    # the document index says where each document starts, for every tokenizer (byte and char have no eot)
+    assert _indexed_documents(out, "train") == [eot + DOCS[n] for n in files if n != val_name]
+    assert _indexed_documents(out, "val") == [eot + DOCS[val_name]]
     assert manifest["splits"]["val"]["source_bytes"] == len(DOCS[val_name].encode())
     assert ds.bytes_per_token("train") > (1.0 if tokenizer.startswith(("bpe", "/")) else 0.99)
     assert ds.tokenizer.decode(ds.tokenizer.encode(DOCS["b.txt"])) == DOCS["b.txt"]
@@ -91,6 +102,7 @@ def test_char_vocabulary_over_256_uses_uint16(tmp_path):
     train, val = _split_text(out, "train"), _split_text(out, "val")
     assert train + val == text and len(val) == round(len(text) * 0.25)  # one document: its tail is val
     assert ds.manifest["splits"]["val"]["source_bytes"] == len(val.encode())
+    assert _indexed_documents(out, "train") == [train] and _indexed_documents(out, "val") == [val]
 
 
 def test_uint32_through_a_large_tokenizer_json(tmp_path):
@@ -133,6 +145,7 @@ def test_jsonl_field_and_errors(tmp_path, capsys):
     assert (m["splits"]["train"]["documents"], m["splits"]["val"]["documents"]) == (8, 2)
     train, val = _split_text(out, "train"), _split_text(out, "val")
     assert sorted((train + val).splitlines()) == sorted(f"document {i}" for i in range(10))
+    assert sorted(_indexed_documents(out, "train") + _indexed_documents(out, "val")) == sorted(x["text"] for x in lines)
     assert _prepare(tmp_path / "d.jsonl", "--jsonl-field", "body", "--out", tmp_path / "ds2") == 2
     assert "no 'body' field" in capsys.readouterr().err
     # many work units (64 KB each), cut between lines, with a long line and blank lines

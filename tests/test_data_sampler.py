@@ -1,5 +1,6 @@
 """The sampler's contract: disjoint blocks within an epoch, full coverage, determinism, exact state
-round-trip, and the same global stream of blocks on 1, 2 and 4 ranks."""
+round-trip, and the same global stream of blocks on 1, 2 and 4 ranks; for blocks aligned to
+document starts (data.align=document) too, with the per-token document ids."""
 
 from __future__ import annotations
 
@@ -10,9 +11,9 @@ import torch
 from dist_gpt.data import Dataset, TrainBatches, ValBlocks
 from dist_gpt.data.format import open_memmap, read_header
 from dist_gpt.data.permutation import FeistelPermutation
-from dist_gpt.data.sampler import WINDOW, TrainLayout
+from dist_gpt.data.sampler import WINDOW, TrainLayout, shard_block_starts
 from dist_gpt.errors import DataError
-from tests.data_fixtures import counting_dataset, random_dataset
+from tests.data_fixtures import counting_dataset, documents_dataset, random_dataset
 
 T = 15  # block_size; blocks are T + 1 = 16 tokens
 
@@ -82,11 +83,11 @@ def _global_stream(ds, world_size, micro, batches=6, B=8, seed=11, **kw):
         rows = [None] * B
         for r, micro_steps in enumerate(per_rank):
             assert len(micro_steps) == B // (micro * world_size)
-            for a, (x, y) in enumerate(micro_steps):
+            for a, (x, y, *doc) in enumerate(micro_steps):
                 assert x.shape == (micro, T) and x.dtype == torch.int64 and x.is_contiguous() and y.is_contiguous()
                 assert torch.equal(x[:, 1:], y[:, :-1])  # targets are inputs shifted by one
-                for j in range(micro):
-                    rows[(a * world_size + r) * micro + j] = torch.cat([x[j], y[j, -1:]])
+                for j in range(micro):  # a row: its L tokens, then its T document ids if there are any
+                    rows[(a * world_size + r) * micro + j] = torch.cat([x[j], y[j, -1:], *(d[j] for d in doc)])
         stream.append(torch.stack(rows))
     return torch.stack(stream)
 
@@ -178,6 +179,13 @@ def test_cuda_pinned_prefetched_stream_equals_cpu(ds):
     assert all(torch.equal(a, b.cpu()) for a, b in zip(val_cpu, val_cuda))
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_document_stream_equals_cpu(tmp_path):
+    docs_ds = Dataset.open(documents_dataset(tmp_path / "docs"))
+    kw = dict(align="document", documents=True, batches=8)
+    assert torch.equal(_global_stream(docs_ds, 2, 2, **kw), _global_stream(docs_ds, 2, 2, device=torch.device("cuda"), **kw).cpu())
+
+
 def test_val_blocks_fixed_split_and_complete(ds):
     lengths = [s.num_tokens for s in ds.shards["val"]]
     expect = sum(n // (T + 1) for n in lengths)
@@ -203,3 +211,100 @@ def test_val_subset_is_fixed(tmp_path):
     assert sum(x.shape[0] for x in a) == 10 and all(torch.equal(p, q) for p, q in zip(a, b))
     assert len(ValBlocks(ds, T, 4, max_blocks=10)) == 10
     assert len(ValBlocks(ds, T, 4, max_blocks=10**9)) == 4000 // (T + 1)
+
+
+# ---------------------------------------------------------------- data.align=document
+
+@pytest.fixture
+def docs_ds(tmp_path):
+    return Dataset.open(documents_dataset(tmp_path / "docs"))
+
+
+def test_document_block_starts_cover_every_token():
+    L = T + 1
+    rng = np.random.default_rng(0)
+    for case in range(300):
+        n = int(rng.integers(0, 120))
+        d = np.sort(rng.choice(max(n, 1), size=int(rng.integers(0, max(n // 3, 1) + 1)), replace=False)) if n else np.zeros(0, int)
+        starts = shard_block_starts(n, d, L)
+        if n < L:
+            assert starts.size == 0
+            continue
+        assert np.all(np.diff(starts) > 0) and starts[0] == 0 and starts[-1] + L <= n  # distinct, inside the shard
+        target = np.zeros(n, dtype=int)
+        for s in starts.tolist():
+            target[s + 1:s + L] += 1
+        assert target[1:].all()  # every token but the shard's first is a target of some block
+        segments = np.unique(np.concatenate([[0], d]))
+        assert set(segments[segments <= n - L].tolist()) <= set(starts.tolist())  # every document start is a start
+        for s in starts.tolist():  # and the others lie a whole number of blocks into a document, or end the shard
+            seg = segments[np.searchsorted(segments, s, side="right") - 1]
+            assert (s - seg) % T == 0 or s == n - L
+
+
+def test_document_stream_is_the_same_on_1_2_4_ranks(docs_ds):
+    kw = dict(align="document", documents=True)
+    one = _global_stream(docs_ds, 1, 2, **kw)
+    assert torch.equal(one, _global_stream(docs_ds, 2, 2, **kw))
+    assert torch.equal(one, _global_stream(docs_ds, 4, 1, **kw))
+    assert torch.equal(one, _global_stream(docs_ds, 1, 8, **kw))
+    assert torch.equal(one, _global_stream(docs_ds, 2, 2, prefetch=True, prefetch_on_cpu=True, **kw))
+    assert not torch.equal(one[..., :T + 1], _global_stream(docs_ds, 1, 2)[..., :T + 1])  # not the random blocks
+    tokens, doc = one[..., :T], one[..., T + 1:]
+    # every token of document k is 1 + k % 250: a row's document ids count where its tokens change
+    assert (doc[..., 0] == 0).all()
+    assert torch.equal(doc[..., 1:] - doc[..., :-1], (tokens[..., 1:] != tokens[..., :-1]).long())
+
+
+def test_document_epoch_draws_every_start_once(docs_ds):
+    batches = TrainBatches(docs_ds, T, 8, 8, seed=4, align="document")
+    layout, n = batches.layout, batches.blocks_per_epoch
+    everything = {(s, int(st)) for s in range(len(docs_ds.shards["train"]))
+                  for st in layout.starts[layout.cum[s]:layout.cum[s + 1]]}
+    for epoch in range(2):
+        drawn = _blocks(layout, range(epoch * n, (epoch + 1) * n))
+        assert len(set(drawn)) == n and set(drawn) == everything
+    assert _blocks(layout, range(0, 50)) != _blocks(layout, range(n, n + 50))  # a new order each epoch
+    starts = [set(a.tolist()) for a in docs_ds.doc_starts("train", "test")]
+    first = [st in starts[sh] for sh, st in _blocks(layout, range(n))]
+    assert np.mean(first) > 0.5  # mostly document starts (the others: whole blocks into long documents)
+
+
+def test_document_stream_resumes_exactly(docs_ds):
+    ref = TrainBatches(docs_ds, T, 8, 4, seed=9, align="document", documents=True)
+    stream = [ref.next() for _ in range(6)]
+    first = TrainBatches(docs_ds, T, 8, 4, seed=9, align="document", documents=True)
+    for _ in range(3):
+        first.next()
+    resumed = TrainBatches(docs_ds, T, 8, 2, rank=1, world_size=2, seed=9, align="document", documents=True)
+    resumed.load_state_dict(first.state_dict())
+    got = resumed.next()  # rank 1 of 2, m=2: samples 2..3 of each micro-step of 4 of the reference
+    for want, mine in zip(stream[3][0], got[0]):
+        assert torch.equal(mine, want[2:4])
+    with pytest.raises(DataError, match="data.align=document, this run has random"):
+        TrainBatches(docs_ds, T, 8, 4, seed=9).load_state_dict(first.state_dict())
+    with pytest.raises(DataError, match="data.align=random, this run has document"):
+        resumed.load_state_dict({"position": 1, "seed": 9})  # made before data.align: random blocks
+
+
+def test_val_blocks_carry_document_ids(docs_ds):
+    plain = list(ValBlocks(docs_ds, T, 4))
+    with_docs = list(ValBlocks(docs_ds, T, 4, documents=True))
+    assert all(len(b) == 3 and torch.equal(a[0], b[0]) for a, b in zip(plain, with_docs))
+    for x, _, doc in with_docs:
+        assert torch.equal(doc[:, 1:] - doc[:, :-1], (x[:, 1:] != x[:, :-1]).long())
+
+
+def test_document_training_needs_the_index(ds, tmp_path):
+    import json
+    manifest = json.loads((ds.path / "manifest.json").read_text())
+    manifest["version"] = 1
+    for split in ("train", "val"):
+        del manifest["splits"][split]["doc_index"]
+    (ds.path / "manifest.json").write_text(json.dumps(manifest))
+    old = Dataset.open(ds.path)
+    TrainBatches(old, T, 8, 8)  # random blocks need no index
+    with pytest.raises(DataError, match="no document index .* data.align=document needs; re-run"):
+        TrainBatches(old, T, 8, 8, align="document")
+    with pytest.raises(DataError, match="model.doc_mask needs"):
+        ValBlocks(old, T, 4, documents=True)

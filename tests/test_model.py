@@ -318,9 +318,9 @@ def test_cache_makes_each_new_token_cost_one_position():
     model = build(CONFIGS["classic"])
     trunk, seen = model._trunk, []
 
-    def counting(idx, cache=None):
+    def counting(idx, cache=None, doc_ids=None):
         seen.append(idx.size(1))
-        return trunk(idx, cache)
+        return trunk(idx, cache, doc_ids)
 
     model._trunk = counting  # observes the real forward passes; the instance attribute shadows the method
     prompt, n = torch.randint(0, V, (1, 5)), 3 * T

@@ -18,7 +18,13 @@ class DataConfig:
                 "computes (on CPU batches are read inline: the thread would only compete for cores)"})
     verify: bool = field(default=False, metadata={
         "help": "check every shard's checksum and token ids at start (reads the whole dataset once)"})
+    align: str = field(default="random", metadata={
+        "help": "where training blocks start: random (anywhere) | document (at document starts, and every "
+                "block_size into longer documents; short documents are packed after one another; needs the "
+                "dataset's document index, see docs/FORMAT.md)"})
 
     def __post_init__(self):
         if not self.path:
             raise ConfigError("data.path must name a dataset directory")
+        if self.align not in ("random", "document"):
+            raise ConfigError(f"data.align must be random or document, got {self.align!r}")

@@ -1,7 +1,8 @@
 """`Dataset.open(path)`: a validated dataset directory and a flat-memory reader of its tokens.
 
-Opening is cheap and strict: the manifest is parsed, and every shard's header and file size are
-checked against it (no full checksum: that is `python -m tools.shards verify`, or `data.verify`).
+Opening is cheap and strict: the manifest is parsed, and every shard's and document index's header
+and file size are checked against it (no full checksum: that is `python -m tools.shards verify`, or
+`data.verify`).
 Tokens are read with `os.preadv` into caller-owned buffers, never through a long-lived memmap, so
 the process's resident memory stays flat however large the corpus (the kernel's page cache is
 shared and reclaimable; a memmap's touched pages count against the process until unmapped).
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dist_gpt.data.docindex import check_doc_index, read_doc_header, read_doc_starts
 from dist_gpt.data.format import DTYPE_NAMES, DTYPES, HEADER_SIZE, read_header, verify_payload
 from dist_gpt.data.manifest import SPLITS, load_manifest
 from dist_gpt.data.tokenizers import tokenizer_from_spec
@@ -36,10 +38,11 @@ class Shard:
 class Dataset:
     """A dataset directory: manifest.json, optional tokenizer file, train_*.bin and val_*.bin."""
 
-    def __init__(self, path: Path, manifest: dict, shards: dict[str, list[Shard]]):
+    def __init__(self, path: Path, manifest: dict, shards: dict[str, list[Shard]], rerun: str = ""):
         self.path = path
         self.manifest = manifest
         self.shards = shards
+        self.rerun = rerun  # the prepare command that rebuilds it, with --force
         self.vocab_size: int = int(manifest["vocab_size"])
         self.dtype_code: int = next(c for c, n in DTYPE_NAMES.items() if n == manifest["dtype"])
         self.dtype: np.dtype = DTYPES[self.dtype_code]
@@ -80,7 +83,9 @@ class Dataset:
                 shards[split].append(Shard(shard_path, header.num_tokens, header.checksum))
         if not shards["train"] or sum(s.num_tokens for s in shards["train"]) == 0:
             raise DataError(f"{path}: the train split is empty; {hint}")
-        return cls(path, manifest, shards)
+        for split in SPLITS if "doc_index" in manifest["splits"]["train"] else ():
+            _check_doc_index(path, manifest["splits"][split], verify, hint)
+        return cls(path, manifest, shards, f"re-run `{manifest.get('command') or DEFAULT_PREPARE.format(path=path)}` with --force")
 
     @cached_property
     def tokenizer(self):
@@ -98,6 +103,24 @@ class Dataset:
         tokens = self.num_tokens(split)
         return self.manifest["splits"][split]["source_bytes"] / tokens if tokens else float("nan")
 
+    @property
+    def has_doc_index(self) -> bool:
+        return "doc_index" in self.manifest["splits"]["train"]
+
+    def doc_starts(self, split: str, needed_by: str) -> list[np.ndarray]:
+        """Where each document starts, per shard of the split: int64 offsets in that shard, sorted
+        (a shard that begins inside a document has no 0). `needed_by` names the option in the
+        error a dataset without a document index gets."""
+        if not self.has_doc_index:
+            raise DataError(f"{self.path} has no document index (made by dist_gpt 0.1.0, manifest version 1), which "
+                            f"{needed_by} needs; {self.rerun}")
+        path = self.path / self.manifest["splits"][split]["doc_index"]["file"]
+        starts = read_doc_starts(path, read_doc_header(path))
+        ends = np.cumsum([s.num_tokens for s in self._split(split)])
+        bounds = np.searchsorted(starts, np.concatenate([[0], ends]))
+        return [starts[lo:hi] - (end - s.num_tokens)
+                for lo, hi, end, s in zip(bounds[:-1], bounds[1:], ends, self._split(split))]
+
     def _split(self, split: str) -> list[Shard]:
         if split not in self.shards:
             raise DataError(f"unknown split {split!r} (expected one of {', '.join(SPLITS)})")
@@ -105,6 +128,13 @@ class Dataset:
 
     def reader(self, split: str) -> "TokenReader":
         return TokenReader(self._split(split), self.dtype, self.vocab_size)
+
+
+def _check_doc_index(path: Path, entry: dict, verify: bool, hint: str) -> None:
+    try:
+        check_doc_index(path, entry, full=verify)
+    except DataError as e:
+        raise DataError(f"{e}; {hint}") from None
 
 
 class TokenReader:

@@ -2,8 +2,9 @@
 
 A worker gets a task (a list of units) and returns, per unit, the tokens of each split, the UTF-8
 source bytes they came from, and what was skipped. Which split a document goes to is a pure
-function of its index (`DocSplitter`), so workers need no coordination and the output does not
-depend on the number of workers.
+function of its index (`DocSplitter`, or `HashSplitter` when the corpus' document count is not
+known before encoding), so workers need no coordination and the output does not depend on the
+number of workers.
 
 Text policy (docs/FORMAT.md, "Text"): the `byte` tokenizer stores a file's bytes as they are.
 Every other tokenizer decodes strict UTF-8: an undecodable byte is an error naming the file and
@@ -21,7 +22,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from dist_gpt.data.permutation import FeistelPermutation
+from dist_gpt.data.permutation import FeistelPermutation, mix64, mix_int
 from dist_gpt.data.sources import InputFile, Unit, read_unit
 from dist_gpt.data.tokenizers import ByteTokenizer, CharTokenizer, tokenizer_from_spec
 from dist_gpt.errors import DataError
@@ -42,6 +43,19 @@ class DocSplitter:
         return (self.perm(np.asarray(docs, dtype=np.int64)) < self.val_docs).tolist()
 
 
+class HashSplitter:
+    """Which documents are validation when the corpus' document count is only known once it has
+    been read (compressed jsonl is read once): each document independently with probability
+    `fraction`, by a seeded hash of its index, so about that fraction of them."""
+
+    def __init__(self, fraction: float, seed: int):
+        self.threshold = np.uint64(min(int(fraction * 2.0**64), 2**64 - 1))
+        self.key = np.uint64(mix_int(VAL_KEY, seed))
+
+    def is_val(self, docs: list[int]) -> list[bool]:
+        return (mix64(np.asarray(docs, dtype=np.uint64) ^ self.key) < self.threshold).tolist()
+
+
 def doc_splits(f: InputFile, docs: list[int], splitter: DocSplitter | None) -> list[str]:
     if f.split:
         return [f.split] * len(docs)
@@ -55,7 +69,7 @@ class EncodeOptions:
     tokenizer_spec: dict
     directory: str             # where a tokenizer file lives
     files: list[InputFile]
-    splitter: DocSplitter | None
+    splitter: DocSplitter | HashSplitter | None
     jsonl_field: str = "text"
     skip_unknown: bool = False
 
@@ -65,7 +79,7 @@ class UnitResult:
     raw_bytes: int
     tokens: dict = field(default_factory=dict)        # split -> np.ndarray (final dtype)
     source_bytes: dict = field(default_factory=dict)  # split -> int
-    documents: dict = field(default_factory=dict)     # split -> int
+    doc_starts: dict = field(default_factory=dict)    # split -> offsets in tokens[split] where a document starts
     skipped: dict = field(default_factory=dict)       # what -> count
     chars: str = ""                                   # the chars seen (char vocabulary pass)
 
@@ -108,7 +122,7 @@ def collect_chars_task(units: list[Unit]) -> list[UnitResult]:
     """The char vocabulary pass: the set of characters of each unit."""
     out = []
     for unit in units:
-        res = UnitResult(unit.end - unit.start)
+        res = UnitResult(unit.progress_bytes)
         texts = [d[1] for d in _documents(unit, res, decode=True)]
         res.chars = "".join(sorted(set().union(*map(set, texts)))) if texts else ""
         out.append(res)
@@ -133,13 +147,21 @@ def _count(res: UnitResult, what: str, n: int) -> None:
         res.skipped[what] = res.skipped.get(what, 0) + n
 
 
-def _decode(raw: bytes, path: str, offset: int, res: UnitResult) -> tuple[str, int]:
+def _at(f: InputFile, offset: int, within: int = 0) -> str:
+    """Where in an input something is: its file and byte offset (of the decompressed stream for a
+    compressed file), or row and byte offset in the row's text for parquet."""
+    if f.kind == "parquet":
+        return f"{f.path}: row {offset}, byte offset {within}"
+    return f"{f.path}: {'decompressed ' if f.compression else ''}byte offset {offset + within}"
+
+
+def _decode(raw: bytes, f: InputFile, offset: int, res: UnitResult) -> tuple[str, int]:
     """Strict UTF-8 (or dropping undecodable bytes with --skip-unknown). Returns (text, its UTF-8 length)."""
     try:
         return raw.decode("utf-8"), len(raw)
     except UnicodeDecodeError as e:
         if not _state["options"].skip_unknown:
-            raise DataError(f"{path}: byte offset {offset + e.start}: not valid UTF-8 ({raw[e.start:e.start + 1]!r}); "
+            raise DataError(f"{_at(f, offset, e.start)}: not valid UTF-8 ({raw[e.start:e.start + 1]!r}); "
                             "fix the file, use --tokenizer byte, or pass --skip-unknown to drop such bytes") from None
     before = _SkipCounter.count
     text = raw.decode("utf-8", errors="dist_gpt_skip")
@@ -149,12 +171,20 @@ def _decode(raw: bytes, path: str, offset: int, res: UnitResult) -> tuple[str, i
 
 
 def _documents(unit: Unit, res: UnitResult, decode: bool):
-    """Yield (doc index, text (or bytes if not decode), file byte offset, UTF-8 length) per document."""
+    """Yield (doc index, text (or bytes if not decode), offset, UTF-8 length) per document; the
+    offset is the byte offset in the file (or decompressed stream), or the row for parquet."""
     opts: EncodeOptions = _state["options"]
     f = opts.files[unit.file]
-    raw = read_unit(f, unit)
+    if f.kind == "parquet":
+        first_row, texts = unit.payload
+        for j, text in enumerate(texts):
+            if text:  # a null or empty row is an empty document
+                data = text.encode("utf-8", errors="surrogatepass")
+                yield unit.first_doc + j, (text if decode else data), first_row + j, len(data)
+        return
+    raw = read_unit(f, unit) if unit.payload is None else unit.payload
     if f.kind == "text":
-        text, nbytes = _decode(raw, f.path, unit.start, res) if decode else (raw, len(raw))
+        text, nbytes = _decode(raw, f, unit.start, res) if decode else (raw, len(raw))
         yield unit.first_doc, text, unit.start, nbytes
         return
     offset = unit.start
@@ -166,11 +196,11 @@ def _documents(unit: Unit, res: UnitResult, decode: bool):
         try:
             text = json.loads(line)[opts.jsonl_field]
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise DataError(f"{f.path}: byte offset {where}: not a JSON line ({e})") from None
+            raise DataError(f"{_at(f, where)}: not a JSON line ({e})") from None
         except (KeyError, TypeError):
-            raise DataError(f"{f.path}: byte offset {where}: no {opts.jsonl_field!r} field; choose one with --jsonl-field") from None
+            raise DataError(f"{_at(f, where)}: no {opts.jsonl_field!r} field; choose one with --text-field") from None
         if not isinstance(text, str):
-            raise DataError(f"{f.path}: byte offset {where}: field {opts.jsonl_field!r} is not a string")
+            raise DataError(f"{_at(f, where)}: field {opts.jsonl_field!r} is not a string")
         data = text.encode("utf-8", errors="surrogatepass")
         yield unit.first_doc + j, (text if decode else data), where, len(data)
 
@@ -178,7 +208,7 @@ def _documents(unit: Unit, res: UnitResult, decode: bool):
 CR_NOTE = "carriage returns (\\r is not in the vocabulary)"
 
 
-def _char_ids(tok: CharTokenizer, text: str, path: str, offset: int, res: UnitResult) -> tuple[np.ndarray, int]:
+def _char_ids(tok: CharTokenizer, text: str, f: InputFile, offset: int, res: UnitResult) -> tuple[np.ndarray, int]:
     """Char ids of text, applying the \\r and --skip-unknown rules. Returns (ids, UTF-8 bytes kept)."""
     ids = tok.lookup(text)
     drop = ids < 0
@@ -194,8 +224,8 @@ def _char_ids(tok: CharTokenizer, text: str, path: str, offset: int, res: UnitRe
     if unknown.any():
         if not _state["options"].skip_unknown:
             i = int(np.argmax(unknown))
-            at = offset + len(text[:i].encode("utf-8", errors="surrogatepass"))
-            raise DataError(f"{path}: byte offset {at}: character {text[i]!r} (U+{ord(text[i]):04X}) is not in the "
+            within = len(text[:i].encode("utf-8", errors="surrogatepass"))
+            raise DataError(f"{_at(f, offset, within)}: character {text[i]!r} (U+{ord(text[i]):04X}) is not in the "
                             "char vocabulary; add it to the vocabulary file or pass --skip-unknown")
         _count(res, "characters outside the vocabulary", int(unknown.sum()))
     gone = codes[drop]
@@ -207,14 +237,14 @@ def _encode_unit(unit: Unit) -> UnitResult:
     opts: EncodeOptions = _state["options"]
     tok, dtype = _state["tokenizer"], _state["dtype"]
     f = opts.files[unit.file]
-    res = UnitResult(unit.end - unit.start)
+    res = UnitResult(unit.progress_bytes)
     docs = list(_documents(unit, res, decode=not isinstance(tok, ByteTokenizer)))
     texts = [d[1] for d in docs]
     nbytes = [d[3] for d in docs]
     if isinstance(tok, CharTokenizer):
         arrays, nbytes = [], []
         for _, text, offset, _ in docs:
-            ids, n = _char_ids(tok, text, f.path, offset, res)
+            ids, n = _char_ids(tok, text, f, offset, res)
             arrays.append(ids)
             nbytes.append(n)
     elif isinstance(tok, ByteTokenizer):
@@ -222,15 +252,19 @@ def _encode_unit(unit: Unit) -> UnitResult:
     else:
         arrays = tok.encode_batch_np(texts) if texts else []
     pieces: dict[str, list[np.ndarray]] = {}
+    lengths: dict[str, int] = {}  # tokens in pieces[split] so far
     splits = doc_splits(f, [d[0] for d in docs], opts.splitter)
     for ids, n, split in zip(arrays, nbytes, splits):
         if ids.size == 0:
             continue
-        starts = f.kind == "jsonl" or unit.doc_start
-        if starts and tok.eot_id is not None:
-            pieces.setdefault(split, []).append(np.array([tok.eot_id], dtype=dtype))
-        pieces.setdefault(split, []).append(ids.astype(dtype, copy=False))
+        parts, at = pieces.setdefault(split, []), lengths.get(split, 0)
+        if f.kind != "text" or unit.doc_start:  # every jsonl line and parquet row starts one
+            res.doc_starts.setdefault(split, []).append(at)
+            if tok.eot_id is not None:  # the end-of-text id is the document's first token
+                parts.append(np.array([tok.eot_id], dtype=dtype))
+                at += 1
+        parts.append(ids.astype(dtype, copy=False))
+        lengths[split] = at + ids.size
         res.source_bytes[split] = res.source_bytes.get(split, 0) + n
-        res.documents[split] = res.documents.get(split, 0) + int(starts)
     res.tokens = {s: np.concatenate(p) if len(p) > 1 else p[0] for s, p in pieces.items()}
     return res

@@ -96,17 +96,22 @@ def unpack_header(raw: bytes, path: Path | str) -> ShardHeader:
     return ShardHeader(code, vocab, ntok, tok_fp.hex(), checksum.hex())
 
 
+def read_head(path: Path, what: str) -> tuple[bytes, int]:
+    """A file's first HEADER_SIZE bytes (fewer if it is shorter) and its size; a DataError naming
+    the file and `what` it is when it cannot be read."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(HEADER_SIZE), os.fstat(f.fileno()).st_size
+    except FileNotFoundError:
+        raise DataError(f"{path}: {what} is missing") from None
+    except OSError as e:
+        raise DataError(f"{path}: cannot read the {what} ({e.strerror})") from None
+
+
 def read_header(path: Path | str) -> ShardHeader:
     """Read a shard's header and check the file size against its token count (cheap: no hashing)."""
     path = Path(path)
-    try:
-        with open(path, "rb") as f:
-            raw = f.read(HEADER_SIZE)
-            size = os.fstat(f.fileno()).st_size
-    except FileNotFoundError:
-        raise DataError(f"{path}: shard file is missing") from None
-    except OSError as e:
-        raise DataError(f"{path}: cannot read shard ({e.strerror})") from None
+    raw, size = read_head(path, "shard file")
     header = unpack_header(raw, path)
     expected = HEADER_SIZE + header.payload_bytes
     if size != expected:
@@ -161,23 +166,42 @@ def open_memmap(path: Path | str, header: ShardHeader) -> np.ndarray:
     return np.memmap(path, dtype=header.dtype, mode="r", offset=HEADER_SIZE, shape=(header.num_tokens,))
 
 
-class ShardWriter:
-    """Writes one shard under `<name>.tmp`, then renames it into place when complete.
+class StagedFile:
+    """A file written under `<name>.tmp` behind a zeroed header placeholder: `seal` writes the
+    header last, syncs and renames it into place, so the final name only ever holds a complete,
+    checksummed file; an interrupted run leaves at most a `.tmp` file, which `abort` removes."""
 
-    The header is written last (over a zeroed placeholder), so the final name only ever holds a
-    complete, checksummed shard: an interrupted run leaves at most a `.tmp` file.
-    """
+    def __init__(self, path: Path | str):
+        self.path = Path(path)
+        self.tmp_path = self.path.with_name(self.path.name + ".tmp")
+        self._f = open(self.tmp_path, "wb")
+        self._f.write(b"\x00" * HEADER_SIZE)
+
+    def seal(self, header: bytes) -> None:
+        self._f.seek(0)
+        self._f.write(header)
+        self._f.flush()
+        os.fsync(self._f.fileno())
+        self._f.close()
+        os.replace(self.tmp_path, self.path)
+
+    def abort(self) -> None:
+        """Drop the partial file (called on errors and interrupts)."""
+        if not self._f.closed:
+            self._f.close()
+        self.tmp_path.unlink(missing_ok=True)
+
+
+class ShardWriter(StagedFile):
+    """Writes one shard under `<name>.tmp`, then renames it into place when complete (StagedFile)."""
 
     def __init__(self, path: Path | str, dtype_code: int, vocab_size: int, tokenizer_fingerprint: str):
         check_vocab_fits(vocab_size, dtype_code, str(path))
-        self.path = Path(path)
-        self.tmp_path = self.path.with_name(self.path.name + ".tmp")
+        super().__init__(path)
         self.dtype_code, self.vocab_size, self.fingerprint = dtype_code, vocab_size, tokenizer_fingerprint
         self.dtype = DTYPES[dtype_code]
         self.num_tokens = 0
         self._sha = hashlib.sha256()
-        self._f = open(self.tmp_path, "wb")
-        self._f.write(b"\x00" * HEADER_SIZE)
 
     def write(self, tokens: np.ndarray) -> None:
         """Append token ids; ids are checked against the vocabulary (never silently truncated)."""
@@ -196,19 +220,8 @@ class ShardWriter:
 
     def close(self) -> ShardHeader:
         header = ShardHeader(self.dtype_code, self.vocab_size, self.num_tokens, self.fingerprint, self._sha.hexdigest())
-        self._f.seek(0)
-        self._f.write(header.pack())
-        self._f.flush()
-        os.fsync(self._f.fileno())
-        self._f.close()
-        os.replace(self.tmp_path, self.path)
+        self.seal(header.pack())
         return header
-
-    def abort(self) -> None:
-        """Drop the partial shard (called on errors and interrupts)."""
-        if not self._f.closed:
-            self._f.close()
-        self.tmp_path.unlink(missing_ok=True)
 
 
 def write_shard(path: Path | str, tokens: np.ndarray, vocab_size: int, tokenizer_fingerprint: str,

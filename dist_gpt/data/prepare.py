@@ -2,7 +2,9 @@
 
     python -m tools.prepare --source stdlib --tokenizer byte --out data/stdlib     # the default dataset
     python -m tools.prepare corpus/ --include '*.txt' --tokenizer bpe:8192 --out data/mine
-    python -m tools.prepare docs.jsonl --jsonl-field text --tokenizer gpt2 --out data/web
+    python -m tools.prepare docs.jsonl --text-field text --tokenizer gpt2 --out data/web
+    python -m tools.prepare shards/ --include '*.parquet' --tokenizer bpe:8192 --out data/web
+    python -m tools.prepare dump/ --include '*.jsonl.zst,*.jsonl.gz' --tokenizer bpe:8192 --out data/dump
     python -m tools.prepare --train train_split.txt --val val_split.txt \\
         --tokenizer char --vocab vocab.txt --out data/notebook                   # the notebook's files
     cat book.txt | python -m tools.prepare - --tokenizer char --out data/book
@@ -158,7 +160,7 @@ def _check_existing(out: Path, request: dict, opts: PrepareOptions) -> bool:
                             "pass --force to replace it, or choose another --out")
         return False
     ours = {MANIFEST, TOKENIZER_FILE, MANIFEST + ".tmp"}
-    strangers = [p.name for p in out.iterdir() if not (p.name in ours or p.suffix in (".bin", ".tmp"))]
+    strangers = [p.name for p in out.iterdir() if not (p.name in ours or p.suffix in (".bin", ".docs", ".tmp"))]
     if strangers:
         raise DataError(f"--out {out} is not empty and not a dataset (it holds {strangers[0]!r}, ...); choose a new directory")
     return False
@@ -249,7 +251,8 @@ def _default_workers(opts: PrepareOptions, tokenizer_arg: str) -> int:
 # ---------------------------------------------------------------- tokenizers
 
 def _build_tokenizer(opts, staging: Path, files, units, splitter, workers: int, enc_base, chunk: int):
-    """The tokenizer --tokenizer names; char and bpe:N first read the corpus to build it."""
+    """The tokenizer --tokenizer names; char and bpe:N first read the corpus to build it
+    (`units()` plans a fresh pass over it)."""
     arg = opts.tokenizer
     if opts.vocab and arg != "char":
         raise ConfigError("--vocab is for --tokenizer char")
@@ -271,7 +274,7 @@ def _build_tokenizer(opts, staging: Path, files, units, splitter, workers: int, 
             return CharTokenizer("".join(sorted(set(text))))
         chars: set[str] = set()
         with _progress(opts, sum(f.size for f in files), "characters") as bar:
-            for results in _ordered_map(encode.collect_chars_task, _tasks(units, chunk), workers, (enc_base, None)):
+            for results in _ordered_map(encode.collect_chars_task, _tasks(units(), chunk), workers, (enc_base, None)):
                 for r in results:
                     chars.update(r.chars)
                     bar.update(r.raw_bytes)
@@ -307,17 +310,28 @@ def _train_bpe(opts, staging: Path, units, enc_options, limit: int) -> HFTokeniz
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     _say(opts, f"training a byte-level BPE of {n} tokens on up to {opts.bpe_train_mb} MB of the train split")
     encode.init_worker(enc_options, None, library_threads=True)
-    tok.train_from_iterator(encode.iter_train_texts(units, limit), trainer)
+    tok.train_from_iterator(encode.iter_train_texts(units(), limit), trainer)
     tok.save(str(staging / TOKENIZER_FILE))
     return HFTokenizer(staging / TOKENIZER_FILE, f"bpe:{n}", "<|endoftext|>")
 
 
 # ---------------------------------------------------------------- the pipeline
 
-def _val_docs(opts: PrepareOptions, num_docs: int) -> int:
+def _splitter(opts: PrepareOptions, num_docs: int | None):
+    """Exactly the requested number of validation documents when the corpus' document count is
+    known before encoding; each document with probability --val-split when it is not."""
     v = opts.val_split
     if v < 0 or (v >= 1 and v != int(v)):
         raise ConfigError(f"--val-split {v}: a fraction in [0, 1) or a whole number of documents")
+    if num_docs is not None:
+        return encode.DocSplitter(num_docs, _val_docs(v, num_docs), opts.seed)
+    if v >= 1:
+        raise ConfigError(f"--val-split {v} counts documents, but compressed .jsonl inputs are read once and "
+                          "their documents are counted only then; give a fraction (e.g. 0.01)")
+    return encode.HashSplitter(v, opts.seed) if v > 0 else None
+
+
+def _val_docs(v: float, num_docs: int) -> int:
     k = int(v) if v >= 1 else round(v * num_docs)
     if k >= num_docs:
         raise ConfigError(f"--val-split {v}: the corpus has only {num_docs} documents; leave some for training")
@@ -339,6 +353,9 @@ def prepare(opts: PrepareOptions) -> Path:
         request = {**_tokenizer_identity(opts), "inputs": inputs_id, "options": opts.output_options()}
         if _check_existing(out, request, opts):
             _say(opts, f"dataset {out} is complete and made from the same inputs and options: nothing to do")
+            if "doc_index" not in load_manifest(out, "")["splits"]["train"]:
+                _say(opts, "it has no document index (made by dist_gpt 0.1.0): data.align=document and "
+                           "model.doc_mask need one; add --force to rebuild it with one")
             shutil.rmtree(staging)
             return out
         _build(opts, staging, files, source, request)
@@ -359,17 +376,20 @@ def prepare(opts: PrepareOptions) -> Path:
 
 def _build(opts: PrepareOptions, staging: Path, files, source: dict, request: dict) -> None:
     t0 = time.perf_counter()
-    doc_counts = [count_docs(f) for f in files]
-    num_docs = sum(doc_counts)
+    doc_counts = [count_docs(f, opts.jsonl_field) for f in files]
+    num_docs = None if None in doc_counts else sum(doc_counts)
     explicit = any(f.split for f in files)
     single = not explicit and num_docs == 1
     if single and opts.val_split >= 1:
         raise ConfigError("--val-split N counts documents, and this corpus is one document: use a fraction")
-    splitter = None if explicit or single else encode.DocSplitter(num_docs, _val_docs(opts, num_docs), opts.seed)
+    splitter = None if explicit or single else _splitter(opts, num_docs)
     chunk = max(1 << 16, int(opts.chunk_mb * 2**20))
     enc_base = encode.EncodeOptions({}, str(staging), files, splitter, opts.jsonl_field, opts.skip_unknown)
     workers = _default_workers(opts, opts.tokenizer)
-    units = list(plan_units(files, doc_counts, chunk))
+
+    def units():  # a fresh, lazy pass over the inputs (streamed files are read again by each pass)
+        return plan_units(files, doc_counts, chunk, opts.jsonl_field)
+
     tokenizer = _build_tokenizer(opts, staging, files, units, splitter, workers, enc_base, chunk)
     enc = encode.EncodeOptions(tokenizer.spec, str(staging), files, splitter, opts.jsonl_field, opts.skip_unknown)
     writer = DatasetWriter(staging, tokenizer, opts.shard_tokens)
@@ -377,16 +397,17 @@ def _build(opts: PrepareOptions, staging: Path, files, source: dict, request: di
     skipped: dict[str, int] = {}
     records = []  # (tokens, source bytes) per unit: the single-document split needs them
     total_bytes = sum(f.size for f in files)
-    _say(opts, f"encoding {total_bytes / 1e6:.1f} MB in {len(files)} files ({num_docs} documents) with {tokenizer.name} "
+    docs = f"{num_docs} documents" if num_docs is not None else "documents counted as they are read"
+    _say(opts, f"encoding {total_bytes / 1e6:.1f} MB in {len(files)} files ({docs}) with {tokenizer.name} "
                f"(vocab {tokenizer.vocab_size}, {dtype}), {workers or 'no'} worker processes")
     t_enc = time.perf_counter()
     try:
         with _progress(opts, total_bytes, "encode") as bar:
             ntok = 0
-            for results in _ordered_map(encode.encode_task, _tasks(units, chunk), workers, (enc, dtype)):
+            for results in _ordered_map(encode.encode_task, _tasks(units(), chunk), workers, (enc, dtype)):
                 for r in results:
                     for split, tokens in r.tokens.items():
-                        writer.write(split, tokens, r.source_bytes.get(split, 0), r.documents.get(split, 0))
+                        writer.write(split, tokens, r.source_bytes.get(split, 0), r.doc_starts.get(split, ()))
                         ntok += tokens.size
                     for k, v in r.skipped.items():
                         skipped[k] = skipped.get(k, 0) + v
@@ -431,7 +452,7 @@ def _split_tail(writer: DatasetWriter, fraction: float, records: list[tuple[int,
         path = writer.directory / name
         keep = min(max(keep_total - pos, 0), header.num_tokens)
         for chunk in iter_payload(path, header, start=keep):
-            writer.write("val", chunk)
+            writer.write("val", chunk, doc_starts=[0] if writer.written["val"] == 0 else ())  # the tail
         if keep == header.num_tokens:
             kept.append((name, header))
         elif keep > 0:
@@ -455,7 +476,6 @@ def _split_tail(writer: DatasetWriter, fraction: float, records: list[tuple[int,
             pos += tokens
     writer.source_bytes["train"] -= round(val_bytes)
     writer.source_bytes["val"] += round(val_bytes)
-    writer.documents["val"] = 1  # the document's tail
 
 
 def _raise_interrupt(signum, frame):
@@ -474,7 +494,8 @@ def parse_args(argv: list[str]) -> PrepareOptions:
     p = argparse.ArgumentParser(prog="python -m tools.prepare", description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="\n".join(__doc__.splitlines()[2:8]))
-    p.add_argument("inputs", nargs="*", help="files, directories (recursive, see --include), .jsonl files, or - for stdin")
+    p.add_argument("inputs", nargs="*", help="files, directories (recursive, see --include), .jsonl, .parquet, "
+                                             ".jsonl.gz/.zst, .txt.gz/.zst files, or - for stdin")
     p.add_argument("--source", choices=["stdlib"], help="stdlib: the Python standard library's own source (the default dataset)")
     p.add_argument("--out", help=f"dataset directory to create (default with --source stdlib: {DEFAULT_STDLIB_OUT})")
     p.add_argument("--train", action="append", default=[], metavar="FILE", help="training input (repeatable)")
@@ -484,7 +505,8 @@ def parse_args(argv: list[str]) -> PrepareOptions:
     p.add_argument("--vocab", help="char only: a vocabulary file; ids = its sorted set of characters (the notebook's vocab.txt)")
     p.add_argument("--eot", help="tokenizer.json only: its end-of-text token (default: the first of <|endoftext|>, </s>, ...)")
     p.add_argument("--include", default=d.include, help=f"comma-separated name globs for directory inputs (default {d.include})")
-    p.add_argument("--jsonl-field", default=d.jsonl_field, help=f"the text field of .jsonl lines (default {d.jsonl_field})")
+    p.add_argument("--text-field", "--jsonl-field", dest="jsonl_field", default=d.jsonl_field,
+                   help=f"the text field of .jsonl lines and the text column of .parquet files (default {d.jsonl_field})")
     p.add_argument("--val-split", type=float, default=d.val_split,
                    help="validation documents: a fraction (< 1) or a count (>= 1); one-document corpora: "
                         f"the last fraction of tokens (default {d.val_split})")

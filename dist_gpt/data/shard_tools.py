@@ -1,6 +1,6 @@
 """python -m tools.shards verify|stats|decode DIR: check, summarize and read a dataset.
 
-    python -m tools.shards verify data/stdlib          # headers, checksums, every id < vocab
+    python -m tools.shards verify data/stdlib          # headers, checksums, every id < vocab, document indexes
     python -m tools.shards stats data/stdlib
     python -m tools.shards decode data/stdlib --split val --start 0 --count 400
 
@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dist_gpt.data.docindex import check_doc_index
 from dist_gpt.data.format import DTYPE_NAMES, iter_payload, read_header, verify_payload
 from dist_gpt.data.manifest import MANIFEST, SPLITS, load_manifest
 from dist_gpt.data.tokenizers import tokenizer_from_spec
@@ -59,6 +60,11 @@ def verify_dataset(path: Path, progress=None) -> list[str]:
                 problems.append(str(e))
             if progress:
                 progress(shard_path)
+        if "doc_index" in entry:
+            try:
+                check_doc_index(path, entry, full=True)
+            except DataError as e:
+                problems.append(str(e))
     return problems
 
 
@@ -72,8 +78,9 @@ def stats(path: Path) -> str:
     for split in SPLITS:
         e = manifest["splits"][split]
         bpt = e["source_bytes"] / e["num_tokens"] if e["num_tokens"] else float("nan")
+        indexed = "" if "doc_index" in e else " (no document index)"
         lines.append(f"{split:<11} {e['num_tokens']:>14,} tokens  {len(e['shards'])} shards  "
-                     f"{e.get('documents', 0):,} documents  {e['source_bytes']:,} source bytes  {bpt:.3f} bytes/token")
+                     f"{e.get('documents', 0):,} documents{indexed}  {e['source_bytes']:,} source bytes  {bpt:.3f} bytes/token")
     return "\n".join(lines)
 
 
@@ -118,7 +125,8 @@ def main(argv: list[str] | None = None) -> int:
                 return 2
             shards = sum(len(manifest["splits"][s]["shards"]) for s in SPLITS)
             tokens = sum(manifest["splits"][s]["num_tokens"] for s in SPLITS)
-            print(f"ok: {args.dataset}: {shards} shards, {tokens:,} tokens, checksums and token ids verified")
+            indexes = ", document indexes" if "doc_index" in manifest["splits"]["train"] else ""
+            print(f"ok: {args.dataset}: {shards} shards, {tokens:,} tokens, checksums and token ids{indexes} verified")
         elif args.command == "stats":
             print(stats(Path(args.dataset)))
         else:

@@ -1,11 +1,15 @@
 """Corpus inputs for prepare: files, directories, `.jsonl`, stdin, and the stdlib source corpus.
 
 A corpus is an ordered list of `InputFile`s. A `.jsonl` file holds one document per line (the
-text field chosen with --jsonl-field); any other file is one document. Large inputs are cut into
-`Unit`s of about `chunk_bytes` so workers encode them in parallel with bounded memory. A text file
-is cut only after a newline that is followed by a non-space byte (where byte-level BPE's
-pre-tokenizer would split anyway, so the cut does not change the tokens); failing that within a
-window, at a UTF-8 character boundary. A `.jsonl` file is cut after a newline.
+text field chosen with --text-field); a `.parquet` file one per row (streams.py); any other file is
+one document. `NAME.jsonl.gz` / `.zst` and `NAME.txt.gz` / `.zst` are those, compressed
+(streams.py). Large inputs are cut into `Unit`s of about `chunk_bytes` so workers encode them in
+parallel with bounded memory. A text file is cut only after a newline that is followed by a
+non-space byte (where byte-level BPE's pre-tokenizer would split anyway, so the cut does not change
+the tokens); failing that within a window, at a UTF-8 character boundary. A `.jsonl` file is cut
+after a newline. Plain files are cut by reading small windows at the cut points and the workers
+read their own units; compressed and parquet files are read once, start to end, by prepare's
+parent process, and their units carry what it read (streams.py).
 """
 
 from __future__ import annotations
@@ -21,37 +25,61 @@ from pathlib import Path
 from dist_gpt.errors import DataError
 
 CHUNK_BYTES = 2 << 20          # work unit size: bounds each worker's memory (int64 ids are 8x this)
-_BOUNDARY_WINDOW = 1 << 20     # how far past a nominal cut to look for a good boundary
+BOUNDARY_WINDOW = 1 << 20     # how far past a nominal cut to look for a good boundary
 _SPACE = frozenset(b" \t\r\n\x0b\x0c")
+
+
+COMPRESSIONS = {".gz": "gz", ".zst": "zst"}
 
 
 @dataclass(frozen=True)
 class InputFile:
     path: str
-    kind: str               # "text" or "jsonl"
-    size: int
+    kind: str               # "text", "jsonl" or "parquet"
+    size: int               # on disk (compressed, for a compressed file)
     mtime_ns: int
     split: str | None = None  # "train"/"val" when given with --train/--val; else chosen by document
+    compression: str | None = None  # "gz" or "zst"
+
+    @property
+    def streamed(self) -> bool:
+        """Read once, start to end, by prepare's parent (streams.py), not in byte ranges by workers."""
+        return self.kind == "parquet" or self.compression is not None
 
     def identity(self) -> list:
-        return [self.path, self.kind, self.size, self.mtime_ns, self.split]
+        plain = [self.path, self.kind, self.size, self.mtime_ns, self.split]
+        return plain + [self.compression] if self.compression else plain  # a plain file's as before
 
 
 @dataclass(frozen=True)
 class Unit:
-    """Bytes [start, end) of one input file; `first_doc` is the global index of its first document."""
+    """Bytes [start, end) of one input file; `first_doc` is the global index of its first document.
+
+    A unit of a streamed file (compressed or parquet) carries its content in `payload` (the
+    decompressed bytes, or (first row, texts) of parquet rows); start and end then count
+    decompressed bytes, and `input_bytes` is how much of the file on disk it used (for progress)."""
     file: int
     start: int
     end: int
     first_doc: int
     doc_start: bool          # a text file's first unit starts its document
-    num_docs: int            # documents (jsonl lines) starting in this unit
+    num_docs: int            # documents (jsonl lines, parquet rows) starting in this unit
+    payload: object = None
+    input_bytes: int | None = None
+
+    @property
+    def progress_bytes(self) -> int:
+        return self.end - self.start if self.input_bytes is None else self.input_bytes
 
 
 def _input(path: Path, split: str | None = None) -> InputFile:
     st = path.stat()
-    kind = "jsonl" if path.suffix == ".jsonl" else "text"
-    return InputFile(str(path.resolve()), kind, st.st_size, st.st_mtime_ns, split)
+    compression = COMPRESSIONS.get(path.suffix)
+    inner = Path(path.stem).suffix if compression else path.suffix
+    kind = {".jsonl": "jsonl", ".parquet": "parquet"}.get(inner, "text")
+    if kind == "parquet" and compression:
+        raise DataError(f"{path}: a compressed parquet file; parquet compresses its own pages, give the .parquet file")
+    return InputFile(str(path.resolve()), kind, st.st_size, st.st_mtime_ns, split, compression)
 
 
 def list_inputs(args: list[str], include: list[str], split: str | None = None) -> list[InputFile]:
@@ -107,10 +135,17 @@ def stdlib_inputs() -> list[InputFile]:
     return files
 
 
-def count_docs(f: InputFile) -> int:
-    """Documents in a file: 1 for text, one per line (its last line may lack a newline) for jsonl."""
+def count_docs(f: InputFile, field: str = "text") -> int | None:
+    """Documents in a file: 1 for text, one per line (its last line may lack a newline) for jsonl,
+    one per row for parquet (from its footer); None for compressed jsonl, whose lines are counted
+    only while it is read (it is read once)."""
     if f.kind == "text":
         return 1
+    if f.kind == "parquet":
+        from dist_gpt.data.streams import parquet_rows
+        return parquet_rows(f, field)
+    if f.compression:
+        return None
     lines, last = 0, b"\n"
     with open(f.path, "rb") as fh:
         while block := fh.read(1 << 24):
@@ -119,28 +154,53 @@ def count_docs(f: InputFile) -> int:
     return lines + (last != b"\n")
 
 
+def find_cut(data: bytes | bytearray, start: int, kind: str) -> int:
+    """The first good cut c >= start in data (byte c - 1 a newline and, for text, byte c not a
+    space; c < len(data)), or -1."""
+    i = data.find(b"\n", max(start - 1, 0))
+    while 0 <= i < len(data) - 1:
+        if kind == "jsonl" or data[i + 1] not in _SPACE:
+            return i + 1
+        i = data.find(b"\n", i + 1)
+    return -1
+
+
+def char_start(data: bytes | bytearray, start: int) -> int:
+    """The first UTF-8 character start at or after `start` in data, or -1 (text without newlines)."""
+    for i in range(start, min(len(data), start + 4)):
+        if data[i] & 0xC0 != 0x80:
+            return i
+    return -1
+
+
 def _boundary(fh, pos: int, size: int, kind: str) -> int:
     """The first good cut at or after `pos` (see the module docstring)."""
     while pos < size:
         fh.seek(pos - 1)
-        window = fh.read(_BOUNDARY_WINDOW + 1)  # window[0] is the byte before pos
-        for i in range(1, len(window)):
-            if window[i - 1] == 0x0A and (kind == "jsonl" or window[i] not in _SPACE):
-                return pos + i - 1
+        window = fh.read(BOUNDARY_WINDOW + 1)  # window[0] is the byte before pos
+        cut = find_cut(window, 1, kind)
+        if cut >= 0:
+            return pos - 1 + cut
         if pos + len(window) - 1 >= size:
             break
-        if kind == "text":
-            for i in range(1, len(window)):  # no newline: any UTF-8 character start
-                if window[i] & 0xC0 != 0x80:
-                    return pos + i - 1
+        if kind == "text" and (cut := char_start(window, 1)) >= 0:  # no newline: a character start
+            return pos - 1 + cut
         pos += len(window) - 1  # a long JSON line: the unit grows to its end
     return size
 
 
-def plan_units(files: list[InputFile], doc_counts: list[int], chunk_bytes: int = CHUNK_BYTES):
-    """Yield the work units of every file in order (reads only small windows at cut points)."""
+def plan_units(files: list[InputFile], doc_counts: list[int | None], chunk_bytes: int = CHUNK_BYTES,
+               field: str = "text"):
+    """Yield the work units of every file in order (reads only small windows at cut points of plain
+    files; streamed files are read here, once, and their units carry their content)."""
     first_doc = 0
     for i, f in enumerate(files):
+        if f.streamed:
+            from dist_gpt.data.streams import stream_units  # pyarrow/zstandard only when needed
+            for unit in stream_units(f, i, first_doc, chunk_bytes, field):
+                first_doc += unit.num_docs
+                yield unit
+            continue
         if f.size <= chunk_bytes:
             yield Unit(i, 0, f.size, first_doc, True, doc_counts[i])
         else:

@@ -1,4 +1,5 @@
-"""`DatasetWriter`: streams token arrays into `train_*.bin` / `val_*.bin` shards and writes the manifest.
+"""`DatasetWriter`: streams token arrays into `train_*.bin` / `val_*.bin` shards, the documents'
+start offsets into `train.docs` / `val.docs`, and writes the manifest.
 
 Shards roll over every `shard_tokens` tokens; each is written under a temporary name and renamed
 when complete (see `format.ShardWriter`), and `manifest.json` is written last, so a directory with
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dist_gpt.data.docindex import DocIndexWriter, index_name
 from dist_gpt.data.format import DTYPE_NAMES, ShardHeader, ShardWriter, dtype_code_for_vocab
 from dist_gpt.data.manifest import FORMAT_NAME, FORMAT_VERSION, SPLITS, write_manifest
 
@@ -28,13 +30,17 @@ class DatasetWriter:
         self.dtype_code = dtype_code_for_vocab(tokenizer.vocab_size)
         self.shards: dict[str, list[tuple[str, ShardHeader]]] = {s: [] for s in SPLITS}
         self.source_bytes = {s: 0 for s in SPLITS}
-        self.documents = {s: 0 for s in SPLITS}
+        self.written = {s: 0 for s in SPLITS}  # tokens appended to each split so far
         self._open: dict[str, ShardWriter | None] = {s: None for s in SPLITS}
+        self._docs = {s: DocIndexWriter(self.directory / index_name(s)) for s in SPLITS}
 
-    def write(self, split: str, tokens: np.ndarray, source_bytes: int = 0, documents: int = 0) -> None:
-        """Append tokens to a split (in order), counting the UTF-8 source bytes they came from."""
+    def write(self, split: str, tokens: np.ndarray, source_bytes: int = 0, doc_starts=()) -> None:
+        """Append tokens to a split (in order), counting the UTF-8 source bytes they came from;
+        `doc_starts` are the offsets in `tokens` where a document starts."""
         self.source_bytes[split] += source_bytes
-        self.documents[split] += documents
+        starts = np.asarray(doc_starts, dtype=np.int64)
+        self._docs[split].add(self.written[split] + starts[starts < tokens.size])  # an empty document has no start
+        self.written[split] += int(tokens.size)
         while tokens.size:
             writer = self._open[split]
             if writer is None:
@@ -54,18 +60,26 @@ class DatasetWriter:
             self.shards[split].append((writer.path.name, writer.close()))
             self._open[split] = None
 
+    @property
+    def documents(self) -> dict[str, int]:
+        return {s: self._docs[s].documents for s in SPLITS}
+
     def abort(self) -> None:
-        """Remove every partial (.tmp) shard; complete shards stay (they are valid on their own)."""
+        """Remove every partial (.tmp) shard and index; complete shards stay (they are valid on their own)."""
         for split in SPLITS:
             if self._open[split] is not None:
                 self._open[split].abort()
                 self._open[split] = None
+            self._docs[split].abort()
 
     def finish(self, source: dict, request: dict | None = None, command: str | None = None,
                extra: dict | None = None) -> dict:
         """Close the last shards and write manifest.json. Returns the manifest."""
+        index = {}
         for split in SPLITS:
             self.close_shard(split)
+            header = self._docs[split].close(sum(h.num_tokens for _, h in self.shards[split]))
+            index[split] = {"file": index_name(split), "documents": header.documents, "sha256": header.checksum}
         tok = self.tokenizer
         manifest = {
             "format": FORMAT_NAME,
@@ -78,9 +92,10 @@ class DatasetWriter:
                 split: {
                     "num_tokens": sum(h.num_tokens for _, h in self.shards[split]),
                     "source_bytes": self.source_bytes[split],
-                    "documents": self.documents[split],
+                    "documents": index[split]["documents"],
                     "shards": [{"file": name, "num_tokens": h.num_tokens, "sha256": h.checksum}
                                for name, h in self.shards[split]],
+                    "doc_index": index[split],
                 }
                 for split in SPLITS
             },
@@ -101,5 +116,5 @@ def write_dataset(directory: Path, tokenizer, splits: dict[str, list[np.ndarray]
     writer = DatasetWriter(directory, tokenizer, shard_tokens)
     for split in SPLITS:
         for tokens in splits.get(split, []):
-            writer.write(split, np.asarray(tokens), source_bytes=int(np.asarray(tokens).size), documents=1)
+            writer.write(split, np.asarray(tokens), source_bytes=int(np.asarray(tokens).size), doc_starts=[0])
     return writer.finish(source or {"kind": "arrays"})
