@@ -8,14 +8,14 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from dist_gpt.data import Dataset, ensure_default_dataset
-from dist_gpt.data.format import open_memmap, read_header
+from conftest import pause_env, wait_paused
+from dist_gpt.data.format import open_memmap, read_header, verify_payload
 from dist_gpt.data.prepare import main as prepare_main
 from dist_gpt.data.shard_tools import decode_slice, verify_dataset
 from dist_gpt.errors import DataError
@@ -205,19 +205,20 @@ def test_output_does_not_depend_on_workers(tmp_path):
 def test_interrupted_prepare_leaves_no_partial_shard(tmp_path):
     big = tmp_path / "big.txt"
     line = ("the quick brown fox jumps over the lazy dog " * 3 + "\n").encode()
-    # 120 MB: on an idle machine prepare writes its first shard ~0.9 s in and would finish 0.6 s later
-    # with 40 MB, too close to the poll below; the signal must land while shards are still being written
-    big.write_bytes(line * (120_000_000 // len(line)))
+    big.write_bytes(line * (3_000_000 // len(line)))  # three shards of 1M tokens
     out = tmp_path / "ds"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "tools.prepare", str(big), "--tokenizer", "char", "--workers", "1",
            "--shard-tokens", "1000000", "--out", str(out), "--quiet"]
     for sig in (signal.SIGINT, signal.SIGKILL):
-        proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stderr=subprocess.PIPE)
-        deadline = time.time() + 120
-        while not list(tmp_path.glob(".ds.prepare-*/train_00000.bin")):
-            assert proc.poll() is None and time.time() < deadline, "prepare ended before a shard was written"
-            time.sleep(0.01)
+        # prepare holds after renaming its first shard until the signal comes (dist_gpt.faults.pause)
+        hold = tmp_path / f"pause-{sig.name}"
+        proc = subprocess.Popen(cmd, env={**env, **pause_env(hold, "shard")}, cwd=tmp_path, stderr=subprocess.PIPE)
+        wait_paused(hold, "shard", 1, lambda: proc.poll() is None)
+        (staging,) = tmp_path.glob(".ds.prepare-*")
+        (first,) = staging.glob("*.bin")  # one complete shard when the signal is sent, the rest to come
+        assert first.name == "train_00000.bin"
+        verify_payload(first, read_header(first))
         proc.send_signal(sig)
         proc.wait(timeout=60)
         assert not out.exists()  # nothing reaches --out before the dataset is complete and verified

@@ -154,14 +154,17 @@ def test_a_warning_during_start_up_is_kept_not_fatal(tiny_data, tmp_path):
     import signal
     import subprocess
     import sys
-    import time
+    from pathlib import Path
 
-    from conftest import REPO, _env
+    from conftest import REPO, _env, pause_env, wait_paused
 
-    run = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "dist_gpt.train", *_args(tiny_data, run)], env=_env(),
-                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(0.5)  # the handlers are in; torch takes seconds to import
+    run, hold = tmp_path / "run", tmp_path / "pause"
+    # held once its stop handlers are in, before torch is imported; the signal itself releases it
+    proc = subprocess.Popen([sys.executable, "-m", "dist_gpt.train", *_args(tiny_data, run)],
+                            env=_env(pause_env(hold, "start")), cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    wait_paused(hold, "start", 1, lambda: proc.poll() is None)
+    assert "libtorch" not in (Path("/proc") / str(proc.pid) / "maps").read_text()  # torch not loaded yet
     proc.send_signal(signal.SIGUSR2)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err[-2000:]
