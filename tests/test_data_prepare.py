@@ -288,6 +288,18 @@ def test_ensure_default_dataset(tmp_path, capsys):
     assert (path / "manifest.json").stat().st_mtime_ns == mtime
 
 
+@pytest.mark.parametrize("tokenizer", ["byte", "char"])
+def test_empty_input_is_refused_naming_it(tmp_path, capsys, tokenizer):
+    (tmp_path / "empty.txt").touch()
+    (tmp_path / "blank.jsonl").write_text('{"text": ""}\n\n')
+    for inputs in (["empty.txt"], ["blank.jsonl"], ["blank.jsonl", "empty.txt"]):
+        assert _prepare(*[tmp_path / i for i in inputs], "--tokenizer", tokenizer, "--out", tmp_path / "ds") == 2
+        (line,) = capsys.readouterr().err.splitlines()
+        assert line.startswith(f"error: {tmp_path / inputs[0]}") and "no text to make a dataset from" in line
+        assert ("1 other input:" in line) == (len(inputs) == 2)
+        assert not (tmp_path / "ds").exists() and not list(tmp_path.glob(".ds.prepare-*"))
+
+
 def test_user_errors_are_one_line(tmp_path, capsys):
     assert _prepare(tmp_path / "missing.txt", "--out", tmp_path / "ds") == 2
     assert "missing.txt does not exist" in capsys.readouterr().err

@@ -116,6 +116,13 @@ def _gather_inputs(opts: PrepareOptions, staging: Path) -> tuple[list, dict, str
     return files, summary, hashlib.sha256(json.dumps(ident).encode()).hexdigest()
 
 
+def _no_text(files: list) -> DataError:
+    """A corpus with nothing to encode: refused here, not made into an empty "verified" dataset."""
+    others = len(files) - 1
+    names = files[0].path + (f" and {others} other input{'s' if others > 1 else ''}" if others else "")
+    return DataError(f"{names}: no text to make a dataset from (empty input); give files that hold text")
+
+
 def _tokenizer_identity(opts: PrepareOptions) -> dict:
     ident = {"tokenizer": opts.tokenizer, "vocab": None}
     if _is_tokenizer_file(opts.tokenizer):
@@ -276,7 +283,7 @@ def _build_tokenizer(opts, staging: Path, files, units, splitter, workers: int, 
                     chars.update(r.chars)
                     bar.update(r.raw_bytes)
         if not chars:
-            raise DataError("the corpus has no characters to build a char vocabulary from")
+            raise _no_text(files)
         return CharTokenizer("".join(sorted(chars)))
     if arg.startswith("bpe:"):
         limit = opts.bpe_train_mb * 10**6
@@ -336,6 +343,8 @@ def prepare(opts: PrepareOptions) -> Path:
     old_term = signal.signal(signal.SIGTERM, _raise_interrupt) if _main_thread() else None
     try:
         files, source, inputs_id = _gather_inputs(opts, staging)
+        if not any(f.size for f in files):
+            raise _no_text(files)
         request = {**_tokenizer_identity(opts), "inputs": inputs_id, "options": opts.output_options()}
         if _check_existing(out, request, opts):
             _say(opts, f"dataset {out} is complete and made from the same inputs and options: nothing to do")
@@ -394,6 +403,8 @@ def _build(opts: PrepareOptions, staging: Path, files, source: dict, request: di
                         records.append((sum(t.size for t in r.tokens.values()), sum(r.source_bytes.values())))
                     bar.update(r.raw_bytes)
                 bar.set_postfix_str(f"{ntok:,} tokens", refresh=False)
+        if ntok == 0:  # e.g. .jsonl lines whose text is empty
+            raise _no_text(files)
         encode_s = time.perf_counter() - t_enc
         if single:
             _split_tail(writer, opts.val_split, records)
