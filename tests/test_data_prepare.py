@@ -81,6 +81,49 @@ def test_tokenizers_round_trip(tmp_path, tokenizer):
         assert (out / "tokenizer.json").is_file() and manifest["dtype"] == "uint16"
 
 
+def test_verify_checks_the_tokenizer_the_manifest_names(tmp_path):
+    """A manifest whose tokenizer record was damaged (the issue's case: one flipped bit made
+    tokenizer.json into tokenizes.json) fails verify and Dataset.open, naming the file."""
+    out = tmp_path / "ds"
+    assert _prepare(_corpus(tmp_path), "--tokenizer", "bpe:300", "--val-split", "1", "--out", out, "--workers", "0") == 0
+    good = (out / "manifest.json").read_bytes()
+    assert good.count(b'"tokenizer.json"') == 2  # the spec's file and the manifest's own record of it
+
+    def damaged(raw: bytes) -> list[str]:
+        (out / "manifest.json").write_bytes(raw)
+        return verify_dataset(out)
+
+    at = [i for i in range(len(good)) if good.startswith(b'"tokenizer.json"', i)]
+    spec_first = good.index(b'"spec"') < good.index(b'"file"')
+    for i in at:  # r -> s is one flipped bit
+        problems = damaged(good[:i + 9] + b"s" + good[i + 10:])
+        assert len(problems) == 1, problems
+        if (i == at[0]) == spec_first:  # the spec's file: the file training would read is gone
+            assert f"tokenizer file {out / 'tokenizes.json'} cannot be read" in problems[0]
+            with pytest.raises(DataError, match="tokenizes.json cannot be read"):
+                Dataset.open(out)
+        else:
+            assert "the tokenizer's file is 'tokenizes.json'" in problems[0]
+    eot = json.loads(good)["tokenizer"]["eot_id"]
+    assert damaged(good.replace(f'"eot_id": {eot}'.encode(), f'"eot_id": {eot + 1}'.encode())) == [
+        f"{out / 'manifest.json'}: the tokenizer's eot_id is {eot + 1} but the tokenizer it names has {eot}"]
+    (out / "manifest.json").write_bytes(good)
+    tok = (out / "tokenizer.json").read_bytes()
+    (out / "tokenizer.json").write_bytes(tok.replace(b'"<|endoftext|>"', b'"<|endoftexu|>"', 1))
+    assert damaged(good) == [f"{out / 'tokenizer.json'} differs from the tokenizer that made the shards (fingerprint mismatch)"]
+    with pytest.raises(DataError, match="tokenizer.json differs"):
+        Dataset.open(out)
+    (out / "tokenizer.json").write_bytes(tok)
+    assert verify_dataset(out) == []
+    # a char vocabulary is its spec: a flipped character there changes the fingerprint
+    assert _prepare(_corpus(tmp_path), "--tokenizer", "char", "--out", out, "--force") == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["tokenizer"]["spec"]["chars"] = manifest["tokenizer"]["spec"]["chars"].replace("a", "`")
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    assert verify_dataset(out) == [f"{out / 'manifest.json'}: the tokenizer's spec differs from the tokenizer that "
+                                   "made the shards (fingerprint mismatch)"]
+
+
 def test_char_vocabulary_over_256_uses_uint16(tmp_path):
     text = "".join(chr(0x4E00 + i) for i in range(400)) + "abc"
     (tmp_path / "one.txt").write_text(text, encoding="utf-8")

@@ -20,7 +20,7 @@ import numpy as np
 
 from dist_gpt.data.format import DTYPE_NAMES, DTYPES, HEADER_SIZE, read_header, verify_payload
 from dist_gpt.data.manifest import SPLITS, load_manifest
-from dist_gpt.data.tokenizers import tokenizer_from_spec
+from dist_gpt.data.tokenizers import check_spec_fingerprint, tokenizer_from_spec
 from dist_gpt.errors import DataError
 
 DEFAULT_PREPARE = "python -m tools.prepare --source stdlib --tokenizer byte --out {path}"
@@ -60,6 +60,10 @@ class Dataset:
         hint = f"re-run `{manifest.get('command') or DEFAULT_PREPARE.format(path=path)}` with --force"
         if manifest["dtype"] not in DTYPE_NAMES.values():
             raise DataError(f"{path / 'manifest.json'}: unknown dtype {manifest['dtype']!r}; {hint}")
+        try:  # cheap (a hash of the spec or of the tokenizer file): sampling and checkpoints need it
+            check_spec_fingerprint(manifest["tokenizer"]["spec"], manifest["tokenizer"]["fingerprint"], path)
+        except DataError as e:
+            raise DataError(f"{e}; {hint}") from None
         shards: dict[str, list[Shard]] = {}
         for split in SPLITS:
             shards[split] = []

@@ -39,12 +39,21 @@ def load_manifest(directory: Path, hint: str) -> dict:
         for split in SPLITS:
             entry = manifest["splits"][split]
             for shard in entry["shards"]:
-                _ = (shard["file"], int(shard["num_tokens"]), str(shard["sha256"]))
+                _plain_name(shard["file"])  # a shard lives in the dataset directory, nowhere else
+                _ = (int(shard["num_tokens"]), str(shard["sha256"]))
             _ = (int(entry["num_tokens"]), int(entry["source_bytes"]))
-        _ = (int(manifest["vocab_size"]), manifest["dtype"], manifest["tokenizer"]["fingerprint"])
+        tok = manifest["tokenizer"]
+        _ = (int(manifest["vocab_size"]), manifest["dtype"], str(tok["fingerprint"]), tok["spec"]["kind"])
+        if tok.get("file") is not None:
+            _plain_name(tok["file"])
     except (KeyError, TypeError, ValueError) as e:
-        raise DataError(f"{path}: manifest is missing or has a bad field ({e}); {hint}") from None
+        raise DataError(f"{path}: manifest is missing or has a bad field ({type(e).__name__}: {e}); {hint}") from None
     return manifest
+
+
+def _plain_name(name) -> None:
+    if not isinstance(name, str) or not name or Path(name).name != name or name.startswith("."):
+        raise ValueError(f"{name!r} is not a file name in the dataset directory")
 
 
 def write_manifest(directory: Path, manifest: dict) -> None:
