@@ -57,7 +57,7 @@ def export(checkpoint: str | Path, out: str | Path, which: str = "latest", force
     if out.suffix != ".safetensors":
         raise ConfigError(f"--out {out}: the file name must end in .safetensors")
     tok_out = out.with_name(out.stem + ".tokenizer.json")
-    loaded = load_weights(checkpoint, which=which)
+    loaded = load_weights(checkpoint, which=which, option="--checkpoint")
     spec, tok_json = dataset_tokenizer(loaded.data_path)
     if spec is None:
         spec = loaded.tokenizer_spec

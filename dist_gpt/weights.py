@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from .checkpoint import load_tensors, read_manifest, read_meta, read_metadata, resolve_checkpoint
+from .checkpoint.layout import checkpoint_option
 from .errors import CheckpointError, DataError
 from .model import GPTConfig
 
@@ -83,7 +84,7 @@ def load_model(args, device: torch.device):
     """(GPT, LoadedWeights): the model named by `add_source_arguments`' flags, on `device`."""
     from .model import GPT
 
-    loaded = load_weights(args.run or args.checkpoint or args.model, device="cpu")
+    loaded = load_weights(args.run or args.checkpoint or args.model, device="cpu", option="--checkpoint")
     model = GPT(loaded.config)
     model.load_state_dict(loaded.state_dict)
     return model.to(device), loaded
@@ -115,13 +116,16 @@ def tensors_crc32(tensors: dict[str, torch.Tensor]) -> int:
     return crc
 
 
-def load_weights(path: str | Path, device: str | torch.device = "cpu", which: str = "latest") -> LoadedWeights:
-    """Weights and settings from a run directory (`which`: latest | best), a checkpoint or a .safetensors."""
+def load_weights(path: str | Path, device: str | torch.device = "cpu", which: str = "latest",
+                 option: str | None = None) -> LoadedWeights:
+    """Weights and settings from a run directory (`which`: latest | best), a checkpoint or a .safetensors.
+    `option`: the command's option that names the checkpoint, for the way out its errors offer."""
     path = Path(path)
     if path.suffix == ".safetensors" or path.is_file():
         loaded = _from_safetensors(path)
     else:
-        loaded = _from_checkpoint(resolve_checkpoint(path, which))
+        with checkpoint_option(option):
+            loaded = _from_checkpoint(resolve_checkpoint(path, which))
     loaded.state_dict = {k: v.to(device) for k, v in loaded.state_dict.items()}
     return loaded
 

@@ -123,3 +123,24 @@ def test_damaged_export_is_a_clear_error(tmp_path, bpe_data):
         load_weights(out)
     with pytest.raises(CheckpointError, match="holds no complete checkpoint"):
         load_weights(tmp_path)
+
+
+def test_checkpoint_errors_offer_the_commands_own_option(tmp_path, bpe_data, capsys):
+    """export and sample take a checkpoint through --checkpoint (they have no --resume): their errors
+    say so; the trainer's path (Checkpointer.load) keeps --resume."""
+    from dist_gpt.checkpoint.loading import load_checkpoint
+    from dist_gpt.sample import main as sample_main
+
+    run = tmp_path / "run"
+    trained_run(run, bpe_data)
+    meta = run / "checkpoints" / "step_0000002" / "meta.json"
+    raw = bytearray(meta.read_bytes())
+    raw[5] ^= 0x01
+    meta.write_bytes(bytes(raw))
+    assert export_main(["--checkpoint", str(run), "--out", str(tmp_path / "m.safetensors")]) == 2
+    assert sample_main(["--run", str(run), "--max-new-tokens", "2"]) == 2
+    for line in capsys.readouterr().err.splitlines():
+        assert line.startswith(f"error: {meta} is corrupt") and "delete checkpoint" in line, line
+        assert line.endswith("or pass --checkpoint with another checkpoint") and "--resume" not in line, line
+    with pytest.raises(CheckpointError, match="pass --resume with another checkpoint$"):
+        load_checkpoint(meta.parent, {})

@@ -111,3 +111,23 @@ def test_data_config_section():
     assert all(f.metadata.get("help") for f in fields(DataConfig))
     with pytest.raises(ConfigError, match="data.path"):
         DataConfig(path="")
+
+
+def test_out_of_vocabulary_id_names_the_shard(tmp_path):
+    """A payload byte flipped to an id past the vocabulary (not seen by the cheap open) stops the first
+    batch that reads it, naming the shard and the command that checks the whole dataset."""
+    from dist_gpt.data.tokenizers import CharTokenizer
+    from dist_gpt.data.writer import write_dataset
+
+    d = tmp_path / "ds"
+    write_dataset(d, CharTokenizer("abcdefgh"), {"train": [np.arange(2000) % 8], "val": [np.arange(500) % 8]},
+                  shard_tokens=700)
+    shard = d / "train_00001.bin"
+    raw = bytearray(shard.read_bytes())
+    raw[HEADER_SIZE + 10] = 200
+    shard.write_bytes(raw)
+    ds = Dataset.open(d)
+    out = np.empty((3, 50), dtype=ds.dtype)
+    with pytest.raises(DataError, match=f"^{shard}: token id 200 near token 0 is >= the vocabulary size 8 .*"
+                                        f"tools.shards verify {d}"):
+        ds.reader("train").read(np.array([0, 1, 2]), np.array([0, 0, 0]), out)

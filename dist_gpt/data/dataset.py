@@ -143,7 +143,10 @@ class TokenReader:
             if got != nbytes:
                 raise DataError(f"{self.shards[s].path}: short read at token {start} (file truncated since opening?)")
         if self._check_ids and out.size and int(out.max()) >= self.vocab_size:
-            raise DataError(f"a shard of this split holds a token id >= vocabulary size {self.vocab_size}; run `python -m tools.shards verify` on the dataset")
+            row = int(np.argmax((out >= self.vocab_size).any(axis=1)))
+            path = self.shards[int(shard_ids[row])].path
+            raise DataError(f"{path}: token id {int(out[row].max())} near token {int(starts[row])} is >= the vocabulary "
+                            f"size {self.vocab_size} (the shard is corrupt); run `python -m tools.shards verify {path.parent}`")
         return out
 
     def close(self) -> None:
