@@ -15,7 +15,7 @@ import sys
 
 import torch
 
-from .errors import UserError
+from .errors import DataError, UserError
 from .weights import add_source_arguments, load_model
 
 
@@ -57,7 +57,10 @@ def main(argv: list[str] | None = None) -> int:
         model, loaded = load_model(args, device)
         model.eval()
         tok = loaded.tokenizer
-        prompt_ids = tok.encode(args.prompt) or [loaded.eot_id or 0]
+        try:
+            prompt_ids = tok.encode(args.prompt) or [loaded.eot_id or 0]
+        except DataError as e:  # a character a char vocabulary lacks
+            raise DataError(f"--prompt {args.prompt!r}: {e}") from None
         idx = torch.tensor([prompt_ids[-loaded.config.block_size:]], dtype=torch.long, device=device)
         gen = torch.Generator(device=device).manual_seed(args.seed)
         for i in range(args.num_samples):

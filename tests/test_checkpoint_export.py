@@ -144,3 +144,19 @@ def test_checkpoint_errors_offer_the_commands_own_option(tmp_path, bpe_data, cap
         assert line.endswith("or pass --checkpoint with another checkpoint") and "--resume" not in line, line
     with pytest.raises(CheckpointError, match="pass --resume with another checkpoint$"):
         load_checkpoint(meta.parent, {})
+
+
+def test_prompt_outside_a_char_vocabulary_names_the_way_out(tmp_path, capsys):
+    import numpy as np
+
+    from dist_gpt.data.tokenizers import CharTokenizer
+    from dist_gpt.data.writer import write_dataset
+    from dist_gpt.sample import main as sample_main
+
+    data = tmp_path / "data"
+    write_dataset(data, CharTokenizer("\n abcde"), {"train": [np.arange(3000) % 7], "val": [np.arange(500) % 7]})
+    trained_run(tmp_path / "run", data)
+    assert sample_main(["--run", str(tmp_path / "run"), "--prompt", "bad€", "--max-new-tokens", "2"]) == 2
+    assert capsys.readouterr().err == ("error: --prompt 'bad€': character '€' (U+20AC) is not in the char vocabulary; "
+                                       "use only its 7 characters: '\\n abcde'\n")
+    assert sample_main(["--run", str(tmp_path / "run"), "--prompt", "bad", "--max-new-tokens", "2"]) == 0

@@ -91,7 +91,9 @@ class CharTokenizer:
         ids = self.lookup(text)
         if ids.size and ids.min() < 0:
             bad = text[int(np.argmax(ids < 0))]
-            raise DataError(f"character {bad!r} is not in the char vocabulary")
+            shown = self.chars if len(self.chars) <= 80 else self.chars[:77] + "..."
+            raise DataError(f"character {bad!r} (U+{ord(bad):04X}) is not in the char vocabulary; use only its "
+                            f"{len(self.chars)} characters: {shown!r}")
         return ids
 
     def encode_batch_np(self, texts: list[str]) -> list[np.ndarray]:
