@@ -30,6 +30,24 @@ def test_evaluate_whole_split_on_one_and_two_ranks_agree(trained, tiny_data):
     assert blocks == (4000 - 1) // 33
 
 
+def test_evaluate_refuses_a_dataset_of_another_tokenizer(trained, tmp_path):
+    """A char dataset's ids fit the byte model's vocabulary, but mean other characters: refused in one
+    line, or evaluated with a loud warning when asked for on purpose."""
+    from conftest import ASSETS
+    from dist_gpt.data.prepare import main as prepare_main
+
+    other = tmp_path / "char"
+    assert prepare_main([str(ASSETS / "licenses.txt"), "--tokenizer", "char", "--out", str(other), "--quiet"]) == 0
+    out = run_train(["--run", str(trained), "--data", str(other)], module="dist_gpt.evaluate", check=False)
+    assert out.returncode == 2 and out.stdout == "", out.stderr
+    (line,) = out.stderr.splitlines()
+    assert line.startswith(f"error: dataset {other} was made with another tokenizer (char") and "(byte, " in line
+    assert line.endswith("pass --allow-tokenizer-mismatch to evaluate anyway")
+    out = run_train(["--run", str(trained), "--data", str(other), "--allow-tokenizer-mismatch", "--max-blocks", "4"],
+                    module="dist_gpt.evaluate")
+    assert out.stderr.startswith(f"WARNING: dataset {other} was made with another tokenizer") and "val loss" in out.stdout
+
+
 def test_sample_streams_text_from_the_run_and_from_an_export(trained, tmp_path):
     out = run_train(["--run", str(trained), "--prompt", "The ", "--max-new-tokens", "30", "--temperature", "0"],
                     module="dist_gpt.sample")
