@@ -21,6 +21,7 @@ import torch
 
 from . import dist
 from .checkpoint.state import unwrap_model
+from .progress import progress_bar
 from .weights import add_source_arguments, load_model
 
 
@@ -150,17 +151,27 @@ def evaluate(argv: list[str] | None) -> int:
 
     args = parse_args(argv)
     env = dist.init(args.device)
+    args.quiet = args.quiet or not env.is_main  # one progress bar: rank 0's
     model, loaded = load_model(args, env.device)
     data = Dataset.open(args.data or loaded.data_path)
     check_tokenizer(data, loaded, args.allow_tokenizer_mismatch, warn=env.is_main)
     val = ValBlocks(data, block_size=loaded.config.block_size, batch_size=args.batch_size, rank=env.rank,
                     world_size=env.world_size, max_blocks=args.max_blocks, device=env.device)
-    loss, blocks = validation_loss(model, val, Precision(args.precision, env.device).autocast())
+    mine = -(-len(val) // env.world_size)  # rank 0's share, the one its bar shows: blocks 0, W, 2W, ...
+    with progress_bar(mine, "evaluate", unit="blocks", quiet=args.quiet) as bar:
+        loss, blocks = validation_loss(model, counted(val, bar), Precision(args.precision, env.device).autocast())
     if env.is_main:
         bpb = bits_per_byte(loss, data.bytes_per_token("val"))
         print(f"{loaded.source}: val loss {loss:.4f} nats/token, {bpb:.4f} bits/byte "
               f"over {blocks} blocks of {loaded.config.block_size} tokens")
     return 0
+
+
+def counted(batches, bar):
+    """The (x, y) batches, each counted in `bar` by its blocks once it was evaluated."""
+    for x, y in batches:
+        yield x, y
+        bar.update(y.size(0))
 
 
 def check_tokenizer(data, loaded, allow_mismatch: bool, warn: bool = True) -> None:

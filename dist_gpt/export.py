@@ -46,10 +46,12 @@ def parse_args(argv):
     p.add_argument("--out", required=True, help="the .safetensors file to write")
     p.add_argument("--best", action="store_true", help="with a run directory: its best checkpoint by val loss")
     p.add_argument("--force", action="store_true", help="overwrite --out (and its tokenizer file) if it exists")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p.parse_args(argv)
 
 
-def export(checkpoint: str | Path, out: str | Path, which: str = "latest", force: bool = False) -> list[Path]:
+def export(checkpoint: str | Path, out: str | Path, which: str = "latest", force: bool = False,
+           quiet: bool = True) -> list[Path]:
     """Write the export (and the tokenizer file beside it when there is one); return the files written."""
     from safetensors.torch import save_file
 
@@ -57,7 +59,7 @@ def export(checkpoint: str | Path, out: str | Path, which: str = "latest", force
     if out.suffix != ".safetensors":
         raise ConfigError(f"--out {out}: the file name must end in .safetensors")
     tok_out = out.with_name(out.stem + ".tokenizer.json")
-    loaded = load_weights(checkpoint, which=which, option="--checkpoint")
+    loaded = load_weights(checkpoint, which=which, option="--checkpoint", quiet=quiet)
     spec, tok_json = dataset_tokenizer(loaded.data_path)
     if spec is None:
         spec = loaded.tokenizer_spec
@@ -101,7 +103,7 @@ def export(checkpoint: str | Path, out: str | Path, which: str = "latest", force
 def main(argv: list[str] | None = None) -> int:
     try:
         args = parse_args(argv)
-        export(args.checkpoint, args.out, "best" if args.best else "latest", args.force)
+        export(args.checkpoint, args.out, "best" if args.best else "latest", args.force, args.quiet)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -27,8 +27,10 @@ import torch
 
 from .checkpoint import load_tensors, read_manifest, read_meta, read_metadata, resolve_checkpoint
 from .checkpoint.layout import checkpoint_option
+from .checkpoint.safe_reader import reading_progress
 from .errors import CheckpointError, DataError
 from .model import GPTConfig
+from .progress import progress_bar
 
 # Keys of the string table of an exported .safetensors file.
 KEY_FORMAT = "dist_gpt.format"
@@ -73,18 +75,20 @@ class LoadedWeights:
 
 
 def add_source_arguments(parser, verb: str) -> None:
-    """--run/--checkpoint/--model: where a command line (sample, evaluate) takes its model from."""
+    """--run/--checkpoint/--model: where a command line (sample, evaluate) takes its model from; --quiet."""
     src = parser.add_mutually_exclusive_group(required=True)
     src.add_argument("--run", "--run-dir", dest="run", help=f"run directory: {verb} its latest checkpoint")
     src.add_argument("--checkpoint", help="a checkpoint directory (runs/NAME/checkpoints/step_...)")
     src.add_argument("--model", help="an exported .safetensors file")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def load_model(args, device: torch.device):
     """(GPT, LoadedWeights): the model named by `add_source_arguments`' flags, on `device`."""
     from .model import GPT
 
-    loaded = load_weights(args.run or args.checkpoint or args.model, device="cpu", option="--checkpoint")
+    loaded = load_weights(args.run or args.checkpoint or args.model, device="cpu", option="--checkpoint",
+                          quiet=args.quiet)
     model = GPT(loaded.config)
     model.load_state_dict(loaded.state_dict)
     return model.to(device), loaded
@@ -117,15 +121,16 @@ def tensors_crc32(tensors: dict[str, torch.Tensor]) -> int:
 
 
 def load_weights(path: str | Path, device: str | torch.device = "cpu", which: str = "latest",
-                 option: str | None = None) -> LoadedWeights:
+                 option: str | None = None, quiet: bool = True) -> LoadedWeights:
     """Weights and settings from a run directory (`which`: latest | best), a checkpoint or a .safetensors.
-    `option`: the command's option that names the checkpoint, for the way out its errors offer."""
+    `option`: the command's option that names the checkpoint, for the way out its errors offer;
+    quiet=False shows a progress bar of the bytes read (a command's, see dist_gpt.progress)."""
     path = Path(path)
     if path.suffix == ".safetensors" or path.is_file():
-        loaded = _from_safetensors(path)
+        loaded = _from_safetensors(path, quiet)
     else:
         with checkpoint_option(option):
-            loaded = _from_checkpoint(resolve_checkpoint(path, which))
+            loaded = _from_checkpoint(resolve_checkpoint(path, which), quiet)
     loaded.state_dict = {k: v.to(device) for k, v in loaded.state_dict.items()}
     return loaded
 
@@ -149,7 +154,7 @@ def _gpt_config(raw: Any, where: Path) -> GPTConfig:
     return GPTConfig(**raw)
 
 
-def _from_checkpoint(ckpt: Path) -> LoadedWeights:
+def _from_checkpoint(ckpt: Path, quiet: bool = True) -> LoadedWeights:
     manifest = read_manifest(ckpt)
     meta = read_meta(ckpt, manifest)
     md = read_metadata(ckpt, manifest)
@@ -158,23 +163,29 @@ def _from_checkpoint(ckpt: Path) -> LoadedWeights:
     model = {k[len(prefix):]: torch.empty(tuple(e.size), dtype=e.properties.dtype)
              for k, e in md.state_dict_metadata.items() if k.startswith(prefix)}
     state: dict[str, Any] = {prefix.split(".")[0]: {"model": model}}
-    load_tensors(ckpt, manifest, state, strict_prefixes=(prefix,), no_dist=True, metadata=md)
+    size = sum(info.length for index, info in md.storage_data.items() if index.fqn.startswith(prefix))
+    with progress_bar(size, f"loading {ckpt.name}", unit="B", quiet=quiet) as bar, reading_progress(bar.update):
+        load_tensors(ckpt, manifest, state, strict_prefixes=(prefix,), no_dist=True, metadata=md)
     config = _gpt_config(meta.get("config", {}).get("model"), ckpt / "meta.json")
     dataset = meta.get("dataset") or {}
     return LoadedWeights(config, model, ckpt, meta.get("step", manifest.get("step")), manifest.get("val_loss"),
                          dataset, tokenizer_spec=dataset.get("tokenizer_spec"))
 
 
-def _from_safetensors(file: Path) -> LoadedWeights:
+def _from_safetensors(file: Path, quiet: bool = True) -> LoadedWeights:
     from safetensors import SafetensorError, safe_open
 
     if not file.is_file():
         raise CheckpointError(f"{file} does not exist: pass an exported .safetensors file "
                               "(python -m dist_gpt.export), a run directory or a checkpoint directory")
     try:
-        with safe_open(str(file), framework="pt") as f:
+        with safe_open(str(file), framework="pt") as f, \
+                progress_bar(_tensor_bytes(file), f"loading {file.name}", unit="B", quiet=quiet) as bar:
             info = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            tensors = {}
+            for k in f.keys():
+                tensors[k] = f.get_tensor(k)
+                bar.update(tensors[k].numel() * tensors[k].element_size())
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{file} is not a readable .safetensors file ({e}): export it again") from None
     if info.get(KEY_FORMAT) != EXPORT_FORMAT:
@@ -197,6 +208,13 @@ def _from_safetensors(file: Path) -> LoadedWeights:
     val = float(info[KEY_VAL_LOSS]) if info.get(KEY_VAL_LOSS) else None
     return LoadedWeights(_gpt_config(raw_config, file), tensors, file, step,
                          val if val is not None and math.isfinite(val) else None, dataset, spec, tok_json)
+
+
+def _tensor_bytes(file: Path) -> int:
+    """Bytes of tensor data in a .safetensors file: all of it after the 8-byte length and the header."""
+    with open(file, "rb") as f:
+        header = int.from_bytes(f.read(8), "little")
+    return file.stat().st_size - 8 - header
 
 
 def dataset_tokenizer(data_path: str | None) -> tuple[dict | None, str | None]:

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import builtins
 import collections
+import contextlib
+import contextvars
 import io
 import pathlib
 import pickle
@@ -170,6 +172,20 @@ def read_metadata(path: str | Path, manifest: dict | None = None) -> Metadata:
     return md
 
 
+# A command's progress bar while it reads a checkpoint: called with the bytes of each tensor read.
+_PROGRESS: contextvars.ContextVar = contextvars.ContextVar("checkpoint_read_progress", default=None)
+
+
+@contextlib.contextmanager
+def reading_progress(update):
+    """Within the block, every checkpoint read calls `update(nbytes)` after each tensor."""
+    token = _PROGRESS.set(update)
+    try:
+        yield
+    finally:
+        _PROGRESS.reset(token)
+
+
 class SafeFileSystemReader(FileSystemReader):
     """DCP's FileSystemReader with metadata read safely up front and tensor bytes verified."""
 
@@ -178,6 +194,7 @@ class SafeFileSystemReader(FileSystemReader):
         self.ckpt_path = Path(path)
         self.manifest = manifest
         self._metadata = metadata
+        self.progress = _PROGRESS.get()  # a command's progress bar (see `reading_progress`), or None
 
     def read_metadata(self, *args, **kwargs) -> Metadata:
         if kwargs.get("rank") is not None:
@@ -223,6 +240,8 @@ class SafeFileSystemReader(FileSystemReader):
         if len(raw) != info.length:
             raise CheckpointError(f"{file} is truncated ({fqn!r} is cut short): delete checkpoint {self.ckpt_path} "
                                   f"or {other_checkpoint()}")
+        if self.progress is not None:
+            self.progress(len(raw))
         if crcs is not None and crcs.get(str(info.offset)) != zlib.crc32(raw):
             raise CheckpointError(f"{file} is corrupt: the bytes of {fqn!r} do not match their CRC32 in DONE; "
                                   f"delete checkpoint {self.ckpt_path} or {other_checkpoint()}")

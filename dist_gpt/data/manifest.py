@@ -40,15 +40,21 @@ def load_manifest(directory: Path, hint: str) -> dict:
             entry = manifest["splits"][split]
             for shard in entry["shards"]:
                 _plain_name(shard["file"])  # a shard lives in the dataset directory, nowhere else
-                _ = (int(shard["num_tokens"]), str(shard["sha256"]))
-            _ = (int(entry["num_tokens"]), int(entry["source_bytes"]))
+                _ = (_count(shard["num_tokens"]), str(shard["sha256"]))
+            _ = (_count(entry["num_tokens"]), _count(entry["source_bytes"]))
         tok = manifest["tokenizer"]
-        _ = (int(manifest["vocab_size"]), manifest["dtype"], str(tok["fingerprint"]), tok["spec"]["kind"])
+        _ = (_count(manifest["vocab_size"]), manifest["dtype"], str(tok["fingerprint"]), tok["spec"]["kind"])
         if tok.get("file") is not None:
             _plain_name(tok["file"])
     except (KeyError, TypeError, ValueError) as e:
         raise DataError(f"{path}: manifest is missing or has a bad field ({type(e).__name__}: {e}); {hint}") from None
     return manifest
+
+
+def _count(value) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ValueError(f"{value!r} is not a count")
+    return value
 
 
 def _plain_name(name) -> None:

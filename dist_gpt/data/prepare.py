@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dist_gpt.data import encode
-from dist_gpt.data.format import DTYPE_NAMES, iter_payload, truncate_shard
+from dist_gpt.data.format import DTYPE_NAMES, HEADER_SIZE, iter_payload, truncate_shard
 from dist_gpt.data.manifest import MANIFEST, load_manifest
 from dist_gpt.data.shard_tools import verify_dataset
 from dist_gpt.data.sources import (CHUNK_BYTES, InputFile, count_docs, describe, inputs_fingerprint, list_inputs, pid_alive,
@@ -39,6 +39,7 @@ from dist_gpt.data.sources import (CHUNK_BYTES, InputFile, count_docs, describe,
 from dist_gpt.data.tokenizers import (TOKENIZER_FILE, ByteTokenizer, CharTokenizer, HFTokenizer, TiktokenTokenizer)
 from dist_gpt.data.writer import DEFAULT_SHARD_TOKENS, DatasetWriter
 from dist_gpt.errors import ConfigError, DataError, UserError
+from dist_gpt.progress import progress_bar
 
 DEFAULT_STDLIB_OUT = "data/stdlib"
 
@@ -238,9 +239,7 @@ def _worker_start(*initargs) -> None:
 
 
 def _progress(opts: PrepareOptions, total: int, desc: str):
-    from tqdm import tqdm
-    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1000, desc=desc, disable=not opts.progress,
-                file=sys.stderr, dynamic_ncols=True, mininterval=0.5)
+    return progress_bar(total, desc, unit="B", quiet=not opts.progress)
 
 
 def _default_workers(opts: PrepareOptions, tokenizer_arg: str) -> int:
@@ -310,7 +309,8 @@ def _train_bpe(opts, staging: Path, units, enc_options, limit: int) -> HFTokeniz
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=n, special_tokens=["<|endoftext|>"], show_progress=opts.progress,
+    trainer = trainers.BpeTrainer(vocab_size=n, special_tokens=["<|endoftext|>"],
+                                  show_progress=opts.progress and sys.stderr.isatty(),
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     _say(opts, f"training a byte-level BPE of {n} tokens on up to {opts.bpe_train_mb} MB of the train split")
     encode.init_worker(enc_options, None, library_threads=True)
@@ -352,7 +352,8 @@ def prepare(opts: PrepareOptions) -> Path:
             return out
         _build(opts, staging, files, source, request)
         if opts.verify:
-            problems = verify_dataset(staging)
+            with _progress(opts, _payload_bytes(staging), "verify") as bar:
+                problems = verify_dataset(staging, bar.update)
             if problems:
                 raise DataError(f"the new dataset failed verification: {problems[0]}")
         _commit(staging, out)
@@ -364,6 +365,11 @@ def prepare(opts: PrepareOptions) -> Path:
             signal.signal(signal.SIGTERM, old_term)
     _say(opts, f"dataset ready at {out}" + (" (verified)" if opts.verify else ""))
     return out
+
+
+def _payload_bytes(directory: Path) -> int:
+    """Bytes of token payload in a dataset directory (what verification reads)."""
+    return sum(p.stat().st_size - HEADER_SIZE for p in directory.glob("*.bin"))
 
 
 def _build(opts: PrepareOptions, staging: Path, files, source: dict, request: dict) -> None:

@@ -19,6 +19,7 @@ from dist_gpt.data.format import DTYPE_NAMES, iter_payload, read_header, verify_
 from dist_gpt.data.manifest import MANIFEST, SPLITS, load_manifest
 from dist_gpt.data.tokenizers import check_spec_fingerprint, tokenizer_from_spec
 from dist_gpt.errors import DataError, UserError
+from dist_gpt.progress import progress_bar
 
 PREPARE_HINT = "build it with `python -m tools.prepare ... --out {path}`"
 
@@ -29,7 +30,8 @@ def _rerun(manifest: dict) -> str:
 
 
 def verify_dataset(path: Path, progress=None) -> list[str]:
-    """Every problem found, one line each naming the file (empty list: the dataset is sound).
+    """Every problem found, one line each naming the file (empty list: the dataset is sound);
+    `progress(nbytes)` is called as shard payloads are read.
 
     Everything training and sampling read: the manifest, the tokenizer (its file, its fingerprint and
     what the manifest says of it), every shard's header, checksum and token ids, a non-empty train split.
@@ -50,11 +52,9 @@ def verify_dataset(path: Path, progress=None) -> list[str]:
                 got = (header.vocab_size, DTYPE_NAMES[header.dtype_code], header.tokenizer_fingerprint, header.num_tokens, header.checksum)
                 if got != want:
                     raise DataError(f"{shard_path}: header does not match manifest.json (a shard from another run?)")
-                verify_payload(shard_path, header)
+                verify_payload(shard_path, header, progress)
             except DataError as e:
                 problems.append(str(e))
-            if progress:
-                progress(shard_path)
     if not any(s["num_tokens"] for s in manifest["splits"]["train"]["shards"]):
         problems.append(f"{path / MANIFEST}: the train split is empty")
     return problems
@@ -117,6 +117,8 @@ def main(argv: list[str] | None = None) -> int:
                        ("decode", "print a slice of tokens as text")):
         p = sub.add_parser(name, help=text)
         p.add_argument("dataset", help="dataset directory (manifest.json + shards)")
+        if name == "verify":
+            p.add_argument("--quiet", action="store_true", help="no progress bar")
         if name == "decode":
             p.add_argument("--split", default="val", help="train or val (default val)")
             p.add_argument("--start", type=int, default=0, help="first token (default 0)")
@@ -125,7 +127,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "verify":
             manifest = load_manifest(Path(args.dataset), PREPARE_HINT.format(path=args.dataset))
-            problems = verify_dataset(Path(args.dataset))
+            total = sum(s["num_tokens"] for split in SPLITS for s in manifest["splits"][split]["shards"])
+            itemsize = next((code for code, name in DTYPE_NAMES.items() if name == manifest["dtype"]), 1)
+            with progress_bar(total * itemsize, "verify", unit="B", quiet=args.quiet) as bar:
+                problems = verify_dataset(Path(args.dataset), bar.update)
             for p in problems:
                 print(f"error: {p}; {_rerun(manifest)}", file=sys.stderr)
             if problems:
