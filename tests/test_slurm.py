@@ -182,7 +182,7 @@ def test_two_node_job_trains_to_completion_like_one_process(two_node_run, single
     assert_same_run(run, single_process_run, RTOL)
     ckpts = sorted(p.name for p in (run / "checkpoints").glob("step_*") if (p / "DONE").exists())
     assert ckpts == [f"step_{s:07d}" for s in range(INTERVAL, STEPS + 1, INTERVAL)]
-    acc = EventAccumulator(str(run / "tensorboard"), size_guidance={"scalars": 0})
+    acc = EventAccumulator(str(run), size_guidance={"scalars": 0})
     acc.Reload()
     assert [e.step for e in acc.Scalars("train/loss")] == list(range(1, STEPS + 1))
     assert acc.Scalars("val/loss")[-1].step == STEPS
