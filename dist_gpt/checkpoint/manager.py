@@ -67,7 +67,7 @@ from .layout import (
 from .loading import load_tensors, single_process_quiet, unwrap_dcp_error
 from .planners import TensorOnlySavePlanner
 from .retention import apply_retention
-from .writer import ChecksummedFileSystemWriter
+from .writer import ChecksummedFileSystemWriter, disk_full
 
 
 @dataclass
@@ -182,7 +182,8 @@ class Checkpointer:
         try:
             work()
         except OSError as e:
-            return f"{what}: {e}; free space or fix permissions under {self.root}"
+            full = disk_full(e, self.root)
+            return str(full) if full else f"{what}: {e}; free space or fix permissions under {self.root}"
         return None
 
     def _agree(self, error: str | None) -> None:
