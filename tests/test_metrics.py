@@ -200,8 +200,8 @@ def test_tensorboard_shows_runs_by_name_units_and_hparams_metrics(tmp_path):
         log = make_logger(runs / name, LogConfig(), is_main=True, total_steps=20)
         log.hparams({"optim": {"lr": lr}, "train": {"compile": name == "a"}})
         log.scalars(10, {"train/loss": 2.0})
-        log.eval(10, loss=final_loss + 0.5, bpb=2.0, blocks=4)
-        log.eval(20, loss=final_loss, bpb=1.5, blocks=4)
+        log.eval(10, loss=final_loss + 0.5, bpb=2.0, blocks=4, best=final_loss + 0.5)
+        log.eval(20, loss=final_loss, bpb=1.5, blocks=4, best=final_loss)
         log.close()
     assert list((runs / "old").glob("events.*")) == [] and list((runs / "old" / "tensorboard").glob("events.*"))
 

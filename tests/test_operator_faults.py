@@ -16,8 +16,8 @@ import pytest
 import torch
 from torch.distributed.checkpoint import filesystem as dcp_filesystem
 
-from checkpoint_worker import build, flat_state
-from dist_gpt.checkpoint import Checkpointer, CheckpointConfig, ModelOptimizerState, load_checkpoint
+from checkpoint_worker import build, flat_state, make_checkpointer
+from dist_gpt.checkpoint import CheckpointConfig, ModelOptimizerState
 from dist_gpt.errors import CheckpointError
 
 
@@ -83,16 +83,16 @@ def _step(model, opt) -> None:
 @pytest.mark.parametrize("room", [600, 20_000])  # full at a file's first flush / inside a tensor's zip record
 def test_full_disk_during_a_save_is_one_line_and_keeps_the_earlier_checkpoint(tmp_path, monkeypatch, room):
     model, opt = _model()
-    state = {"model_optim": ModelOptimizerState(model, [opt])}
-    ckpt = Checkpointer(tmp_path / "checkpoints", CheckpointConfig(keep_last=1), 0, 1)
+    ckpt, _ = make_checkpointer(tmp_path / "checkpoints", CheckpointConfig(keep_last=1),
+                                {"model_optim": ModelOptimizerState(model, [opt])})
     _step(model, opt)
-    first = ckpt.save(1, state, {"step": 1})
+    first = ckpt.save(1)
     saved = flat_state(model, opt)
     _step(model, opt)
 
     fill_disk_after(monkeypatch, room)
     with pytest.raises(CheckpointError) as e:
-        ckpt.save(2, state, {"step": 2})
+        ckpt.save(2)
     message = str(e.value)  # this rank writes the weights and AdamW's two moments: 3 x 128 KB, about
     assert message.startswith(f"no space left on device at {tmp_path / 'checkpoints' / '.tmp_step_0000002'} (")
     assert " MB free): free 1 MB or lower checkpoint.keep_last; the earlier checkpoints are intact" in message
@@ -101,7 +101,9 @@ def test_full_disk_during_a_save_is_one_line_and_keeps_the_earlier_checkpoint(tm
 
     assert ckpt.latest() == first  # the partial save is ignored (and cleaned), the earlier one intact
     fresh_model, fresh_opt = _model()
-    load_checkpoint(first, {"model_optim": ModelOptimizerState(fresh_model, [fresh_opt])})
+    fresh, _ = make_checkpointer(tmp_path / "checkpoints", CheckpointConfig(),
+                                 {"model_optim": ModelOptimizerState(fresh_model, [fresh_opt])})
+    fresh.load(first)
     restored = flat_state(fresh_model, fresh_opt)
     assert restored.keys() == saved.keys() and all(torch.equal(restored[k], saved[k]) for k in saved)
 
@@ -110,7 +112,7 @@ def test_full_disk_while_rank_0_writes_meta_is_the_same_message(tmp_path, monkey
     import dist_gpt.checkpoint.manager as manager
 
     model, opt = build()
-    ckpt = Checkpointer(tmp_path / "checkpoints", CheckpointConfig(), 0, 1)
+    ckpt, _ = make_checkpointer(tmp_path / "checkpoints", CheckpointConfig(), {"model_optim": ModelOptimizerState(model, [opt])})
 
     def full_open(path, mode="r", *args, **kwargs):
         f = open(path, mode, *args, **kwargs)
@@ -122,7 +124,7 @@ def test_full_disk_while_rank_0_writes_meta_is_the_same_message(tmp_path, monkey
     monkeypatch.setattr(manager, "open", full_open, raising=False)
     with pytest.raises(CheckpointError, match=r"^no space left on device at .*checkpoints \(\d+ MB free\): free space "
                                               "or lower checkpoint.keep_last"):
-        ckpt.save(1, {"model_optim": ModelOptimizerState(model, [opt])}, {"step": 1})
+        ckpt.save(1)
     assert not Path(tmp_path / "checkpoints" / "step_0000001").exists()
 
 
