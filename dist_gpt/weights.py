@@ -43,7 +43,8 @@ KEY_STEP = "dist_gpt.step"
 KEY_VAL_LOSS = "dist_gpt.val_loss"
 KEY_SOURCE = "dist_gpt.source"
 KEY_CRC32 = "dist_gpt.crc32"
-EXPORT_FORMAT = "1"
+KEY_HEADER_CRC32 = "dist_gpt.header_crc32"
+EXPORT_FORMAT = "2"  # 2 adds KEY_HEADER_CRC32 (of the string table and the tensor index); "1" is still read
 
 
 @dataclass
@@ -188,9 +189,12 @@ def _from_safetensors(file: Path, quiet: bool = True) -> LoadedWeights:
                 bar.update(tensors[k].numel() * tensors[k].element_size())
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{file} is not a readable .safetensors file ({e}): export it again") from None
-    if info.get(KEY_FORMAT) != EXPORT_FORMAT:
-        raise CheckpointError(f"{file} was not exported by dist_gpt (no {KEY_FORMAT} in its metadata): "
-                              "export it with python -m dist_gpt.export")
+    if info.get(KEY_FORMAT) not in ("1", EXPORT_FORMAT):
+        raise CheckpointError(f"{file} was not exported by this dist_gpt (its {KEY_FORMAT} is {info.get(KEY_FORMAT)!r}; "
+                              "this dist_gpt reads 1 and 2): export it with python -m dist_gpt.export")
+    if info[KEY_FORMAT] != "1" and info.get(KEY_HEADER_CRC32) != str(header_crc32(info, tensors)):
+        raise CheckpointError(f"{file} is corrupt: its metadata or tensor index does not match the CRC32 recorded "
+                              "at export; export it again")
     if KEY_CRC32 in info and str(tensors_crc32(tensors)) != info[KEY_CRC32]:
         raise CheckpointError(f"{file} is corrupt: its tensors do not match the CRC32 recorded at export; "
                               "export it again")
@@ -198,14 +202,14 @@ def _from_safetensors(file: Path, quiet: bool = True) -> LoadedWeights:
         raw_config = json.loads(info[KEY_CONFIG])
         dataset = json.loads(info.get(KEY_DATASET, "{}"))
         spec = json.loads(info[KEY_TOKENIZER_SPEC]) if KEY_TOKENIZER_SPEC in info else None
+        step = int(info[KEY_STEP]) if info.get(KEY_STEP, "").isdigit() else None
+        val = float(info[KEY_VAL_LOSS]) if info.get(KEY_VAL_LOSS) else None
     except (KeyError, ValueError) as e:
         raise CheckpointError(f"{file} has a damaged dist_gpt metadata table ({e}): export it again") from None
     tok_json = info.get(KEY_TOKENIZER_JSON)
     beside = info.get(KEY_TOKENIZER_FILE)
     if tok_json is None and beside and (file.parent / beside).is_file():
         tok_json = (file.parent / beside).read_bytes().decode("utf-8")
-    step = int(info[KEY_STEP]) if info.get(KEY_STEP, "").isdigit() else None
-    val = float(info[KEY_VAL_LOSS]) if info.get(KEY_VAL_LOSS) else None
     return LoadedWeights(_gpt_config(raw_config, file), tensors, file, step,
                          val if val is not None and math.isfinite(val) else None, dataset, spec, tok_json)
 
@@ -214,47 +218,66 @@ def _tensor_bytes(file: Path) -> int:
     """Bytes of tensor data in a .safetensors file: all of it after the 8-byte length and the header."""
     with open(file, "rb") as f:
         header = int.from_bytes(f.read(8), "little")
-    return file.stat().st_size - 8 - header
+    return max(0, file.stat().st_size - 8 - header)
 
 
-def dataset_tokenizer(data_path: str | None) -> tuple[dict | None, str | None]:
-    """(spec, tokenizer.json text or None) from a dataset directory's manifest, or (None, None)."""
-    if not data_path:
+def header_crc32(info: dict[str, str], tensors: dict[str, torch.Tensor]) -> int:
+    """CRC32 of an export's string table (without KEY_HEADER_CRC32) and of its tensors' names, dtypes and
+    shapes: damage there is caught even where safetensors still parses it."""
+    table = {k: v for k, v in info.items() if k != KEY_HEADER_CRC32}
+    index = {k: [str(t.dtype), list(t.shape)] for k, t in tensors.items()}
+    return zlib.crc32(json.dumps([table, index], sort_keys=True, separators=(",", ":")).encode())
+
+
+def dataset_tokenizer(data_path: str | None, spec: dict | None = None) -> tuple[dict | None, str | None]:
+    """(spec, tokenizer.json text or None) of a dataset directory, the spec from its manifest unless given:
+    (None, None) when the dataset is gone; a DataError naming the file when what is there is damaged."""
+    from .data.manifest import MANIFEST, load_manifest
+
+    if not data_path or not Path(data_path).is_dir():
         return None, None
-    manifest_file = Path(data_path) / "manifest.json"
+    if spec is None:
+        if not (Path(data_path) / MANIFEST).is_file():
+            return None, None
+        spec = load_manifest(Path(data_path), "restore the dataset the model was trained on")["tokenizer"]["spec"]
+    if not isinstance(spec, dict) or spec.get("kind") != "hf":
+        return spec, None
+    file = Path(data_path) / str(spec.get("file"))
     try:
-        spec = json.loads(manifest_file.read_text())["tokenizer"]["spec"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None, None
-    tok_file = spec.get("file") if isinstance(spec, dict) else None
-    file = Path(data_path) / tok_file if tok_file else None
-    # Bytes, not read_text(): newline translation would change the file's sha256 fingerprint.
-    text = file.read_bytes().decode("utf-8") if file is not None and file.is_file() else None
-    return spec, text
+        # Bytes, not read_text(): newline translation would change the file's sha256 fingerprint.
+        return spec, file.read_bytes().decode("utf-8")
+    except FileNotFoundError:
+        return spec, None
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"tokenizer file {file} cannot be read ({e}): restore the dataset's original file") from None
 
 
 def _build_tokenizer(w: LoadedWeights):
     from .data.tokenizers import tokenizer_from_spec
 
-    spec, text = w.tokenizer_spec, w.tokenizer_json
+    spec, text, origin = w.tokenizer_spec, w.tokenizer_json, w.source  # origin: what carries the tokenizer
     if spec is None or (text is None and spec.get("kind") == "hf"):  # a checkpoint: the dataset has the file
-        found_spec, text = dataset_tokenizer(w.data_path)
-        spec = spec or found_spec
+        spec, text = dataset_tokenizer(w.data_path, spec)
+        origin = Path(w.data_path or ".") / (spec.get("file") or "manifest.json") if isinstance(spec, dict) else None
     if spec is None:
         raise DataError(f"the tokenizer of {w.source} is not available: its dataset {w.data_path} (manifest.json) "
                         "is gone; restore the dataset there or export the model while it exists")
     if spec.get("kind") == "hf":
         if text is None:
-            raise DataError(f"the tokenizer file of {w.source} is missing (dataset {w.data_path}): "
-                            "restore the dataset or export the model while it exists")
+            raise DataError(f"tokenizer file {origin} of {w.source} is missing: restore the dataset or export "
+                            "the model while it exists")
         with tempfile.TemporaryDirectory() as tmp:  # HFTokenizer parses the file into memory
             (Path(tmp) / spec["file"]).write_bytes(text.encode("utf-8"))
-            tok = tokenizer_from_spec(spec, Path(tmp))
+            try:
+                tok = tokenizer_from_spec(spec, Path(tmp))
+            except DataError:
+                raise DataError(f"{origin} does not hold a valid tokenizer.json (damaged?): restore the dataset's "
+                                "original file, or export the model again") from None
     else:
         tok = tokenizer_from_spec(spec, Path(w.data_path) if w.data_path else None)
     expect = w.dataset.get("tokenizer_fingerprint")
     if expect and tok.fingerprint != expect:
-        raise DataError(f"the tokenizer found for {w.source} is not the one it was trained with (fingerprint "
-                        f"{tok.fingerprint[:12]} != {expect[:12]}): the dataset {w.data_path} was rebuilt; "
-                        "use the original dataset")
+        raise DataError(f"{origin} is not the tokenizer {w.source} was trained with (fingerprint "
+                        f"{tok.fingerprint[:12]} != {expect[:12]}): restore the dataset's original tokenizer file, "
+                        "or use the original dataset")
     return tok

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -82,46 +83,52 @@ def test_tokenizers_round_trip(tmp_path, tokenizer):
 
 
 def test_verify_checks_the_tokenizer_the_manifest_names(tmp_path):
-    """A manifest whose tokenizer record was damaged (the issue's case: one flipped bit made
-    tokenizer.json into tokenizes.json) fails verify and Dataset.open, naming the file."""
+    """The issue's case, one flipped bit that made tokenizer.json into tokenizes.json, is caught by the
+    manifest's checksum; a manifest consistent with itself (resealed, as an older manifest without a
+    checksum would be) that names the wrong tokenizer is caught by checking the tokenizer itself."""
+    from dist_gpt.data.manifest import write_manifest
+
     out = tmp_path / "ds"
     assert _prepare(_corpus(tmp_path), "--tokenizer", "bpe:300", "--val-split", "1", "--out", out, "--workers", "0") == 0
     good = (out / "manifest.json").read_bytes()
-    assert good.count(b'"tokenizer.json"') == 2  # the spec's file and the manifest's own record of it
+    corrupt = f"{out / 'manifest.json'}: its checksum does not match its content (the file is damaged or was edited)"
+    at = [i for i in range(len(good)) if good.startswith(b'"tokenizer.json"', i)]
+    assert len(at) == 2  # the spec's file and the manifest's own record of it
+    for i in at:  # r -> s is one flipped bit
+        (out / "manifest.json").write_bytes(good[:i + 9] + b"s" + good[i + 10:])
+        with pytest.raises(DataError, match="its checksum does not match"):
+            verify_dataset(out)
+        with pytest.raises(DataError, match=re.escape(corrupt)):
+            Dataset.open(out)
 
-    def damaged(raw: bytes) -> list[str]:
-        (out / "manifest.json").write_bytes(raw)
+    def resealed(change) -> list[str]:
+        manifest = json.loads(good)
+        change(manifest)
+        write_manifest(out, manifest)
         return verify_dataset(out)
 
-    at = [i for i in range(len(good)) if good.startswith(b'"tokenizer.json"', i)]
-    spec_first = good.index(b'"spec"') < good.index(b'"file"')
-    for i in at:  # r -> s is one flipped bit
-        problems = damaged(good[:i + 9] + b"s" + good[i + 10:])
-        assert len(problems) == 1, problems
-        if (i == at[0]) == spec_first:  # the spec's file: the file training would read is gone
-            assert f"tokenizer file {out / 'tokenizes.json'} cannot be read" in problems[0]
-            with pytest.raises(DataError, match="tokenizes.json cannot be read"):
-                Dataset.open(out)
-        else:
-            assert "the tokenizer's file is 'tokenizes.json'" in problems[0]
+    assert resealed(lambda m: m["tokenizer"]["spec"].update(file="tokenizes.json")) == [
+        f"tokenizer file {out / 'tokenizes.json'} cannot be read (No such file or directory): the dataset needs it"]
+    with pytest.raises(DataError, match="tokenizes.json cannot be read"):
+        Dataset.open(out)
+    assert resealed(lambda m: m["tokenizer"].update(file="tokenizes.json")) == [
+        f"{out / 'manifest.json'}: the tokenizer's file is 'tokenizes.json' but the tokenizer it names has 'tokenizer.json'"]
     eot = json.loads(good)["tokenizer"]["eot_id"]
-    assert damaged(good.replace(f'"eot_id": {eot}'.encode(), f'"eot_id": {eot + 1}'.encode())) == [
+    assert resealed(lambda m: m["tokenizer"].update(eot_id=eot + 1)) == [
         f"{out / 'manifest.json'}: the tokenizer's eot_id is {eot + 1} but the tokenizer it names has {eot}"]
     (out / "manifest.json").write_bytes(good)
     tok = (out / "tokenizer.json").read_bytes()
     (out / "tokenizer.json").write_bytes(tok.replace(b'"<|endoftext|>"', b'"<|endoftexu|>"', 1))
-    assert damaged(good) == [f"{out / 'tokenizer.json'} differs from the tokenizer that made the shards (fingerprint mismatch)"]
+    assert verify_dataset(out) == [f"{out / 'tokenizer.json'} differs from the tokenizer that made the shards (fingerprint mismatch)"]
     with pytest.raises(DataError, match="tokenizer.json differs"):
         Dataset.open(out)
     (out / "tokenizer.json").write_bytes(tok)
     assert verify_dataset(out) == []
-    # a char vocabulary is its spec: a flipped character there changes the fingerprint
+    # a char vocabulary is its spec: another character there changes the fingerprint
     assert _prepare(_corpus(tmp_path), "--tokenizer", "char", "--out", out, "--force") == 0
-    manifest = json.loads((out / "manifest.json").read_text())
-    manifest["tokenizer"]["spec"]["chars"] = manifest["tokenizer"]["spec"]["chars"].replace("a", "`")
-    (out / "manifest.json").write_text(json.dumps(manifest))
-    assert verify_dataset(out) == [f"{out / 'manifest.json'}: the tokenizer's spec differs from the tokenizer that "
-                                   "made the shards (fingerprint mismatch)"]
+    good = (out / "manifest.json").read_bytes()
+    assert resealed(lambda m: m["tokenizer"]["spec"].update(chars=m["tokenizer"]["spec"]["chars"].replace("a", "`"))) == [
+        f"{out / 'manifest.json'}: the tokenizer's spec differs from the tokenizer that made the shards (fingerprint mismatch)"]
 
 
 def test_char_vocabulary_over_256_uses_uint16(tmp_path):

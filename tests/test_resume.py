@@ -195,7 +195,7 @@ def test_a_damaged_meta_json_is_named_before_it_is_parsed(tiny_data, tmp_path):
 
 
 def test_an_unknown_meta_format_is_one_line_naming_the_version(tiny_data, tmp_path):
-    from dist_gpt.checkpoint.layout import check_small_file, read_manifest, read_meta, write_json_durably
+    from dist_gpt.checkpoint.layout import check_small_file, read_manifest, read_meta, write_done
     from dist_gpt.errors import CheckpointError
 
     run = tmp_path / "run"
@@ -208,7 +208,7 @@ def test_an_unknown_meta_format_is_one_line_naming_the_version(tiny_data, tmp_pa
     raw = (path / "meta.json").read_bytes()
     import zlib
     done["files"]["meta.json"] = {"size": len(raw), "crc32": zlib.crc32(raw)}
-    write_json_durably(path / "DONE", done)
+    write_done(path, done)
     check_small_file(path, done, "meta.json")  # intact, as far as the checksum goes
     with pytest.raises(CheckpointError, match="has meta format 7; this dist_gpt reads format 1"):
         read_meta(path)

@@ -33,7 +33,7 @@ DONE = "DONE"
 META = "meta.json"
 METADATA = ".metadata"
 SUMS_SUFFIX = ".crc32.json"  # per data file, written by the rank that wrote it, merged into DONE
-FORMAT = 1       # of DONE
+FORMAT = 2       # of DONE: 2 has "crc32", of its own content; 1 (without) is still read
 META_FORMAT = 1  # of meta.json ("meta_format"; checkpoints written before it was recorded are format 1)
 _STEP_RE = re.compile(r"^step_(\d+)$")
 _CHUNK = 16 << 20
@@ -158,6 +158,17 @@ def build_manifest(directory: Path, step: int, val_loss: float | None, world_siz
             "saved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "files": files}
 
 
+def done_crc32(done: dict) -> int:
+    """CRC32 of DONE's canonical JSON (sorted keys, no spaces) without its "crc32" key."""
+    body = {k: v for k, v in done.items() if k != "crc32"}
+    return zlib.crc32(json.dumps(body, sort_keys=True, separators=(",", ":")).encode())
+
+
+def write_done(directory: Path, done: dict) -> None:
+    """Write DONE (the commit marker) with the CRC32 of its own content, durably."""
+    write_json_durably(Path(directory) / DONE, {**done, "crc32": done_crc32(done)})
+
+
 def read_manifest(path: Path) -> dict:
     """DONE of a checkpoint, or a CheckpointError that says what is wrong and what to do."""
     path = Path(path)
@@ -172,8 +183,10 @@ def read_manifest(path: Path) -> dict:
         raise CheckpointError(f"checkpoint {path} is incomplete (no {DONE}): delete it or {other_checkpoint()}")
     try:
         manifest = json.loads(done.read_text())
-        if manifest.get("format") != FORMAT or not isinstance(manifest.get("files"), dict):
+        if manifest.get("format") not in (1, FORMAT) or not isinstance(manifest.get("files"), dict):
             raise ValueError("not a dist_gpt manifest")
+        if (manifest["format"] >= 2 or "crc32" in manifest) and manifest.get("crc32") != done_crc32(manifest):
+            raise ValueError("its CRC32 does not match its content")
     except (OSError, ValueError, AttributeError) as e:
         raise CheckpointError(f"{done} is corrupt ({e}): delete checkpoint {path} or {other_checkpoint()}") from None
     return manifest

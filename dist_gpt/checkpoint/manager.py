@@ -48,7 +48,6 @@ from torch.distributed.checkpoint.api import CheckpointException
 from ..errors import CheckpointError, UserError
 from .config import CheckpointConfig
 from .layout import (
-    DONE,
     META,
     META_FORMAT,
     SUMS_SUFFIX,
@@ -62,7 +61,7 @@ from .layout import (
     resolve_checkpoint,
     step_dir_name,
     tmp_dir_name,
-    write_json_durably,
+    write_done,
 )
 from .loading import load_tensors, single_process_quiet, unwrap_dcp_error
 from .planners import TensorOnlySavePlanner
@@ -215,7 +214,7 @@ class Checkpointer:
             remove_checkpoint(final)
         os.rename(tmp, final)
         fsync_dir(self.root)
-        write_json_durably(final / DONE, manifest)
+        write_done(final, manifest)
         fsync_dir(final)
         apply_retention(self.root, self.cfg.keep_last, self.cfg.keep_every, self.cfg.keep_best)
 

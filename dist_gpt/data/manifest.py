@@ -4,10 +4,13 @@ The manifest names the tokenizer (spec, fingerprint, its file if it has one), th
 and dtype, every shard of every split with its token count and checksum, how many UTF-8 source bytes
 each split came from (for bits per byte), where the data came from and the exact request
 (`request`) that built it, so prepare can tell "same inputs and options" from "something else".
+Since version 2 it carries `checksum`, the SHA-256 of its own canonical JSON without that key, so a
+damaged or hand-edited manifest is refused instead of read (version 1, without it, is still read).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -16,8 +19,15 @@ from dist_gpt.errors import DataError
 
 MANIFEST = "manifest.json"
 FORMAT_NAME = "dist_gpt.dataset"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2       # what prepare writes: 2 has a checksum; 1 (without) is still read
+READ_VERSIONS = (1, 2)
 SPLITS = ("train", "val")
+
+
+def manifest_checksum(manifest: dict) -> str:
+    """SHA-256 of the manifest's canonical JSON (sorted keys, no spaces), its `checksum` key left out."""
+    body = {k: v for k, v in manifest.items() if k != "checksum"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def load_manifest(directory: Path, hint: str) -> dict:
@@ -33,8 +43,11 @@ def load_manifest(directory: Path, hint: str) -> dict:
         raise DataError(f"{path}: not readable JSON ({e}); {hint}") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
         raise DataError(f"{path}: not a dist_gpt dataset manifest; {hint}")
-    if manifest.get("version") != FORMAT_VERSION:
-        raise DataError(f"{path}: manifest version {manifest.get('version')}, this dist_gpt reads {FORMAT_VERSION}; {hint}")
+    version = manifest.get("version")
+    if type(version) is not int or version not in READ_VERSIONS:
+        raise DataError(f"{path}: manifest version {version!r}, this dist_gpt reads versions 1 and 2; {hint}")
+    if (version >= 2 or "checksum" in manifest) and manifest.get("checksum") != manifest_checksum(manifest):
+        raise DataError(f"{path}: its checksum does not match its content (the file is damaged or was edited); {hint}")
     try:
         for split in SPLITS:
             entry = manifest["splits"][split]
@@ -63,9 +76,11 @@ def _plain_name(name) -> None:
 
 
 def write_manifest(directory: Path, manifest: dict) -> None:
-    """Atomic write: temp name, fsync, rename. A manifest on disk means the dataset is complete."""
+    """Atomic write, with its checksum: temp name, fsync, rename. A manifest on disk means the dataset is
+    complete."""
     path = Path(directory) / MANIFEST
     tmp = path.with_name(MANIFEST + ".tmp")
+    manifest = {**manifest, "checksum": manifest_checksum(manifest)}
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(manifest, f, indent=2, sort_keys=False)
         f.write("\n")
