@@ -159,7 +159,7 @@ def evaluate(argv: list[str] | None) -> int:
                     world_size=env.world_size, max_blocks=args.max_blocks, device=env.device)
     mine = -(-len(val) // env.world_size)  # rank 0's share, the one its bar shows: blocks 0, W, 2W, ...
     with progress_bar(mine, "evaluate", unit="blocks", quiet=args.quiet) as bar:
-        loss, blocks = validation_loss(model, counted(val, bar), Precision(args.precision, env.device).autocast())
+        loss, blocks = validation_loss(model, Counted(val, bar), Precision(args.precision, env.device).autocast())
     if env.is_main:
         bpb = bits_per_byte(loss, data.bytes_per_token("val"))
         print(f"{loaded.source}: val loss {loss:.4f} nats/token, {bpb:.4f} bits/byte "
@@ -167,11 +167,16 @@ def evaluate(argv: list[str] | None) -> int:
     return 0
 
 
-def counted(batches, bar):
-    """The (x, y) batches, each counted in `bar` by its blocks once it was evaluated."""
-    for x, y in batches:
-        yield x, y
-        bar.update(y.size(0))
+class Counted:
+    """`val`'s batches (what validation_loss iterates), each counted in `bar` by its blocks once evaluated."""
+
+    def __init__(self, val, bar) -> None:
+        self.val, self.bar, self.device = val, bar, val.device
+
+    def __iter__(self):
+        for x, y in self.val:
+            yield x, y
+            self.bar.update(y.size(0))
 
 
 def check_tokenizer(data, loaded, allow_mismatch: bool, warn: bool = True) -> None:
