@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
 
 from dist_gpt import config as config_mod
 from dist_gpt.checkpoint import read_metadata
@@ -72,7 +73,17 @@ def _cfg(data: Path, run_dir: Path, *extra: str):
 
 
 @pytest.fixture(scope="module")
-def artifacts(tmp_path_factory) -> Artifacts:
+def one_thread():
+    """One torch thread: these tiny models spend their time spinning for busy cores otherwise (a step of
+    the debug model took 4-15 s with 2 threads on this shared 2-core machine, 0.3-0.8 s with one)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory, one_thread) -> Artifacts:
     root = tmp_path_factory.mktemp("fuzz")
     data = root / "data"
     assert prepare_main([str(ASSETS / "licenses.txt"), "--tokenizer", "bpe:300", "--shard-tokens", "12000",
@@ -134,7 +145,10 @@ def _entry(main, argv: list[str]) -> None:
 
 def cmd_evaluate(a: Artifacts, source: Path) -> None:  # python -m dist_gpt.evaluate
     flag = "--model" if source.suffix == ".safetensors" else "--checkpoint"
-    evaluate([flag, str(source), "--max-blocks", "4", "--quiet"])
+    try:
+        evaluate([flag, str(source), "--max-blocks", "4", "--quiet"])
+    finally:
+        torch.set_num_threads(1)  # evaluate's dist.init gave torch the cores
 
 
 def cmd_export(a: Artifacts) -> None:  # python -m dist_gpt.export
@@ -208,6 +222,7 @@ def accepted(a: Artifacts, file: Path, changed: range | None, command: str) -> s
 # ---------------------------------------------------------------------------------------------
 # The loop
 
+@pytest.mark.slow
 def test_every_damage_is_refused_in_one_line_naming_the_file_or_explicitly_accepted(artifacts):
     a = artifacts
     files = sorted(p for p in a.data.iterdir() if p.is_file()) + sorted(a.checkpoint.iterdir()) + [a.export]
