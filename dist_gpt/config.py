@@ -225,9 +225,37 @@ def _all_keys() -> list[str]:
     return [f"{s}.{f.name}" for s, cls in SECTIONS.items() for f in dataclasses.fields(cls)]
 
 
+# What other trainers (nanoGPT, Hugging Face, torchtitan) call a key: a key name, or a whole key
+# where the name alone would be ambiguous (several sections have an `interval`).
+SYNONYMS = {
+    "learning_rate": "lr", "max_lr": "lr", "min_lr": "min_lr_ratio", "lr_min": "min_lr_ratio", "warmup": "warmup_steps",
+    "warmup_iters": "warmup_steps", "max_grad_norm": "grad_clip", "clip_grad_norm": "grad_clip",
+    "optimizer": "optim.name", "max_steps": "steps", "max_iters": "steps", "num_steps": "steps",
+    "batch_size": "global_batch", "micro_batch_size": "micro_batch", "dtype": "precision",
+    "n_embed": "n_embd", "d_model": "n_embd", "hidden_size": "n_embd", "n_layers": "n_layer",
+    "num_layers": "n_layer", "n_heads": "n_head", "num_heads": "n_head", "context_length": "block_size",
+    "seq_len": "block_size", "max_seq_len": "block_size", "eval_interval": "eval.interval",
+    "log_interval": "log.interval", "save_interval": "checkpoint.interval",
+    "checkpoint_interval": "checkpoint.interval", "dataset": "data.path", "data_dir": "data.path",
+}
+
+
 def _suggest(key: str) -> str:
-    close = difflib.get_close_matches(key, _all_keys(), n=1)
-    return f" (did you mean --{close[0]}?)" if close else ""
+    """' (did you mean --optim.lr?)' for --optim.learning_rate: a known synonym, then the same name in
+    another section, then the closest name in the same section, then the closest key anywhere."""
+    section, _, name = key.rpartition(".")
+    keys = _all_keys()
+    name = SYNONYMS.get(name, name)
+    if name in keys:
+        return f" (did you mean --{name}?)"
+    same = [k.split(".", 1)[1] for k in keys if k.startswith(section + ".")]
+    guess = next((k for k in keys if k == f"{section}.{name}"), None)
+    guess = guess or next((k for k in keys if k.split(".", 1)[1] == name), None)
+    close = difflib.get_close_matches(name, same, n=1)
+    guess = guess or (f"{section}.{close[0]}" if close else None)
+    close = difflib.get_close_matches(key, keys, n=1)
+    guess = guess or (close[0] if close else None)
+    return f" (did you mean --{guess}?)" if guess else ""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -240,8 +268,10 @@ def _flatten(tree: dict[str, Any], origin: str) -> dict[str, Any]:
         if not isinstance(table, dict):
             raise ConfigError(f"{origin}: top-level key {section!r} must be a [section] table")
         for key, value in table.items():
-            tp = _lookup(section, key)
-            flat[f"{section}.{key}"] = parse_value(f"{section}.{key}", tp, value)
+            try:
+                flat[f"{section}.{key}"] = parse_value(f"{section}.{key}", _lookup(section, key), value)
+            except ConfigError as e:
+                raise ConfigError(f"config file {origin}: {e}") from None
     return flat
 
 

@@ -27,6 +27,7 @@ from .weights import (
     KEY_CRC32,
     KEY_DATASET,
     KEY_FORMAT,
+    KEY_HEADER_CRC32,
     KEY_SOURCE,
     KEY_STEP,
     KEY_TOKENIZER_FILE,
@@ -34,6 +35,7 @@ from .weights import (
     KEY_TOKENIZER_SPEC,
     KEY_VAL_LOSS,
     dataset_tokenizer,
+    header_crc32,
     load_weights,
     tensors_crc32,
 )
@@ -46,10 +48,12 @@ def parse_args(argv):
     p.add_argument("--out", required=True, help="the .safetensors file to write")
     p.add_argument("--best", action="store_true", help="with a run directory: its best checkpoint by val loss")
     p.add_argument("--force", action="store_true", help="overwrite --out (and its tokenizer file) if it exists")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p.parse_args(argv)
 
 
-def export(checkpoint: str | Path, out: str | Path, which: str = "latest", force: bool = False) -> list[Path]:
+def export(checkpoint: str | Path, out: str | Path, which: str = "latest", force: bool = False,
+           quiet: bool = True) -> list[Path]:
     """Write the export (and the tokenizer file beside it when there is one); return the files written."""
     from safetensors.torch import save_file
 
@@ -57,16 +61,16 @@ def export(checkpoint: str | Path, out: str | Path, which: str = "latest", force
     if out.suffix != ".safetensors":
         raise ConfigError(f"--out {out}: the file name must end in .safetensors")
     tok_out = out.with_name(out.stem + ".tokenizer.json")
-    loaded = load_weights(checkpoint, which=which)
-    spec, tok_json = dataset_tokenizer(loaded.data_path)
-    if spec is None:
-        spec = loaded.tokenizer_spec
-    if spec is None or (spec.get("kind") == "hf" and tok_json is None):
+    loaded = load_weights(checkpoint, which=which, option="--checkpoint", quiet=quiet)
+    spec, tok_json = dataset_tokenizer(loaded.data_path, loaded.tokenizer_spec)
+    spec = spec or loaded.tokenizer_spec
+    gone = not (loaded.data_path and Path(loaded.data_path).is_dir())
+    if spec is None or (spec.get("kind") == "hf" and gone):
         print(f"note: dataset {loaded.data_path} not found: the export names its tokenizer "
               f"({loaded.dataset.get('tokenizer')}) but cannot carry it", file=sys.stderr)
     elif spec.get("kind") != "tiktoken":  # tiktoken may need a download; the others are checked here
+        _ = loaded.tokenizer  # a DataError naming the file if it is missing, damaged or not the one trained with
         loaded.tokenizer_spec, loaded.tokenizer_json = spec, tok_json
-        _ = loaded.tokenizer  # raises DataError if it is not the tokenizer the model was trained with
     written = [out] + ([tok_out] if tok_json is not None else [])
     for f in written:
         if f.exists() and not force:
@@ -86,9 +90,11 @@ def export(checkpoint: str | Path, out: str | Path, which: str = "latest", force
     if tok_json is not None:
         info[KEY_TOKENIZER_JSON] = tok_json
         info[KEY_TOKENIZER_FILE] = tok_out.name
+    tensors = {k: v.contiguous() for k, v in loaded.state_dict.items()}
+    info[KEY_HEADER_CRC32] = str(header_crc32(info, tensors))
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
-    save_file({k: v.contiguous() for k, v in loaded.state_dict.items()}, str(tmp), metadata=info)
+    save_file(tensors, str(tmp), metadata=info)
     os.replace(tmp, out)
     if tok_json is not None:
         tok_out.write_bytes(tok_json.encode("utf-8"))  # the exact bytes: the fingerprint is their sha256
@@ -101,7 +107,7 @@ def export(checkpoint: str | Path, out: str | Path, which: str = "latest", force
 def main(argv: list[str] | None = None) -> int:
     try:
         args = parse_args(argv)
-        export(args.checkpoint, args.out, "best" if args.best else "latest", args.force)
+        export(args.checkpoint, args.out, "best" if args.best else "latest", args.force, args.quiet)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -31,6 +31,10 @@ Fault injection for the tests, read from the environment (never set in normal us
     DIST_GPT_FAULT_KILL_AT=S:R       rank R SIGKILLs itself before step S, on torchrun's first attempt only
     DIST_GPT_FAULT_SIGNAL_AT=S:NAME  rank 0 sends itself signal NAME before step S (first attempt only)
     DIST_GPT_FAULT_HANG_AT=S:R       rank R stops answering (sleeps) before step S
+    DIST_GPT_FAULT_PAUSE_AT=P,...    hold the process at each point P until the test releases it (see
+                                     `pause`; needs DIST_GPT_FAULT_PAUSE_DIR): `start` (the trainer's stop
+                                     handlers are in), `shard` (prepare renamed a complete shard), or a
+                                     step number S (every rank, before step S, after a checkpoint due at S)
 """
 
 from __future__ import annotations
@@ -62,6 +66,7 @@ class StopSignals:
     def install(self) -> "StopSignals":
         for sig in STOP_SIGNALS:
             signal.signal(sig, self._handle)
+        pause("start", self)
         return self
 
     def _handle(self, signum, frame) -> None:  # no work in a handler: just remember it
@@ -87,7 +92,7 @@ class FaultGuard:
         self.stop, self.state, self.rollback, self.log = stop, state, rollback, log
         self.is_main = env.is_main
         self.heartbeat = Heartbeat(env)
-        self.inject = FaultInjector(env.rank)
+        self.inject = FaultInjector(env.rank, stop)
         self.stopped_by: str | None = None  # the agreed stop signal's name, once one arrived
         # torchrun's workers are its children; an orphaned worker is re-parented (to init or a subreaper)
         self.agent_pid = os.getppid() if "TORCHELASTIC_RUN_ID" in os.environ else None
@@ -252,9 +257,30 @@ def _first_attempt() -> bool:
     return os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0" and os.environ.get("SLURM_RESTART_COUNT", "0") == "0"
 
 
+def pause(point: str, stop: StopSignals | None = None) -> None:
+    """Test-only: hold this process at `point` while a test acts on it, so the test never races it.
+
+    With `point` in DIST_GPT_FAULT_PAUSE_AT (on the first attempt of a restarted job only), the process
+    writes DIR/paused-POINT-PID (DIR = DIST_GPT_FAULT_PAUSE_DIR) and waits until DIR/release-POINT exists
+    or a stop signal reached `stop`; SIGINT ends the wait as a KeyboardInterrupt, SIGKILL as ever. Whoever
+    leaves the wait writes DIR/release-POINT, so a job requeued without a restart count (submitit's local
+    executor) does not pause there again.
+    """
+    if point not in os.environ.get("DIST_GPT_FAULT_PAUSE_AT", "").split(",") or not _first_attempt():
+        return
+    folder = Path(os.environ["DIST_GPT_FAULT_PAUSE_DIR"])
+    release = folder / f"release-{point}"
+    if release.exists():
+        return
+    (folder / f"paused-{point}-{os.getpid()}").touch()
+    while not release.exists() and not (stop is not None and stop.code):
+        time.sleep(0.01)
+    release.touch()
+
+
 class FaultInjector:
-    def __init__(self, rank: int) -> None:
-        self.rank = rank
+    def __init__(self, rank: int, stop: StopSignals | None = None) -> None:
+        self.rank, self.stop = rank, stop
         nan_at = os.environ.get("DIST_GPT_FAULT_NAN_AT")
         self.nan_at = int(nan_at) if nan_at else None
         self.kill = self._parse("DIST_GPT_FAULT_KILL_AT")
@@ -270,6 +296,7 @@ class FaultInjector:
         return int(step), arg
 
     def before_step(self, step: int) -> None:
+        pause(str(step), self.stop)
         if self.kill and self.kill[0] == step and int(self.kill[1]) == self.rank and _first_attempt():
             os.kill(os.getpid(), signal.SIGKILL)
         if self.hang and self.hang[0] == step and int(self.hang[1]) == self.rank:

@@ -2,10 +2,12 @@
 
 Only rank 0 logs: `make_logger(...)` returns a `MetricsLogger` there and a `NullLogger` (same
 methods, does nothing) on every other rank, so the training loop never branches on rank.
-TensorBoard events go to `<run_dir>/tensorboard/`; watch them with
-`tensorboard --logdir <run_dir>` (or `--logdir runs` to compare runs). Every scalar is also
-appended to `<run_dir>/metrics.jsonl` (`{"step": 10, "time": ..., "train/loss": 2.3, ...}` per
-line; a resumed run appends, so a step can repeat: the last line for a step wins).
+TensorBoard events go into the run directory itself, so `tensorboard --logdir runs` names each run
+by its directory (a run begun by an earlier version keeps its `tensorboard/` subdirectory). Each
+scalar carries its unit in its description (and the losses in their display names); the HPARAMS
+tab compares runs by their validation losses (`HPARAM_METRICS`). Every scalar is also appended
+to `<run_dir>/metrics.jsonl` (`{"step": 10, "time": ..., "train/loss": 2.3, ...}` per line; a
+resumed run appends, so a step can repeat: the last line for a step wins).
 
 MFU (model FLOPs utilisation) = flops_per_token * tokens_per_s / peak FLOP/s of the devices,
 with flops_per_token the training (forward + backward) FLOPs of the model and the peak the dense
@@ -33,7 +35,7 @@ class LogConfig:
     """Section `log`: what rank 0 reports and how often."""
 
     interval: int = field(default=10, metadata={"help": "print a console line (and log train scalars) every this many steps"})
-    tensorboard: bool = field(default=True, metadata={"help": "write TensorBoard events to <run dir>/tensorboard"})
+    tensorboard: bool = field(default=True, metadata={"help": "write TensorBoard events into the run directory (tensorboard --logdir runs)"})
     peak_tflops: float | None = field(default=None, metadata={"help": "peak TFLOP/s of one device for MFU; unset = looked up from the GPU's name (n/a if unknown)"})
 
     def __post_init__(self) -> None:
@@ -173,6 +175,67 @@ def format_value(value) -> str:
     return f"{value:.2e}" if abs(value) < 1e-3 else f"{value:.4g}"
 
 
+# What each scalar is and its unit: TensorBoard shows the description beside the chart, and the losses'
+# units in their display names. The tags themselves are those of metrics.jsonl.
+SCALARS: dict[str, tuple[str, str]] = {
+    "train/loss": ("train/loss (nats/token)", "mean cross-entropy of the logged step's global batch, in nats per token"),
+    "val/loss": ("val/loss (nats/token)", "mean cross-entropy over the validation blocks, in nats per token"),
+    "val/best_loss": ("val/best_loss (nats/token)", "the lowest val/loss so far, in nats per token"),
+    "val/bpb": ("val/bpb (bits/byte)", "val/loss / ln 2 / (source bytes per token): bits per byte of the text"),
+    "train/lr": ("train/lr", "learning rate of the first parameter group at this step"),
+    "train/grad_norm": ("train/grad_norm", "global L2 norm of the gradients before clipping"),
+    "perf/tokens_per_s": ("perf/tokens_per_s", "training tokens per second, summed over every rank"),
+    "perf/mfu": ("perf/mfu", "model FLOPs utilisation: achieved / peak FLOP/s of the devices (0 to 1)"),
+    "perf/step_time_ms": ("perf/step_time_ms", "milliseconds of the logged step"),
+    "perf/data_wait_share": ("perf/data_wait_share", "share of the step spent waiting for data (0 to 1)"),
+    "perf/peak_mem_gib": ("perf/peak_mem_gib", "peak memory of rank 0 in GiB (CUDA: allocated tensors; CPU: resident set)"),
+}
+# The metrics the HPARAMS tab compares runs by; it shows each one's last value, so val/loss is the
+# final validation loss of a finished run.
+HPARAM_METRICS = ("val/loss", "val/best_loss", "val/bpb")
+
+
+def tensorboard_dir(run_dir: str | Path) -> Path:
+    """Where a run's events go: the run directory, or the `tensorboard/` an earlier version made there."""
+    old = Path(run_dir) / "tensorboard"
+    return old if old.is_dir() else Path(run_dir)
+
+
+def _plugin_summary(tag: str, plugin: str, content: bytes, display_name: str = "", description: str = ""):
+    from tensorboard.compat.proto.summary_pb2 import Summary, SummaryMetadata
+
+    meta = SummaryMetadata(plugin_data=SummaryMetadata.PluginData(plugin_name=plugin, content=content),
+                           display_name=display_name, summary_description=description)
+    return Summary(value=[Summary.Value(tag=tag, metadata=meta)])
+
+
+def hparams_summaries(hparams: dict, metric_tags) -> list:
+    """The HPARAMS plugin's experiment (each hparam with its type, booleans as booleans; each metric
+    with its description) and this run's session start, as summaries for the run's own event file."""
+    from tensorboard.plugins.hparams import api_pb2, metadata
+    from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData, SessionStartInfo
+
+    start = SessionStartInfo(start_time_secs=time.time())
+    infos = []
+    for name, value in hparams.items():
+        if isinstance(value, bool):  # before int: a bool is an int to Python
+            start.hparams[name].bool_value, kind = value, "DATA_TYPE_BOOL"
+        elif isinstance(value, (int, float)):
+            start.hparams[name].number_value, kind = value, "DATA_TYPE_FLOAT64"
+        else:
+            start.hparams[name].string_value, kind = str(value), "DATA_TYPE_STRING"
+        infos.append(api_pb2.HParamInfo(name=name, type=api_pb2.DataType.Value(kind)))
+    metrics = [api_pb2.MetricInfo(name=api_pb2.MetricName(tag=tag), display_name=SCALARS.get(tag, (tag, ""))[0],
+                                  description=SCALARS.get(tag, (tag, ""))[1],
+                                  dataset_type=api_pb2.DATASET_VALIDATION if tag.startswith("val/") else api_pb2.DATASET_UNKNOWN)
+               for tag in metric_tags]
+    experiment = HParamsPluginData(version=metadata.PLUGIN_DATA_VERSION,
+                                   experiment=api_pb2.Experiment(hparam_infos=infos, metric_infos=metrics))
+    session = HParamsPluginData(version=metadata.PLUGIN_DATA_VERSION, session_start_info=start)
+    return [_plugin_summary(metadata.EXPERIMENT_TAG, metadata.PLUGIN_NAME, experiment.SerializeToString()),
+            _plugin_summary(metadata.SESSION_START_INFO_TAG, metadata.PLUGIN_NAME, session.SerializeToString())]
+
+
 def _flatten(config: dict, prefix: str = "") -> dict:
     """{'model': {'n_layer': 4}} -> {'model.n_layer': 4}; values TensorBoard's hparams accept."""
     flat = {}
@@ -215,7 +278,7 @@ class NullLogger:
 
 
 class MetricsLogger(NullLogger):
-    """Rank 0's logger: TensorBoard under <run_dir>/tensorboard, every scalar also appended to
+    """Rank 0's logger: TensorBoard events in the run directory, every scalar also appended to
     <run_dir>/metrics.jsonl (one JSON object per call, for scripts), console lines on stdout.
     Constructed with is_main=False it stays silent, like NullLogger."""
 
@@ -227,7 +290,7 @@ class MetricsLogger(NullLogger):
         self.jsonl = Path(run_dir) / "metrics.jsonl" if is_main else None
         if is_main:
             Path(run_dir).mkdir(parents=True, exist_ok=True)
-        self.tb_dir = Path(run_dir) / "tensorboard" if cfg.tensorboard and is_main else None
+        self.tb_dir = tensorboard_dir(run_dir) if cfg.tensorboard and is_main else None
         if self.tb_dir is not None:
             from torch.utils.tensorboard import SummaryWriter  # slow import: only where used
 
@@ -235,6 +298,7 @@ class MetricsLogger(NullLogger):
             self.writer = SummaryWriter(log_dir=str(self.tb_dir), flush_secs=10)
         self._eta_origin: tuple[float, int] | None = None  # (time, step) of the first console line
         self._last_step = 0  # hparams metrics are logged at the latest step seen
+        self._described: set[str] = set()  # scalar tags written with their description
 
     def step(self, step: int, *, loss: float, lr: float, grad_norm: float, step_time: float, data_time: float) -> None:
         """The training scalars and console line of one logged step: `step_time` and `data_time` are
@@ -276,7 +340,18 @@ class MetricsLogger(NullLogger):
             f.write(json.dumps({"step": step, "time": time.time(), **values}) + "\n")
         if self.writer is not None:
             for tag, value in values.items():
-                self.writer.add_scalar(tag, value, step)
+                self._add_scalar(tag, value, step)
+
+    def _add_scalar(self, tag: str, value: float, step: int) -> None:
+        """A scalar; the first of a described tag carries its display name and description (TensorBoard
+        keeps a tag's first metadata)."""
+        if tag in self._described or tag not in SCALARS:
+            self.writer.add_scalar(tag, value, step)
+            return
+        self._described.add(tag)
+        summary = _plugin_summary(tag, "scalars", b"", *SCALARS[tag])
+        summary.value[0].simple_value = value
+        self.writer.file_writer.add_summary(summary, step)
 
     def console(self, step: int, values: dict) -> None:
         """`step 120/2000 | loss 2.341 | lr 6.00e-04 | ... | eta 3m12s`, with `step` the number of
@@ -300,14 +375,13 @@ class MetricsLogger(NullLogger):
             self.writer.add_text(tag, "\n".join("    " + line for line in text.split("\n")), step)
 
     def hparams(self, config: dict, metrics: dict | None = None) -> None:
-        """The run's (nested) config as hparams, with `metrics` ({'hparam/val_loss': 1.4}) as the
-        scalars the HPARAMS tab shows against them. Written into this run's own event file."""
+        """The run's (nested) config as hparams, against the metrics the HPARAMS tab compares runs by:
+        `HPARAM_METRICS` (logged by `eval`) and `metrics` ({'hparam/x': 1.4}), logged now. Written into
+        this run's own event file."""
         metrics = metrics or {}
         if self.writer is None:
             return
-        from torch.utils.tensorboard.summary import hparams
-
-        for summary in hparams(_flatten(config), {k: float(v) for k, v in metrics.items()}):
+        for summary in hparams_summaries(_flatten(config), [*HPARAM_METRICS, *metrics]):
             self.writer.file_writer.add_summary(summary)
         if metrics:
             self.scalars(self._last_step, metrics)

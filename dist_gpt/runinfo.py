@@ -134,7 +134,7 @@ def write_final(run_dir: Path, state, evaluator, checkpoint: Path | None, train_
         _write_json(run_dir / "final.json", final)
     nats_per_byte = evaluator.last_loss / evaluator.bytes_per_token
     log.print(f"checkpoint:  {checkpoint}\n"
-              f"run dir:     {run_dir}  (config.json, run.json, final.json, metrics.jsonl, tensorboard/)\n"
+              f"run dir:     {run_dir}  (config.json, run.json, final.json, metrics.jsonl, TensorBoard events)\n"
               f"sample:      python -m dist_gpt.sample --run {run_dir}\n"
               f"tensorboard: tensorboard --logdir {run_dir.parent}")
     log.print(f"final: step {state.step}, {state.tokens / 1e6:.2f}M tokens, val loss {nats_per_byte:.4f} nats/byte "

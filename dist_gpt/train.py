@@ -22,6 +22,7 @@ import sys  # noqa: E402  (after the handlers, on purpose)
 
 from . import config as config_mod  # noqa: E402
 from . import dist  # noqa: E402
+from . import runlock  # noqa: E402
 from .faults import Verdict  # noqa: E402
 from .runinfo import describe_run, write_final  # noqa: E402
 from .trainer import Trainer, build  # noqa: E402
@@ -39,7 +40,8 @@ def run(argv: list[str], stop: faults.StopSignals) -> int:
     if cfg is None:  # --help
         return 0
     env = dist.init(cfg.train.device, cfg.train.timeout_s, cfg.train.threads, cfg.parallel.data)
-    with faults.named_collective_failures(env, cfg.train.timeout_s):
+    with faults.named_collective_failures(env, cfg.train.timeout_s), \
+            runlock.held(cfg.run_dir, env, cfg.checkpoint.take_lock):  # one job per run directory
         trainer = build(cfg, env, stop)
         try:
             describe_run(cfg, env, trainer.model, trainer.batches.ds, trainer.log)

@@ -26,8 +26,11 @@ from typing import Any
 import torch
 
 from .checkpoint import load_tensors, read_manifest, read_meta, read_metadata, resolve_checkpoint
+from .checkpoint.layout import checkpoint_option
+from .checkpoint.safe_reader import reading_progress
 from .errors import CheckpointError, DataError
 from .model import GPTConfig
+from .progress import progress_bar
 
 # Keys of the string table of an exported .safetensors file.
 KEY_FORMAT = "dist_gpt.format"
@@ -40,7 +43,8 @@ KEY_STEP = "dist_gpt.step"
 KEY_VAL_LOSS = "dist_gpt.val_loss"
 KEY_SOURCE = "dist_gpt.source"
 KEY_CRC32 = "dist_gpt.crc32"
-EXPORT_FORMAT = "1"
+KEY_HEADER_CRC32 = "dist_gpt.header_crc32"
+EXPORT_FORMAT = "2"  # 2 adds KEY_HEADER_CRC32 (of the string table and the tensor index); "1" is still read
 
 
 @dataclass
@@ -72,18 +76,20 @@ class LoadedWeights:
 
 
 def add_source_arguments(parser, verb: str) -> None:
-    """--run/--checkpoint/--model: where a command line (sample, evaluate) takes its model from."""
+    """--run/--checkpoint/--model: where a command line (sample, evaluate) takes its model from; --quiet."""
     src = parser.add_mutually_exclusive_group(required=True)
     src.add_argument("--run", "--run-dir", dest="run", help=f"run directory: {verb} its latest checkpoint")
     src.add_argument("--checkpoint", help="a checkpoint directory (runs/NAME/checkpoints/step_...)")
     src.add_argument("--model", help="an exported .safetensors file")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def load_model(args, device: torch.device):
     """(GPT, LoadedWeights): the model named by `add_source_arguments`' flags, on `device`."""
     from .model import GPT
 
-    loaded = load_weights(args.run or args.checkpoint or args.model, device="cpu")
+    loaded = load_weights(args.run or args.checkpoint or args.model, device="cpu", option="--checkpoint",
+                          quiet=args.quiet)
     model = GPT(loaded.config)
     model.load_state_dict(loaded.state_dict)
     return model.to(device), loaded
@@ -115,13 +121,17 @@ def tensors_crc32(tensors: dict[str, torch.Tensor]) -> int:
     return crc
 
 
-def load_weights(path: str | Path, device: str | torch.device = "cpu", which: str = "latest") -> LoadedWeights:
-    """Weights and settings from a run directory (`which`: latest | best), a checkpoint or a .safetensors."""
+def load_weights(path: str | Path, device: str | torch.device = "cpu", which: str = "latest",
+                 option: str | None = None, quiet: bool = True) -> LoadedWeights:
+    """Weights and settings from a run directory (`which`: latest | best), a checkpoint or a .safetensors.
+    `option`: the command's option that names the checkpoint, for the way out its errors offer;
+    quiet=False shows a progress bar of the bytes read (a command's, see dist_gpt.progress)."""
     path = Path(path)
     if path.suffix == ".safetensors" or path.is_file():
-        loaded = _from_safetensors(path)
+        loaded = _from_safetensors(path, quiet)
     else:
-        loaded = _from_checkpoint(resolve_checkpoint(path, which))
+        with checkpoint_option(option):
+            loaded = _from_checkpoint(resolve_checkpoint(path, which), quiet)
     loaded.state_dict = {k: v.to(device) for k, v in loaded.state_dict.items()}
     return loaded
 
@@ -145,7 +155,7 @@ def _gpt_config(raw: Any, where: Path) -> GPTConfig:
     return GPTConfig(**raw)
 
 
-def _from_checkpoint(ckpt: Path) -> LoadedWeights:
+def _from_checkpoint(ckpt: Path, quiet: bool = True) -> LoadedWeights:
     manifest = read_manifest(ckpt)
     meta = read_meta(ckpt, manifest)
     md = read_metadata(ckpt, manifest)
@@ -154,28 +164,37 @@ def _from_checkpoint(ckpt: Path) -> LoadedWeights:
     model = {k[len(prefix):]: torch.empty(tuple(e.size), dtype=e.properties.dtype)
              for k, e in md.state_dict_metadata.items() if k.startswith(prefix)}
     state: dict[str, Any] = {prefix.split(".")[0]: {"model": model}}
-    load_tensors(ckpt, manifest, state, strict_prefixes=(prefix,), no_dist=True, metadata=md)
+    size = sum(info.length for index, info in md.storage_data.items() if index.fqn.startswith(prefix))
+    with progress_bar(size, f"loading {ckpt.name}", unit="B", quiet=quiet) as bar, reading_progress(bar.update):
+        load_tensors(ckpt, manifest, state, strict_prefixes=(prefix,), no_dist=True, metadata=md)
     config = _gpt_config(meta.get("config", {}).get("model"), ckpt / "meta.json")
     dataset = meta.get("dataset") or {}
     return LoadedWeights(config, model, ckpt, meta.get("step", manifest.get("step")), manifest.get("val_loss"),
                          dataset, tokenizer_spec=dataset.get("tokenizer_spec"))
 
 
-def _from_safetensors(file: Path) -> LoadedWeights:
+def _from_safetensors(file: Path, quiet: bool = True) -> LoadedWeights:
     from safetensors import SafetensorError, safe_open
 
     if not file.is_file():
         raise CheckpointError(f"{file} does not exist: pass an exported .safetensors file "
                               "(python -m dist_gpt.export), a run directory or a checkpoint directory")
     try:
-        with safe_open(str(file), framework="pt") as f:
+        with safe_open(str(file), framework="pt") as f, \
+                progress_bar(_tensor_bytes(file), f"loading {file.name}", unit="B", quiet=quiet) as bar:
             info = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            tensors = {}
+            for k in f.keys():
+                tensors[k] = f.get_tensor(k)
+                bar.update(tensors[k].numel() * tensors[k].element_size())
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{file} is not a readable .safetensors file ({e}): export it again") from None
-    if info.get(KEY_FORMAT) != EXPORT_FORMAT:
-        raise CheckpointError(f"{file} was not exported by dist_gpt (no {KEY_FORMAT} in its metadata): "
-                              "export it with python -m dist_gpt.export")
+    if info.get(KEY_FORMAT) not in ("1", EXPORT_FORMAT):
+        raise CheckpointError(f"{file} was not exported by this dist_gpt (its {KEY_FORMAT} is {info.get(KEY_FORMAT)!r}; "
+                              "this dist_gpt reads 1 and 2): export it with python -m dist_gpt.export")
+    if info[KEY_FORMAT] != "1" and info.get(KEY_HEADER_CRC32) != str(header_crc32(info, tensors)):
+        raise CheckpointError(f"{file} is corrupt: its metadata or tensor index does not match the CRC32 recorded "
+                              "at export; export it again")
     if KEY_CRC32 in info and str(tensors_crc32(tensors)) != info[KEY_CRC32]:
         raise CheckpointError(f"{file} is corrupt: its tensors do not match the CRC32 recorded at export; "
                               "export it again")
@@ -183,56 +202,82 @@ def _from_safetensors(file: Path) -> LoadedWeights:
         raw_config = json.loads(info[KEY_CONFIG])
         dataset = json.loads(info.get(KEY_DATASET, "{}"))
         spec = json.loads(info[KEY_TOKENIZER_SPEC]) if KEY_TOKENIZER_SPEC in info else None
+        step = int(info[KEY_STEP]) if info.get(KEY_STEP, "").isdigit() else None
+        val = float(info[KEY_VAL_LOSS]) if info.get(KEY_VAL_LOSS) else None
     except (KeyError, ValueError) as e:
         raise CheckpointError(f"{file} has a damaged dist_gpt metadata table ({e}): export it again") from None
     tok_json = info.get(KEY_TOKENIZER_JSON)
     beside = info.get(KEY_TOKENIZER_FILE)
     if tok_json is None and beside and (file.parent / beside).is_file():
         tok_json = (file.parent / beside).read_bytes().decode("utf-8")
-    step = int(info[KEY_STEP]) if info.get(KEY_STEP, "").isdigit() else None
-    val = float(info[KEY_VAL_LOSS]) if info.get(KEY_VAL_LOSS) else None
     return LoadedWeights(_gpt_config(raw_config, file), tensors, file, step,
                          val if val is not None and math.isfinite(val) else None, dataset, spec, tok_json)
 
 
-def dataset_tokenizer(data_path: str | None) -> tuple[dict | None, str | None]:
-    """(spec, tokenizer.json text or None) from a dataset directory's manifest, or (None, None)."""
-    if not data_path:
+def _tensor_bytes(file: Path) -> int:
+    """Bytes of tensor data in a .safetensors file: all of it after the 8-byte length and the header."""
+    with open(file, "rb") as f:
+        header = int.from_bytes(f.read(8), "little")
+    return max(0, file.stat().st_size - 8 - header)
+
+
+def header_crc32(info: dict[str, str], tensors: dict[str, torch.Tensor]) -> int:
+    """CRC32 of an export's string table (without KEY_HEADER_CRC32) and of its tensors' names, dtypes and
+    shapes: damage there is caught even where safetensors still parses it."""
+    table = {k: v for k, v in info.items() if k != KEY_HEADER_CRC32}
+    index = {k: [str(t.dtype), list(t.shape)] for k, t in tensors.items()}
+    return zlib.crc32(json.dumps([table, index], sort_keys=True, separators=(",", ":")).encode())
+
+
+def dataset_tokenizer(data_path: str | None, spec: dict | None = None) -> tuple[dict | None, str | None]:
+    """(spec, tokenizer.json text or None) of a dataset directory, the spec from its manifest unless given:
+    (None, None) when the dataset is gone; a DataError naming the file when what is there is damaged."""
+    from .data.manifest import MANIFEST, load_manifest
+
+    if not data_path or not Path(data_path).is_dir():
         return None, None
-    manifest_file = Path(data_path) / "manifest.json"
+    if spec is None:
+        if not (Path(data_path) / MANIFEST).is_file():
+            return None, None
+        spec = load_manifest(Path(data_path), "restore the dataset the model was trained on")["tokenizer"]["spec"]
+    if not isinstance(spec, dict) or spec.get("kind") != "hf":
+        return spec, None
+    file = Path(data_path) / str(spec.get("file"))
     try:
-        spec = json.loads(manifest_file.read_text())["tokenizer"]["spec"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None, None
-    tok_file = spec.get("file") if isinstance(spec, dict) else None
-    file = Path(data_path) / tok_file if tok_file else None
-    # Bytes, not read_text(): newline translation would change the file's sha256 fingerprint.
-    text = file.read_bytes().decode("utf-8") if file is not None and file.is_file() else None
-    return spec, text
+        # Bytes, not read_text(): newline translation would change the file's sha256 fingerprint.
+        return spec, file.read_bytes().decode("utf-8")
+    except FileNotFoundError:
+        return spec, None
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"tokenizer file {file} cannot be read ({e}): restore the dataset's original file") from None
 
 
 def _build_tokenizer(w: LoadedWeights):
     from .data.tokenizers import tokenizer_from_spec
 
-    spec, text = w.tokenizer_spec, w.tokenizer_json
+    spec, text, origin = w.tokenizer_spec, w.tokenizer_json, w.source  # origin: what carries the tokenizer
     if spec is None or (text is None and spec.get("kind") == "hf"):  # a checkpoint: the dataset has the file
-        found_spec, text = dataset_tokenizer(w.data_path)
-        spec = spec or found_spec
+        spec, text = dataset_tokenizer(w.data_path, spec)
+        origin = Path(w.data_path or ".") / (spec.get("file") or "manifest.json") if isinstance(spec, dict) else None
     if spec is None:
         raise DataError(f"the tokenizer of {w.source} is not available: its dataset {w.data_path} (manifest.json) "
                         "is gone; restore the dataset there or export the model while it exists")
     if spec.get("kind") == "hf":
         if text is None:
-            raise DataError(f"the tokenizer file of {w.source} is missing (dataset {w.data_path}): "
-                            "restore the dataset or export the model while it exists")
+            raise DataError(f"tokenizer file {origin} of {w.source} is missing: restore the dataset or export "
+                            "the model while it exists")
         with tempfile.TemporaryDirectory() as tmp:  # HFTokenizer parses the file into memory
             (Path(tmp) / spec["file"]).write_bytes(text.encode("utf-8"))
-            tok = tokenizer_from_spec(spec, Path(tmp))
+            try:
+                tok = tokenizer_from_spec(spec, Path(tmp))
+            except DataError:
+                raise DataError(f"{origin} does not hold a valid tokenizer.json (damaged?): restore the dataset's "
+                                "original file, or export the model again") from None
     else:
         tok = tokenizer_from_spec(spec, Path(w.data_path) if w.data_path else None)
     expect = w.dataset.get("tokenizer_fingerprint")
     if expect and tok.fingerprint != expect:
-        raise DataError(f"the tokenizer found for {w.source} is not the one it was trained with (fingerprint "
-                        f"{tok.fingerprint[:12]} != {expect[:12]}): the dataset {w.data_path} was rebuilt; "
-                        "use the original dataset")
+        raise DataError(f"{origin} is not the tokenizer {w.source} was trained with (fingerprint "
+                        f"{tok.fingerprint[:12]} != {expect[:12]}): restore the dataset's original tokenizer file, "
+                        "or use the original dataset")
     return tok

@@ -148,7 +148,7 @@ def inject_crash(where: str) -> None:
 
         manager.os.rename = rename_or_die
     elif where == "done":  # renamed to step_0000002, DONE not yet written
-        manager.write_json_durably = lambda *a: kill_self()
+        manager.write_done = lambda *a: kill_self()
     else:
         raise SystemExit(f"unknown crash point {where}")
 

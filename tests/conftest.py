@@ -11,6 +11,8 @@ import json
 import os
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -48,6 +50,29 @@ def run_train(args: list[str], nproc: int = 1, env: dict | None = None, timeout:
         raise AssertionError(f"{' '.join(cmd)} exited {out.returncode}\n--- stdout\n{out.stdout[-4000:]}"
                              f"\n--- stderr\n{out.stderr[-6000:]}")
     return out
+
+
+def pause_env(folder: Path, *points: str | int) -> dict:
+    """The environment that holds a child at `points` (dist_gpt.faults.pause) until the test releases it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    return {"DIST_GPT_FAULT_PAUSE_AT": ",".join(map(str, points)), "DIST_GPT_FAULT_PAUSE_DIR": str(folder)}
+
+
+def wait_paused(folder: Path, point: str | int, count: int, alive: Callable[[], bool], timeout: float = 600) -> None:
+    """Block until `count` processes are held at `point` (each wrote paused-POINT-PID when it got there).
+
+    The processes wait for the test, so nothing here races them: `alive()` turning false fails at once
+    (the child ended without reaching the point), and `timeout` only bounds a hang."""
+    deadline = time.monotonic() + timeout
+    while len(list(folder.glob(f"paused-{point}-*"))) < count:
+        assert alive(), f"the process ended before it reached pause point {point}"
+        assert time.monotonic() < deadline, f"nothing reached pause point {point} within {timeout:.0f} s"
+        time.sleep(0.05)
+
+
+def release(folder: Path, point: str | int) -> None:
+    """Let the processes held at `point` go on."""
+    (folder / f"release-{point}").touch()
 
 
 def losses(run_dir: Path) -> dict[int, float]:

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from checkpoint_worker import build, flat_state, make_checkpointer, train_step
+from conftest import _env
 from dist_gpt.checkpoint import CheckpointConfig, ModelOptimizerState, read_metadata, resolve_checkpoint
 from dist_gpt.checkpoint.layout import CheckpointInfo
 from dist_gpt.checkpoint.retention import steps_to_keep
@@ -120,7 +121,7 @@ def test_crash_mid_save_keeps_previous_checkpoint(tmp_path, where):
     """SIGKILL while writing data, before the rename, and between the rename and DONE."""
     root = tmp_path / "checkpoints"
     proc = subprocess.run([sys.executable, str(WORKER), "crash-at", where, str(root)], capture_output=True,
-                          text=True, timeout=120)
+                          text=True, timeout=120, env=_env())  # this checkout's dist_gpt, not an installed one
     assert proc.returncode == -9, proc.stderr  # killed, as injected
     leftovers = {p.name for p in root.iterdir()}
     assert leftovers == {"step_0000001", ".tmp_step_0000002" if where != "done" else "step_0000002"}

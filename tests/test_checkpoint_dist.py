@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +10,7 @@ import pytest
 import torch
 
 from checkpoint_worker import build, flat_state, make_checkpointer, train_step
+from conftest import _env
 from dist_gpt.checkpoint import CheckpointConfig, ModelOptimizerState, read_metadata
 
 pytestmark = pytest.mark.slow
@@ -18,7 +18,7 @@ WORKER = Path(__file__).with_name("checkpoint_worker.py")
 
 
 def torchrun(*args: str) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env = {k: v for k, v in _env().items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                            str(WORKER), *args], capture_output=True, text=True, timeout=180, env=env)
 

@@ -123,3 +123,40 @@ def test_damaged_export_is_a_clear_error(tmp_path, bpe_data):
         load_weights(out)
     with pytest.raises(CheckpointError, match="holds no complete checkpoint"):
         load_weights(tmp_path)
+
+
+def test_checkpoint_errors_offer_the_commands_own_option(tmp_path, bpe_data, capsys):
+    """export and sample take a checkpoint through --checkpoint (they have no --resume): their errors
+    say so; the trainer's path (Checkpointer.load) keeps --resume."""
+    from dist_gpt.checkpoint import read_meta
+    from dist_gpt.sample import main as sample_main
+
+    run = tmp_path / "run"
+    trained_run(run, bpe_data)
+    meta = run / "checkpoints" / "step_0000002" / "meta.json"
+    raw = bytearray(meta.read_bytes())
+    raw[5] ^= 0x01
+    meta.write_bytes(bytes(raw))
+    assert export_main(["--checkpoint", str(run), "--out", str(tmp_path / "m.safetensors")]) == 2
+    assert sample_main(["--run", str(run), "--max-new-tokens", "2"]) == 2
+    for line in capsys.readouterr().err.splitlines():
+        assert line.startswith(f"error: {meta} is corrupt") and "delete checkpoint" in line, line
+        assert line.endswith("or pass --checkpoint with another checkpoint") and "--resume" not in line, line
+    with pytest.raises(CheckpointError, match="pass --resume with another checkpoint$"):
+        read_meta(meta.parent)  # what Checkpointer.load reads first
+
+
+def test_prompt_outside_a_char_vocabulary_names_the_way_out(tmp_path, capsys):
+    import numpy as np
+
+    from dist_gpt.data.tokenizers import CharTokenizer
+    from dist_gpt.data.writer import write_dataset
+    from dist_gpt.sample import main as sample_main
+
+    data = tmp_path / "data"
+    write_dataset(data, CharTokenizer("\n abcde"), {"train": [np.arange(3000) % 7], "val": [np.arange(500) % 7]})
+    trained_run(tmp_path / "run", data)
+    assert sample_main(["--run", str(tmp_path / "run"), "--prompt", "bad€", "--max-new-tokens", "2"]) == 2
+    assert capsys.readouterr().err == ("error: --prompt 'bad€': character '€' (U+20AC) is not in the char vocabulary; "
+                                       "use only its 7 characters: '\\n abcde'\n")
+    assert sample_main(["--run", str(tmp_path / "run"), "--prompt", "bad", "--max-new-tokens", "2"]) == 0

@@ -21,7 +21,7 @@ from torch.futures import Future
 from checkpoint_worker import build, flat_state, make_checkpointer, train_step
 from dist_gpt import config as config_mod
 from dist_gpt.checkpoint import Checkpointer, CheckpointConfig, ModelOptimizerState, read_metadata
-from dist_gpt.checkpoint.layout import build_manifest, write_json_durably
+from dist_gpt.checkpoint.layout import build_manifest, write_done
 from dist_gpt.checkpoint.safe_reader import RestrictedUnpickler, UnsafeGlobalError
 from dist_gpt.checkpoint.writer import ChecksummedFileSystemWriter
 from dist_gpt.dist import DistEnv
@@ -66,7 +66,7 @@ def reseal(path: Path, name: str) -> None:
     done = json.loads((path / "DONE").read_text())
     raw = (path / name).read_bytes()
     done["files"][name] = {"size": len(raw), "crc32": zlib.crc32(raw)}
-    write_json_durably(path / "DONE", done)
+    write_done(path, done)
 
 
 # -- damage -----------------------------------------------------------------------------------
@@ -175,7 +175,7 @@ def test_non_tensor_entry_is_refused_and_never_unpickled(tmp_path):
     model, _ = build()
     state = {"model_optim": {"model": model.state_dict()}, "extra": RunsShell(f"touch {marker}")}
     dcp.save(state, storage_writer=ChecksummedFileSystemWriter(path), no_dist=True)
-    write_json_durably(path / "DONE", build_manifest(path, 1, None, 1))
+    write_done(path, build_manifest(path, 1, None, 1))
 
     ckpt = Checkpointer(path.parent, CheckpointConfig(), DistEnv(), {}, {})
     assert ckpt.latest() == path  # it looks complete ...

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 
 import pytest
 
-from conftest import final, run_train
+from conftest import REPO, _env, final, run_train
 
 
 @pytest.fixture(scope="module")
@@ -28,6 +31,72 @@ def test_evaluate_whole_split_on_one_and_two_ranks_agree(trained, tiny_data):
     # The whole split: every block of the 4,000-token validation split once.
     blocks = int(re.search(r"over (\d+) blocks", one.stdout).group(1))
     assert blocks == (4000 - 1) // 33
+
+
+def test_evaluate_refuses_a_dataset_of_another_tokenizer(trained, tmp_path):
+    """A char dataset's ids fit the byte model's vocabulary, but mean other characters: refused in one
+    line, or evaluated with a loud warning when asked for on purpose."""
+    from conftest import ASSETS
+    from dist_gpt.data.prepare import main as prepare_main
+
+    other = tmp_path / "char"
+    assert prepare_main([str(ASSETS / "licenses.txt"), "--tokenizer", "char", "--out", str(other), "--quiet"]) == 0
+    out = run_train(["--run", str(trained), "--data", str(other)], module="dist_gpt.evaluate", check=False)
+    assert out.returncode == 2 and out.stdout == "", out.stderr
+    (line,) = out.stderr.splitlines()
+    assert line.startswith(f"error: dataset {other} was made with another tokenizer (char") and "(byte, " in line
+    assert line.endswith("pass --allow-tokenizer-mismatch to evaluate anyway")
+    out = run_train(["--run", str(trained), "--data", str(other), "--allow-tokenizer-mismatch", "--max-blocks", "4"],
+                    module="dist_gpt.evaluate")
+    assert out.stderr.startswith(f"WARNING: dataset {other} was made with another tokenizer") and "val loss" in out.stdout
+
+
+def on_terminal(module: str, *args: str) -> tuple[int, str, str]:
+    """Run an entry point with stderr on a pseudo-terminal, as a person at a terminal sees it:
+    (exit status, stdout, what the terminal showed)."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 160, 0, 0))  # rows, columns
+    proc = subprocess.Popen([sys.executable, "-m", module, *args], stdout=subprocess.PIPE, stderr=slave,
+                            env=_env(), cwd=REPO)
+    os.close(slave)
+    shown = []
+    while True:
+        try:
+            chunk = os.read(master, 1 << 16)
+        except OSError:  # EIO: every end of the terminal the child held is closed
+            break
+        if not chunk:
+            break
+        shown.append(chunk)
+    os.close(master)
+    out = proc.stdout.read().decode()
+    return proc.wait(timeout=60), out, b"".join(shown).decode(errors="replace")
+
+
+@pytest.mark.slow
+def test_long_commands_show_progress_on_a_terminal_only(trained, tiny_data, tmp_path):
+    code, out, shown = on_terminal("dist_gpt.evaluate", "--run", str(trained))
+    assert code == 0 and "val loss" in out
+    assert re.search(r"loading step_\d+: 100%.*B/s", shown), shown           # the checkpoint's bytes
+    assert re.search(r"evaluate: 100%.*\| 121/121 \[.*blocks/s\]", shown), shown  # every block, its rate
+    code, out, shown = on_terminal("dist_gpt.evaluate", "--run", str(trained), "--quiet")
+    assert code == 0 and "val loss" in out and shown == ""
+    code, out, shown = on_terminal("tools.shards", "verify", str(tiny_data))
+    assert code == 0 and re.search(r"verify: 100%", shown), shown
+    exported = tmp_path / "m.safetensors"
+    code, out, shown = on_terminal("dist_gpt.export", "--checkpoint", str(trained), "--out", str(exported))
+    assert code == 0 and re.search(r"loading step_\d+: 100%", shown), shown
+    # sample's text is its progress on a terminal; written elsewhere, a bar counts the tokens
+    code, out, shown = on_terminal("dist_gpt.sample", "--model", str(exported), "--max-new-tokens", "20")
+    assert code == 0 and re.search(r"loading m.safetensors: 100%", shown) and re.search(r"sample: .*tok/s", shown)
+    # and not a terminal (a log, a pipe): nothing but the result
+    out = run_train(["--run", str(trained)], module="dist_gpt.evaluate")
+    assert out.stderr == ""
 
 
 def test_sample_streams_text_from_the_run_and_from_an_export(trained, tmp_path):

@@ -160,6 +160,7 @@ def test_dataset_without_a_document_index_still_opens(tmp_path, capsys):
     assert prepare_main(args + ["--quiet"]) == 0
     manifest = json.loads((tmp_path / "ds" / "manifest.json").read_text())
     manifest["version"] = 1
+    del manifest["checksum"]  # version 1 had neither checksum nor document indexes
     for split in ("train", "val"):
         (tmp_path / "ds" / manifest["splits"][split].pop("doc_index")["file"]).unlink()
     (tmp_path / "ds" / "manifest.json").write_text(json.dumps(manifest))
@@ -170,3 +171,23 @@ def test_dataset_without_a_document_index_still_opens(tmp_path, capsys):
     assert prepare_main(args) == 0
     err = capsys.readouterr().err
     assert "nothing to do" in err and "add --force to rebuild it with one" in err
+
+
+def test_out_of_vocabulary_id_names_the_shard(tmp_path):
+    """A payload byte flipped to an id past the vocabulary (not seen by the cheap open) stops the first
+    batch that reads it, naming the shard and the command that checks the whole dataset."""
+    from dist_gpt.data.tokenizers import CharTokenizer
+    from dist_gpt.data.writer import write_dataset
+
+    d = tmp_path / "ds"
+    write_dataset(d, CharTokenizer("abcdefgh"), {"train": [np.arange(2000) % 8], "val": [np.arange(500) % 8]},
+                  shard_tokens=700)
+    shard = d / "train_00001.bin"
+    raw = bytearray(shard.read_bytes())
+    raw[HEADER_SIZE + 10] = 200
+    shard.write_bytes(raw)
+    ds = Dataset.open(d)
+    out = np.empty((3, 50), dtype=ds.dtype)
+    with pytest.raises(DataError, match=f"^{shard}: token id 200 near token 0 is >= the vocabulary size 8 .*"
+                                        f"tools.shards verify {d}"):
+        ds.reader("train").read(np.array([0, 1, 2]), np.array([0, 0, 0]), out)

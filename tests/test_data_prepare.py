@@ -5,17 +5,18 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from dist_gpt.data import Dataset, ensure_default_dataset
-from dist_gpt.data.format import open_memmap, read_header
+from conftest import pause_env, wait_paused
+from dist_gpt.data.format import open_memmap, read_header, verify_payload
 from dist_gpt.data.prepare import main as prepare_main
 from dist_gpt.data.shard_tools import decode_slice, verify_dataset
 from dist_gpt.errors import DataError
@@ -90,6 +91,55 @@ def test_tokenizers_round_trip(tmp_path, tokenizer):
         assert manifest["dtype"] == "uint8"
     else:
         assert (out / "tokenizer.json").is_file() and manifest["dtype"] == "uint16"
+
+
+def test_verify_checks_the_tokenizer_the_manifest_names(tmp_path):
+    """The issue's case, one flipped bit that made tokenizer.json into tokenizes.json, is caught by the
+    manifest's checksum; a manifest consistent with itself (resealed, as an older manifest without a
+    checksum would be) that names the wrong tokenizer is caught by checking the tokenizer itself."""
+    from dist_gpt.data.manifest import write_manifest
+
+    out = tmp_path / "ds"
+    assert _prepare(_corpus(tmp_path), "--tokenizer", "bpe:300", "--val-split", "1", "--out", out, "--workers", "0") == 0
+    good = (out / "manifest.json").read_bytes()
+    corrupt = f"{out / 'manifest.json'}: its checksum does not match its content (the file is damaged or was edited)"
+    at = [i for i in range(len(good)) if good.startswith(b'"tokenizer.json"', i)]
+    assert len(at) == 2  # the spec's file and the manifest's own record of it
+    for i in at:  # r -> s is one flipped bit
+        (out / "manifest.json").write_bytes(good[:i + 9] + b"s" + good[i + 10:])
+        with pytest.raises(DataError, match="its checksum does not match"):
+            verify_dataset(out)
+        with pytest.raises(DataError, match=re.escape(corrupt)):
+            Dataset.open(out)
+
+    def resealed(change) -> list[str]:
+        manifest = json.loads(good)
+        change(manifest)
+        write_manifest(out, manifest)
+        return verify_dataset(out)
+
+    assert resealed(lambda m: m["tokenizer"]["spec"].update(file="tokenizes.json")) == [
+        f"tokenizer file {out / 'tokenizes.json'} cannot be read (No such file or directory): the dataset needs it"]
+    with pytest.raises(DataError, match="tokenizes.json cannot be read"):
+        Dataset.open(out)
+    assert resealed(lambda m: m["tokenizer"].update(file="tokenizes.json")) == [
+        f"{out / 'manifest.json'}: the tokenizer's file is 'tokenizes.json' but the tokenizer it names has 'tokenizer.json'"]
+    eot = json.loads(good)["tokenizer"]["eot_id"]
+    assert resealed(lambda m: m["tokenizer"].update(eot_id=eot + 1)) == [
+        f"{out / 'manifest.json'}: the tokenizer's eot_id is {eot + 1} but the tokenizer it names has {eot}"]
+    (out / "manifest.json").write_bytes(good)
+    tok = (out / "tokenizer.json").read_bytes()
+    (out / "tokenizer.json").write_bytes(tok.replace(b'"<|endoftext|>"', b'"<|endoftexu|>"', 1))
+    assert verify_dataset(out) == [f"{out / 'tokenizer.json'} differs from the tokenizer that made the shards (fingerprint mismatch)"]
+    with pytest.raises(DataError, match="tokenizer.json differs"):
+        Dataset.open(out)
+    (out / "tokenizer.json").write_bytes(tok)
+    assert verify_dataset(out) == []
+    # a char vocabulary is its spec: another character there changes the fingerprint
+    assert _prepare(_corpus(tmp_path), "--tokenizer", "char", "--out", out, "--force") == 0
+    good = (out / "manifest.json").read_bytes()
+    assert resealed(lambda m: m["tokenizer"]["spec"].update(chars=m["tokenizer"]["spec"]["chars"].replace("a", "`"))) == [
+        f"{out / 'manifest.json'}: the tokenizer's spec differs from the tokenizer that made the shards (fingerprint mismatch)"]
 
 
 def test_char_vocabulary_over_256_uses_uint16(tmp_path):
@@ -218,19 +268,20 @@ def test_output_does_not_depend_on_workers(tmp_path):
 def test_interrupted_prepare_leaves_no_partial_shard(tmp_path):
     big = tmp_path / "big.txt"
     line = ("the quick brown fox jumps over the lazy dog " * 3 + "\n").encode()
-    # 120 MB: on an idle machine prepare writes its first shard ~0.9 s in and would finish 0.6 s later
-    # with 40 MB, too close to the poll below; the signal must land while shards are still being written
-    big.write_bytes(line * (120_000_000 // len(line)))
+    big.write_bytes(line * (3_000_000 // len(line)))  # three shards of 1M tokens
     out = tmp_path / "ds"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "tools.prepare", str(big), "--tokenizer", "char", "--workers", "1",
            "--shard-tokens", "1000000", "--out", str(out), "--quiet"]
     for sig in (signal.SIGINT, signal.SIGKILL):
-        proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stderr=subprocess.PIPE)
-        deadline = time.time() + 120
-        while not list(tmp_path.glob(".ds.prepare-*/train_00000.bin")):
-            assert proc.poll() is None and time.time() < deadline, "prepare ended before a shard was written"
-            time.sleep(0.01)
+        # prepare holds after renaming its first shard until the signal comes (dist_gpt.faults.pause)
+        hold = tmp_path / f"pause-{sig.name}"
+        proc = subprocess.Popen(cmd, env={**env, **pause_env(hold, "shard")}, cwd=tmp_path, stderr=subprocess.PIPE)
+        wait_paused(hold, "shard", 1, lambda: proc.poll() is None)
+        (staging,) = tmp_path.glob(".ds.prepare-*")
+        (first,) = staging.glob("*.bin")  # one complete shard when the signal is sent, the rest to come
+        assert first.name == "train_00000.bin"
+        verify_payload(first, read_header(first))
         proc.send_signal(sig)
         proc.wait(timeout=60)
         assert not out.exists()  # nothing reaches --out before the dataset is complete and verified
@@ -298,6 +349,18 @@ def test_ensure_default_dataset(tmp_path, capsys):
     mtime = (path / "manifest.json").stat().st_mtime_ns
     assert ensure_default_dataset(tmp_path / "stdlib") == path
     assert (path / "manifest.json").stat().st_mtime_ns == mtime
+
+
+@pytest.mark.parametrize("tokenizer", ["byte", "char"])
+def test_empty_input_is_refused_naming_it(tmp_path, capsys, tokenizer):
+    (tmp_path / "empty.txt").touch()
+    (tmp_path / "blank.jsonl").write_text('{"text": ""}\n\n')
+    for inputs in (["empty.txt"], ["blank.jsonl"], ["blank.jsonl", "empty.txt"]):
+        assert _prepare(*[tmp_path / i for i in inputs], "--tokenizer", tokenizer, "--out", tmp_path / "ds") == 2
+        (line,) = capsys.readouterr().err.splitlines()
+        assert line.startswith(f"error: {tmp_path / inputs[0]}") and "no text to make a dataset from" in line
+        assert ("1 other input:" in line) == (len(inputs) == 2)
+        assert not (tmp_path / "ds").exists() and not list(tmp_path.glob(".ds.prepare-*"))
 
 
 def test_user_errors_are_one_line(tmp_path, capsys):

@@ -25,11 +25,11 @@ def test_scalars_text_and_hparams_read_back(tmp_path):
     for step in (10, 20):
         log.scalars(step, {"train/loss": 5.0 / step, "train/lr": 1e-3, "perf/mfu": None})
     log.text(20, "sample", "def f(x):\n    return x")
-    log.hparams({"model": {"n_layer": 4, "norm": "rmsnorm", "head_dim": None}, "optim": {"lr": 6e-4}},
+    log.hparams({"model": {"n_layer": 4, "norm": "rmsnorm", "head_dim": None, "bias": True}, "optim": {"lr": 6e-4}},
                 {"hparam/val_loss": 1.25})
     log.close()
 
-    acc = _events(tmp_path / "tensorboard")
+    acc = _events(tmp_path)  # events go into the run directory itself
     loss = acc.Scalars("train/loss")
     assert [(e.step, e.value) for e in loss] == [(10, 0.5), (20, 0.25)]
     assert "perf/mfu" not in acc.Tags()["scalars"]  # n/a values are skipped, not logged as 0
@@ -42,7 +42,7 @@ def test_scalars_text_and_hparams_read_back(tmp_path):
 
     content = acc.PluginTagToContent("hparams")["_hparams_/session_start_info"]
     hparams = HParamsPluginData.FromString(content).session_start_info.hparams
-    assert hparams["model.n_layer"].number_value == 4
+    assert hparams["model.n_layer"].number_value == 4 and hparams["model.bias"].bool_value is True
     assert hparams["model.norm"].string_value == "rmsnorm"
     assert hparams["model.head_dim"].string_value == "None"
     assert hparams["optim.lr"].number_value == pytest.approx(6e-4)
@@ -101,7 +101,7 @@ def test_step_and_eval(tmp_path, capsys):
                              "ms/step 200 | data 25% | mem ")
     assert out[1:] == ["eval step 10/100 | val loss 1.5000 nats/token | 2.0000 bits/byte (best) | 64 blocks",
                        "eval step 20/100 | val loss 1.7500 nats/token | 2.3000 bits/byte (best 1.5000) | 64 blocks"]
-    acc = _events(tmp_path / "tensorboard")
+    acc = _events(tmp_path)
     assert acc.Scalars("perf/mfu")[0].value == pytest.approx(0.5)
     assert acc.Scalars("perf/data_wait_share")[0].value == pytest.approx(0.25)
     assert acc.Scalars("perf/peak_mem_gib")[0].value > 0  # CPU: the process's peak resident set
@@ -170,3 +170,67 @@ def test_peak_override_and_mfu():
 def test_bad_values_name_the_key(kwargs, key):
     with pytest.raises(ConfigError, match=key):
         LogConfig(**kwargs)
+
+
+def _post(url: str, body: dict) -> dict:
+    import urllib.request
+
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=60) as response:
+        return json.loads(response.read())
+
+
+def _get(url: str) -> dict:
+    import urllib.request
+
+    with urllib.request.urlopen(url, timeout=60) as response:
+        return json.loads(response.read())
+
+
+def test_tensorboard_shows_runs_by_name_units_and_hparams_metrics(tmp_path):
+    """What a user sees with `tensorboard --logdir runs`, asked of TensorBoard's own data endpoints: each
+    run named by its directory (an earlier version's tensorboard/ subdirectory kept readable), the
+    losses' units, booleans as booleans, and the HPARAMS tab comparing runs by validation loss."""
+    import subprocess
+    import sys
+
+    runs = tmp_path / "runs"
+    (runs / "old" / "tensorboard").mkdir(parents=True)  # a run begun by an earlier version
+    for name, lr, final_loss in (("a", 1e-3, 1.5), ("b", 2e-3, 1.25), ("old", 3e-3, 1.75)):
+        log = make_logger(runs / name, LogConfig(), is_main=True, total_steps=20)
+        log.hparams({"optim": {"lr": lr}, "train": {"compile": name == "a"}})
+        log.scalars(10, {"train/loss": 2.0})
+        log.eval(10, loss=final_loss + 0.5, bpb=2.0, blocks=4, best=final_loss + 0.5)
+        log.eval(20, loss=final_loss, bpb=1.5, blocks=4, best=final_loss)
+        log.close()
+    assert list((runs / "old").glob("events.*")) == [] and list((runs / "old" / "tensorboard").glob("events.*"))
+
+    server = subprocess.Popen([sys.executable, "-m", "tensorboard.main", "--logdir", str(runs), "--host", "127.0.0.1",
+                               "--port", "0", "--load_fast=false", "--reload_task=blocking", "--reload_interval=0"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in server.stderr:  # the data is loaded before it serves (blocking reload); it names its port
+            if line.startswith("TensorBoard ") and " at http://" in line:
+                base = line.split(" at ", 1)[1].split()[0].rstrip("/")
+                break
+        else:
+            raise AssertionError(f"tensorboard ended without serving (exit {server.wait()})")
+        assert sorted(_get(f"{base}/data/runs")) == ["a", "b", "old/tensorboard"]
+        tags = _get(f"{base}/data/plugin/scalars/tags")
+        assert tags["a"]["val/loss"]["displayName"] == "val/loss (nats/token)"
+        assert "nats per token" in tags["b"]["train/loss"]["description"]
+        experiment = _post(f"{base}/data/plugin/hparams/experiment", {"experimentName": ""})
+        assert {m["name"]["tag"] for m in experiment["metricInfos"]} == {"val/loss", "val/best_loss", "val/bpb"}
+        types = {h["name"]: h["type"] for h in experiment["hparamInfos"]}
+        assert types == {"optim.lr": "DATA_TYPE_FLOAT64", "train.compile": "DATA_TYPE_BOOL"}
+        groups = _post(f"{base}/data/plugin/hparams/session_groups", {
+            "experimentName": "", "allowedStatuses": ["STATUS_UNKNOWN", "STATUS_SUCCESS", "STATUS_FAILURE", "STATUS_RUNNING"],
+            "colParams": [{"metric": {"tag": "val/loss"}, "order": "ORDER_ASC"}], "startIndex": 0, "sliceSize": 10})
+        table = {g["name"]: ({v["name"]["tag"]: v["value"] for v in g["metricValues"]}, g["hparams"])
+                 for g in groups["sessionGroups"]}
+        assert table["a"][0]["val/loss"] == 1.5 and table["b"][0]["val/best_loss"] == 1.25  # final, best
+        assert table["a"][1]["train.compile"] is True and table["b"][1]["train.compile"] is False
+        assert [g["name"] for g in groups["sessionGroups"]] == ["b", "a", "old/tensorboard"]  # by val loss
+    finally:
+        server.terminate()
+        server.wait(timeout=60)

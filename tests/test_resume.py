@@ -154,14 +154,17 @@ def test_a_warning_during_start_up_is_kept_not_fatal(tiny_data, tmp_path):
     import signal
     import subprocess
     import sys
-    import time
+    from pathlib import Path
 
-    from conftest import REPO, _env
+    from conftest import REPO, _env, pause_env, wait_paused
 
-    run = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "dist_gpt.train", *_args(tiny_data, run)], env=_env(),
-                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(0.5)  # the handlers are in; torch takes seconds to import
+    run, hold = tmp_path / "run", tmp_path / "pause"
+    # held once its stop handlers are in, before torch is imported; the signal itself releases it
+    proc = subprocess.Popen([sys.executable, "-m", "dist_gpt.train", *_args(tiny_data, run)],
+                            env=_env(pause_env(hold, "start")), cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    wait_paused(hold, "start", 1, lambda: proc.poll() is None)
+    assert "libtorch" not in (Path("/proc") / str(proc.pid) / "maps").read_text()  # torch not loaded yet
     proc.send_signal(signal.SIGUSR2)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err[-2000:]
@@ -192,7 +195,7 @@ def test_a_damaged_meta_json_is_named_before_it_is_parsed(tiny_data, tmp_path):
 
 
 def test_an_unknown_meta_format_is_one_line_naming_the_version(tiny_data, tmp_path):
-    from dist_gpt.checkpoint.layout import check_small_file, read_manifest, read_meta, write_json_durably
+    from dist_gpt.checkpoint.layout import check_small_file, read_manifest, read_meta, write_done
     from dist_gpt.errors import CheckpointError
 
     run = tmp_path / "run"
@@ -205,7 +208,7 @@ def test_an_unknown_meta_format_is_one_line_naming_the_version(tiny_data, tmp_pa
     raw = (path / "meta.json").read_bytes()
     import zlib
     done["files"]["meta.json"] = {"size": len(raw), "crc32": zlib.crc32(raw)}
-    write_json_durably(path / "DONE", done)
+    write_done(path, done)
     check_small_file(path, done, "meta.json")  # intact, as far as the checksum goes
     with pytest.raises(CheckpointError, match="has meta format 7; this dist_gpt reads format 1"):
         read_meta(path)

@@ -3,8 +3,9 @@
     sudo bash slurm/cluster/up.sh && python -m pytest tests/test_slurm.py -q     # ~5-8 minutes on 2 cores
 
 The cluster (slurm/cluster/up.sh: slurmctld + nodes n1, n2 of one CPU each) is started by the
-`cluster` fixture when the tests run as root; elsewhere they skip with the reason, except under
-CI=true, where a cluster that does not start fails the run. Every job trains the same fp32 `debug`
+`cluster` fixture when the tests run as root, and stopped at the end of the session if the fixture
+started it (`DIST_GPT_SLURM_KEEP=1` keeps it running); elsewhere they skip with the reason, except
+under CI=true, where a cluster that does not start fails the run. Every job trains the same fp32 `debug`
 configuration with one rank per node, so its losses can be compared with the uninterrupted two-node
 run (computed once per session) and with a single-process run of the same global batch.
 """
@@ -18,17 +19,18 @@ import re
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from conftest import EXACT, REPO, _env, final, losses, run_train
+from conftest import EXACT, REPO, _env, final, losses, pause_env, run_train, wait_paused
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
-STEPS = 200      # ~9 s of training on two idle cores: room for a signal after the first checkpoint
-INTERVAL = 50    # checkpoint every 50 steps: interruptions are sent once step_0000050 is complete
+STEPS = 200      # ~9 s of training on two idle cores
+INTERVAL = 50    # checkpoint every 50 steps: the jobs that are interrupted wait for it before step 50
 RTOL = 1e-5
 
 
@@ -57,21 +59,31 @@ def unavailable(reason: str) -> None:
 
 
 @pytest.fixture(scope="session")
-def cluster() -> None:
+def cluster():
+    """The local cluster, started for this session if it is not running; stopped at the end when this
+    session started it (a cluster that was already up, e.g. started by .ci/run, stays up), unless
+    DIST_GPT_SLURM_KEEP=1 asks to keep it for the next session."""
     if os.geteuid() != 0:
         unavailable("the local SLURM cluster needs root to start (sudo bash slurm/cluster/up.sh)")
     out = subprocess.run(["bash", str(REPO / "slurm/cluster/up.sh")], capture_output=True, text=True, timeout=900)
-    if out.returncode != 0:
-        unavailable(f"slurm/cluster/up.sh failed:\n{out.stdout[-2000:]}\n{out.stderr[-2000:]}")
+    started = re.search(r"^\[slurm-cluster\] started ", out.stdout, flags=re.MULTILINE) is not None
+    try:
+        if out.returncode != 0:
+            unavailable(f"slurm/cluster/up.sh failed:\n{out.stdout[-2000:]}\n{out.stderr[-2000:]}")
+        yield
+    finally:
+        if started and os.environ.get("DIST_GPT_SLURM_KEEP", "") not in ("1", "true", "yes"):
+            subprocess.run(["bash", str(REPO / "slurm/cluster/down.sh"), "--quiet"], capture_output=True, timeout=120)
 
 
-def sbatch(workdir: Path, args: list[str], *sbatch_flags: str, nodes: int = 2, per_node: int = 1) -> str:
+def sbatch(workdir: Path, args: list[str], *sbatch_flags: str, nodes: int = 2, per_node: int = 1,
+           env: dict | None = None) -> str:
     """Submit slurm/train.sh from `workdir` on CPU nodes, `per_node` ranks per node; returns the job id."""
     (workdir / "logs/slurm").mkdir(parents=True, exist_ok=True)
     cmd = ["sbatch", "--parsable", f"--nodes={nodes}", "--gpus-per-node=0", "--cpus-per-task=1",
            f"--chdir={workdir}", *sbatch_flags, str(REPO / "slurm/train.sh"), *args]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True,
-                         env=_env({"NPROC_PER_NODE": str(per_node)}))
+                         env=_env({"NPROC_PER_NODE": str(per_node), **(env or {})}))
     return out.stdout.strip().split(";")[0]
 
 
@@ -99,13 +111,9 @@ def wait_done(job: str, timeout: float, log: Path | None = None) -> dict[str, st
     raise AssertionError(f"job {job} still not done after {timeout:.0f} s: {job_info(job)}\n{tail}")
 
 
-def wait_for_checkpoint(run_dir: Path, step: int, timeout: float, job: str) -> None:
-    done = run_dir / "checkpoints" / f"step_{step:07d}" / "DONE"
-    deadline = time.monotonic() + timeout
-    while not done.exists():
-        if time.monotonic() > deadline or job_info(job).get("JobState") in ("COMPLETED", "FAILED", "CANCELLED"):
-            raise AssertionError(f"no checkpoint {done} while job {job} runs: {job_info(job)}")
-        time.sleep(0.2)
+def running(job: str) -> Callable[[], bool]:
+    """Whether the job is still queued or running (for `wait_paused`)."""
+    return lambda: job_info(job).get("JobState") in ("PENDING", "CONFIGURING", "RUNNING", "REQUEUED")
 
 
 def assert_same_run(run_dir: Path, reference: Path, rtol: float, steps: range | None = None) -> None:
@@ -125,16 +133,10 @@ def assert_same_run(run_dir: Path, reference: Path, rtol: float, steps: range | 
     assert abs(fin["val_loss"] - fin_ref["val_loss"]) <= rtol * abs(fin_ref["val_loss"]), (fin, fin_ref)
 
 
-def resumed_at(run_dir: Path) -> list[int]:
-    """The step each later run of a requeued job resumed from.
-
-    Every run appends its steps to metrics.jsonl; a later run starts where its checkpoint was, so its
-    first step repeats an earlier one, or follows the last after the gap of a requeue (>= 10 s here,
-    against < 1 s between steps).
-    """
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
-               if "train/loss" in line]
-    return [b["step"] - 1 for a, b in zip(records, records[1:]) if b["step"] <= a["step"] or b["time"] - a["time"] > 5]
+def resumed_at(log: str) -> list[int]:
+    """The step each later run of a requeued job resumed from, as its rank 0 said in the job's log
+    (every run of a requeued job appends to the same log)."""
+    return [int(step) for step in re.findall(r"^resumed from \S+ at step (\d+)", log, flags=re.MULTILINE)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -182,7 +184,7 @@ def test_two_node_job_trains_to_completion_like_one_process(two_node_run, single
     assert_same_run(run, single_process_run, RTOL)
     ckpts = sorted(p.name for p in (run / "checkpoints").glob("step_*") if (p / "DONE").exists())
     assert ckpts == [f"step_{s:07d}" for s in range(INTERVAL, STEPS + 1, INTERVAL)]
-    acc = EventAccumulator(str(run / "tensorboard"), size_guidance={"scalars": 0})
+    acc = EventAccumulator(str(run), size_guidance={"scalars": 0})
     acc.Reload()
     assert [e.step for e in acc.Scalars("train/loss")] == list(range(1, STEPS + 1))
     assert acc.Scalars("val/loss")[-1].step == STEPS
@@ -244,7 +246,7 @@ def test_time_limit_warns_checkpoints_requeues_and_finishes(cluster, tiny_data, 
     assert info["JobState"] == "COMPLETED", (info, log[-4000:])
     assert "warning SIGUSR2: passing it to the job step" in log, log[-4000:]
     assert int(info["Restarts"]) >= 1 and 'requeue marker: {"signal":"SIGUSR2"' in log and "requeueing job" in log, log[-4000:]
-    assert resumed_at(run) == [int(step) for step in re.findall(r'requeue marker: \{"signal":"SIGUSR2","step":(\d+)', log)]
+    assert resumed_at(log) == [int(step) for step in re.findall(r'requeue marker: \{"signal":"SIGUSR2","step":(\d+)', log)]
     assert_same_run(run, two_node_run.run, 0.0)
 
 
@@ -252,10 +254,12 @@ def test_time_limit_warns_checkpoints_requeues_and_finishes(cluster, tiny_data, 
 # c. a lost node: SLURM requeues, the job finishes; its checkpoint carries on on one node
 
 def test_lost_node_is_requeued_and_its_checkpoint_continues_on_one_node(cluster, tiny_data, tmp_path, two_node_run):
-    run = tmp_path / "run"
-    job = sbatch(tmp_path, train_args(tiny_data, run), "--requeue")
+    run, hold = tmp_path / "run", tmp_path / "pause"
+    # both ranks wait before step INTERVAL, its checkpoint complete, until the node is gone (first run only)
+    job = sbatch(tmp_path, train_args(tiny_data, run), "--requeue", env=pause_env(hold, INTERVAL))
     try:
-        wait_for_checkpoint(run, INTERVAL, 180, job)
+        wait_paused(hold, INTERVAL, 2, running(job))
+        assert (run / "checkpoints" / f"step_{INTERVAL:07d}" / "DONE").exists()
         subprocess.run(["scontrol", "update", "nodename=n2", "state=down", "reason=dist_gpt-lost-node-test"],
                        check=True)
         info = wait_done(job, 300, tmp_path / f"logs/slurm/dist_gpt-{job}.out")
@@ -265,7 +269,7 @@ def test_lost_node_is_requeued_and_its_checkpoint_continues_on_one_node(cluster,
     log = job_log(tmp_path, job)
     assert info["JobState"] == "COMPLETED", (info, log[-4000:])
     assert int(info["Restarts"]) >= 1 and "NODE FAILURE" in log, log[-4000:]
-    assert resumed_at(run) and resumed_at(run)[0] >= INTERVAL, f"not resumed from a checkpoint: {resumed_at(run)}"
+    assert resumed_at(log) and resumed_at(log)[0] >= INTERVAL, f"not resumed from a checkpoint: {resumed_at(log)}"
     assert_same_run(run, two_node_run.run, 0.0)
 
     # The two-rank checkpoint of step 50, resumed on one node by one rank: the identical global
@@ -307,15 +311,17 @@ def test_hsdp_on_two_nodes_matches_and_its_checkpoint_continues_on_one_node(clus
 # d. submitit on the same cluster: warned, requeued through submitit, final metrics returned
 
 def test_submitit_job_is_warned_requeued_and_returns_final_metrics(cluster, tiny_data, tmp_path, two_node_run):
-    run = tmp_path / "run"
+    run, hold = tmp_path / "run", tmp_path / "pause"
     cmd = [sys.executable, "-m", "launch.submit", "--nodes", "2", "--gpus-per-node", "0", "--cpus-per-task", "1",
            "--time", "10", "--folder", str(tmp_path / "submitit"), "--wait", "--", *train_args(tiny_data, run)]
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # both ranks wait before step INTERVAL, its checkpoint complete, until the warning reaches them
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=_env(pause_env(hold, INTERVAL)), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
     try:
         first = proc.stdout.readline()
         assert first.startswith("submitted job "), first + proc.stderr.read()
         job = first.split()[2].rstrip(";")
-        wait_for_checkpoint(run, INTERVAL, 180, job)
+        wait_paused(hold, INTERVAL, 2, running(job))
         subprocess.run(["scancel", "--signal=USR2", job], check=True)
         out, err = proc.communicate(timeout=300)
     finally:
@@ -326,7 +332,7 @@ def test_submitit_job_is_warned_requeued_and_returns_final_metrics(cluster, tiny
     assert Path(metrics["run_dir"]) == run
     rank0_log = "".join((tmp_path / "submitit" / f"{job}_0_log.{ext}").read_text() for ext in ("out", "err"))
     assert "Requeued job" in rank0_log, rank0_log[-3000:]
-    assert len(resumed_at(run)) == 1 and resumed_at(run)[0] >= INTERVAL, resumed_at(run)
+    assert resumed_at(rank0_log) == [INTERVAL + 1], resumed_at(rank0_log)  # the warning came at step INTERVAL
     assert_same_run(run, two_node_run.run, 0.0)
     for key in ("step", "val_loss", "val_bpb"):
         assert metrics[key] == final(run)[key]

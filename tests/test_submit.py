@@ -10,12 +10,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from conftest import EXACT, REPO, _env, final, losses
+from conftest import EXACT, REPO, _env, final, losses, pause_env, release, wait_paused
 
 STEPS, INTERVAL = 120, 40
 
@@ -77,21 +76,21 @@ def test_local_job_warned_during_startup_is_requeued_and_matches_the_uninterrupt
                                                                                        tmp_path):
     run = tmp_path / "run"
     folder = tmp_path / "submitit"
-    proc = subprocess.Popen(submit_cmd(folder, run, tiny_data), cwd=tmp_path, env=_env(),
+    hold = tmp_path / "pause"
+    # Both trainers are held once their stop handlers are in (dist_gpt.faults.pause), before they are up.
+    # Then what the local executor does before its time limit: USR2 to each task process. The tasks must
+    # hold it until the trainers can take it, then pass it on; the trainers wait for it before step
+    # 0, so the run cannot end first.
+    proc = subprocess.Popen(submit_cmd(folder, run, tiny_data), cwd=tmp_path, env=_env(pause_env(hold, "start", 0)),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        # Once each submitit task started its trainer (its handlers are in place by then), and before
-        # the trainers are up: what the local executor does before its time limit, USR2 to each task
-        # process. The tasks must hold it until the trainers can take it, then pass it on.
-        deadline = time.monotonic() + 120
-        while len(pids_with("dist_gpt.train", str(run))) < 2:
-            assert proc.poll() is None and time.monotonic() < deadline, "the trainers did not start"
-            time.sleep(0.05)
+        wait_paused(hold, "start", 2, lambda: proc.poll() is None)
         assert not (run / "run.json").exists()
         tasks = pids_with("submitit.core._submit", str(folder))
         assert len(tasks) == 2, tasks
         for pid in tasks:
             os.kill(pid, signal.SIGUSR2)
+        release(hold, "start")
         out, err = proc.communicate(timeout=600)
     finally:
         if proc.poll() is None:
@@ -99,5 +98,6 @@ def test_local_job_warned_during_startup_is_requeued_and_matches_the_uninterrupt
     assert proc.returncode == 0, err[-4000:]
     log = next(folder.glob("*_0_log.out")).read_text()
     assert "requeue marker" in log and "Requeued job" in log, log[-3000:]
+    assert "'step': 1," in log, log[-3000:]  # stopped at the first step boundary, where it waited for the warning
     assert last_json_line(out)["val_loss"] == local_run[1]["val_loss"]
     assert losses(run) == losses(local_run[0])

@@ -21,7 +21,7 @@ def test_debug_preset_end_to_end_on_two_ranks_with_tensorboard(tiny_data, tmp_pa
     info = json.loads((run / "run.json").read_text())
     assert info["world_size"] == 2 and info["tokens_per_step"] == 8 * 32
     assert json.loads((run / "config.json").read_text())["train"]["steps"] == 20
-    acc = EventAccumulator(str(run / "tensorboard"), size_guidance={"scalars": 0, "tensors": 0})
+    acc = EventAccumulator(str(run), size_guidance={"scalars": 0, "tensors": 0})
     acc.Reload()
     tags = acc.Tags()
     for tag in ("train/loss", "val/loss", "val/bpb", "train/lr", "train/grad_norm", "perf/tokens_per_s"):

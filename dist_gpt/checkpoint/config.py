@@ -18,6 +18,7 @@ class CheckpointConfig:
     async_save: bool = field(default=False, metadata={"help": "write checkpoints in a background thread (dcp.async_save): training blocks only while the state is copied"})
     resume: str = field(default="auto", metadata={"help": "auto (the latest complete checkpoint of the run directory, if any) | none (start fresh) | PATH of a checkpoint or run directory"})
     force: bool = field(default=False, metadata={"help": "with checkpoint.resume=none: start fresh in a run directory that already holds checkpoints (they are kept)"})
+    take_lock: bool = field(default=False, metadata={"help": "take over the run directory's lock (lock.json) from a job that looks alive: only when you know that job is gone"})
 
     def __post_init__(self) -> None:
         for key in ("interval", "keep_last", "keep_every"):

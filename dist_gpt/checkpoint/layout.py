@@ -15,6 +15,8 @@ name, so a crash at any moment leaves either a complete checkpoint or one that i
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import json
 import math
 import os
@@ -31,10 +33,31 @@ DONE = "DONE"
 META = "meta.json"
 METADATA = ".metadata"
 SUMS_SUFFIX = ".crc32.json"  # per data file, written by the rank that wrote it, merged into DONE
-FORMAT = 1       # of DONE
+FORMAT = 2       # of DONE: 2 has "crc32", of its own content; 1 (without) is still read
 META_FORMAT = 1  # of meta.json ("meta_format"; checkpoints written before it was recorded are format 1)
 _STEP_RE = re.compile(r"^step_(\d+)$")
 _CHUNK = 16 << 20
+
+
+# The option through which the command that hit a checkpoint error takes its checkpoint, so the error's
+# way out fits that command: the trainer's --resume by default; `checkpoint_option` sets another (or
+# none: "use another checkpoint") around a load, e.g. evaluate's and sample's --checkpoint.
+_OPTION: contextvars.ContextVar[str | None] = contextvars.ContextVar("checkpoint_option", default="--resume")
+
+
+@contextlib.contextmanager
+def checkpoint_option(option: str | None):
+    token = _OPTION.set(option)
+    try:
+        yield
+    finally:
+        _OPTION.reset(token)
+
+
+def other_checkpoint(which: str = "another") -> str:
+    """The way out of a checkpoint error, in the words of the command that hit it."""
+    option = _OPTION.get()
+    return f"pass {option} with {which} checkpoint" if option else f"use {which} checkpoint"
 
 
 def step_dir_name(step: int) -> str:
@@ -135,26 +158,37 @@ def build_manifest(directory: Path, step: int, val_loss: float | None, world_siz
             "saved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "files": files}
 
 
+def done_crc32(done: dict) -> int:
+    """CRC32 of DONE's canonical JSON (sorted keys, no spaces) without its "crc32" key."""
+    body = {k: v for k, v in done.items() if k != "crc32"}
+    return zlib.crc32(json.dumps(body, sort_keys=True, separators=(",", ":")).encode())
+
+
+def write_done(directory: Path, done: dict) -> None:
+    """Write DONE (the commit marker) with the CRC32 of its own content, durably."""
+    write_json_durably(Path(directory) / DONE, {**done, "crc32": done_crc32(done)})
+
+
 def read_manifest(path: Path) -> dict:
     """DONE of a checkpoint, or a CheckpointError that says what is wrong and what to do."""
     path = Path(path)
     if not path.exists():
-        raise CheckpointError(f"checkpoint {path} does not exist: pass --resume with an existing "
-                              "checkpoint (runs/NAME/checkpoints/step_...) or a run directory")
+        raise CheckpointError(f"checkpoint {path} does not exist: {other_checkpoint('an existing')} "
+                              "(runs/NAME/checkpoints/step_...) or a run directory")
     if not path.is_dir():
         raise CheckpointError(f"checkpoint {path} is not a directory: pass a checkpoint directory "
                               "(runs/NAME/checkpoints/step_...), a run directory or, where accepted, a .safetensors file")
     done = path / DONE
     if not done.is_file():
-        raise CheckpointError(f"checkpoint {path} is incomplete (no {DONE}): delete it or pass --resume with "
-                              "another checkpoint")
+        raise CheckpointError(f"checkpoint {path} is incomplete (no {DONE}): delete it or {other_checkpoint()}")
     try:
         manifest = json.loads(done.read_text())
-        if manifest.get("format") != FORMAT or not isinstance(manifest.get("files"), dict):
+        if manifest.get("format") not in (1, FORMAT) or not isinstance(manifest.get("files"), dict):
             raise ValueError("not a dist_gpt manifest")
+        if (manifest["format"] >= 2 or "crc32" in manifest) and manifest.get("crc32") != done_crc32(manifest):
+            raise ValueError("its CRC32 does not match its content")
     except (OSError, ValueError, AttributeError) as e:
-        raise CheckpointError(f"{done} is corrupt ({e}): delete checkpoint {path} or pass --resume with "
-                              "another checkpoint") from None
+        raise CheckpointError(f"{done} is corrupt ({e}): delete checkpoint {path} or {other_checkpoint()}") from None
     return manifest
 
 
@@ -165,11 +199,10 @@ def check_small_file(path: Path, manifest: dict, name: str) -> bytes:
     try:
         raw = p.read_bytes()
     except FileNotFoundError:
-        raise CheckpointError(f"{p} is missing: checkpoint {path} is damaged; delete it or pass --resume "
-                              "with another checkpoint") from None
+        raise CheckpointError(f"{p} is missing: checkpoint {path} is damaged; delete it or {other_checkpoint()}") from None
     if not isinstance(expect, dict) or len(raw) != expect.get("size") or zlib.crc32(raw) != expect.get("crc32"):
         raise CheckpointError(f"{p} is corrupt or truncated (its size or CRC32 differs from {DONE}): "
-                              f"delete checkpoint {path} or pass --resume with another checkpoint")
+                              f"delete checkpoint {path} or {other_checkpoint()}")
     return raw
 
 
@@ -183,7 +216,7 @@ def read_meta(path: Path, manifest: dict | None = None) -> dict:
             raise ValueError("not a JSON object")
     except ValueError as e:
         raise CheckpointError(f"{Path(path) / META} is not valid JSON ({e}): delete checkpoint {path} or "
-                              "pass --resume with another checkpoint") from None
+                              f"{other_checkpoint()}") from None
     if meta.get("meta_format", 1) != META_FORMAT:
         raise CheckpointError(f"{Path(path) / META} has meta format {meta.get('meta_format')!r}; this dist_gpt reads "
                               f"format {META_FORMAT}: it was written by another dist_gpt version; use that version")

@@ -48,7 +48,6 @@ from torch.distributed.checkpoint.api import CheckpointException
 from ..errors import CheckpointError, UserError
 from .config import CheckpointConfig
 from .layout import (
-    DONE,
     META,
     META_FORMAT,
     SUMS_SUFFIX,
@@ -62,12 +61,12 @@ from .layout import (
     resolve_checkpoint,
     step_dir_name,
     tmp_dir_name,
-    write_json_durably,
+    write_done,
 )
 from .loading import load_tensors, single_process_quiet, unwrap_dcp_error
 from .planners import TensorOnlySavePlanner
 from .retention import apply_retention
-from .writer import ChecksummedFileSystemWriter
+from .writer import ChecksummedFileSystemWriter, disk_full
 
 
 @dataclass
@@ -182,7 +181,8 @@ class Checkpointer:
         try:
             work()
         except OSError as e:
-            return f"{what}: {e}; free space or fix permissions under {self.root}"
+            full = disk_full(e, self.root)
+            return str(full) if full else f"{what}: {e}; free space or fix permissions under {self.root}"
         return None
 
     def _agree(self, error: str | None) -> None:
@@ -214,7 +214,7 @@ class Checkpointer:
             remove_checkpoint(final)
         os.rename(tmp, final)
         fsync_dir(self.root)
-        write_json_durably(final / DONE, manifest)
+        write_done(final, manifest)
         fsync_dir(final)
         apply_retention(self.root, self.cfg.keep_last, self.cfg.keep_every, self.cfg.keep_best)
 

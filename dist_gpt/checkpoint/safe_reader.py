@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import builtins
 import collections
+import contextlib
+import contextvars
 import io
 import pathlib
 import pickle
@@ -38,7 +40,7 @@ from torch.distributed.checkpoint.planner import LoadItemType
 from torch.futures import Future
 
 from ..errors import CheckpointError
-from .layout import METADATA, check_small_file
+from .layout import METADATA, check_small_file, other_checkpoint
 
 _DTYPES = {n: v for n, v in vars(torch).items() if isinstance(v, torch.dtype)}
 _LAYOUTS = {n: v for n, v in vars(torch).items() if isinstance(v, torch.layout)}
@@ -94,7 +96,7 @@ def unpickle_metadata(raw: bytes, where: Path) -> Metadata:
                               "refusing to load it (it was altered or not written by dist_gpt); use another checkpoint") from None
     except Exception as e:  # truncated or garbled bytes: EOFError, UnpicklingError, ValueError, ...
         raise CheckpointError(f"{where} is corrupt ({type(e).__name__}: {e}): delete that checkpoint or "
-                              "pass --resume with another one") from None
+                              f"{other_checkpoint()}") from None
     if not isinstance(md, Metadata):
         raise CheckpointError(f"{where} holds a {type(md).__name__}, not DCP metadata: use another checkpoint")
     return md
@@ -133,7 +135,7 @@ def validate_metadata(md: Metadata, path: Path, manifest: dict | None) -> None:
         if info.offset + info.length > sizes[name]:
             raise CheckpointError(f"{Path(path) / name} is truncated: {index.fqn!r} ends at byte "
                                   f"{info.offset + info.length}, the file has {sizes[name]}; delete checkpoint "
-                                  f"{path} or pass --resume with another checkpoint")
+                                  f"{path} or {other_checkpoint()}")
 
 
 def _checked_size(path: Path, name: str, manifest: dict | None) -> int:
@@ -141,13 +143,13 @@ def _checked_size(path: Path, name: str, manifest: dict | None) -> int:
     try:
         size = file.stat().st_size
     except FileNotFoundError:
-        raise CheckpointError(f"{file} is missing: checkpoint {path} is damaged; delete it or pass --resume "
-                              "with another checkpoint") from None
+        raise CheckpointError(f"{file} is missing: checkpoint {path} is damaged; delete it or "
+                              f"{other_checkpoint()}") from None
     if manifest is not None:
         expect = manifest["files"].get(name, {}).get("size")
         if expect != size:
             raise CheckpointError(f"{file} is {size} bytes but DONE records {expect}: the file is truncated or "
-                                  f"was replaced; delete checkpoint {path} or pass --resume with another checkpoint")
+                                  f"was replaced; delete checkpoint {path} or {other_checkpoint()}")
     return size
 
 
@@ -170,6 +172,20 @@ def read_metadata(path: str | Path, manifest: dict | None = None) -> Metadata:
     return md
 
 
+# A command's progress bar while it reads a checkpoint: called with the bytes of each tensor read.
+_PROGRESS: contextvars.ContextVar = contextvars.ContextVar("checkpoint_read_progress", default=None)
+
+
+@contextlib.contextmanager
+def reading_progress(update):
+    """Within the block, every checkpoint read calls `update(nbytes)` after each tensor."""
+    token = _PROGRESS.set(update)
+    try:
+        yield
+    finally:
+        _PROGRESS.reset(token)
+
+
 class SafeFileSystemReader(FileSystemReader):
     """DCP's FileSystemReader with metadata read safely up front and tensor bytes verified."""
 
@@ -178,6 +194,7 @@ class SafeFileSystemReader(FileSystemReader):
         self.ckpt_path = Path(path)
         self.manifest = manifest
         self._metadata = metadata
+        self.progress = _PROGRESS.get()  # a command's progress bar (see `reading_progress`), or None
 
     def read_metadata(self, *args, **kwargs) -> Metadata:
         if kwargs.get("rank") is not None:
@@ -196,7 +213,7 @@ class SafeFileSystemReader(FileSystemReader):
         items = self.manifest["files"].get(name, {}).get("items")
         if not isinstance(items, dict):
             raise CheckpointError(f"DONE of {self.ckpt_path} has no checksums for {name}: the checkpoint is "
-                                  "damaged; delete it or pass --resume with another checkpoint")
+                                  f"damaged; delete it or {other_checkpoint()}")
         return items
 
     def read_data(self, plan, planner) -> Future:
@@ -222,15 +239,17 @@ class SafeFileSystemReader(FileSystemReader):
         raw = f.read(info.length)
         if len(raw) != info.length:
             raise CheckpointError(f"{file} is truncated ({fqn!r} is cut short): delete checkpoint {self.ckpt_path} "
-                                  "or pass --resume with another checkpoint")
+                                  f"or {other_checkpoint()}")
+        if self.progress is not None:
+            self.progress(len(raw))
         if crcs is not None and crcs.get(str(info.offset)) != zlib.crc32(raw):
             raise CheckpointError(f"{file} is corrupt: the bytes of {fqn!r} do not match their CRC32 in DONE; "
-                                  f"delete checkpoint {self.ckpt_path} or pass --resume with another checkpoint")
+                                  f"delete checkpoint {self.ckpt_path} or {other_checkpoint()}")
         try:
             tensor = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
         except Exception as e:
             raise CheckpointError(f"{file} is corrupt: {fqn!r} does not load ({type(e).__name__}); delete "
-                                  f"checkpoint {self.ckpt_path} or pass --resume with another checkpoint") from None
+                                  f"checkpoint {self.ckpt_path} or {other_checkpoint()}") from None
         if not isinstance(tensor, torch.Tensor):
             raise CheckpointError(f"{file}: {fqn!r} is a {type(tensor).__name__}, not a tensor; refusing it")
         tensor = narrow_tensor_by_index(tensor, req.storage_offsets, req.lengths)

@@ -5,24 +5,70 @@ loads silently. Each rank re-reads what it just wrote (from the page cache) and 
 `<data file>.crc32.json` = {byte offset: CRC32} beside the file; rank 0 merges these into DONE.
 This runs inside write_data, so with async_save it happens in the background thread too, and it
 finishes before DCP lets rank 0 write `.metadata` (DCP gathers every rank's write results first).
+
+A full disk is said as such here, where the writes happen: torch's zip writer reports it as
+"[enforce fail at inline_container.cc] unexpected pos", with the OSError only in its context.
 """
 
 from __future__ import annotations
 
+import errno
 import json
+import math
 import os
+import shutil
 from pathlib import Path
 
+import torch
 from torch.distributed.checkpoint import FileSystemWriter
 from torch.futures import Future
 
+from ..errors import CheckpointError
 from .layout import SUMS_SUFFIX, crc32_file
+
+_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def disk_full(error: BaseException, path: Path, needed_bytes: int = 0) -> CheckpointError | None:
+    """The one-line error for a write that failed on a full disk (or quota), wherever the OSError sits
+    in the exception's chain; None for any other failure."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in _FULL:
+            where = next(p for p in (Path(path), *Path(path).parents) if p.exists())
+            free = shutil.disk_usage(where).free / 1e6
+            need = f"free {max(1, math.ceil(needed_bytes / 1e6))} MB" if needed_bytes else "free space"
+            return CheckpointError(f"no space left on device at {path} ({free:.0f} MB free): {need} or lower "
+                                   "checkpoint.keep_last; the earlier checkpoints are intact")
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def planned_bytes(plan) -> int:
+    """Bytes of tensor data a rank's save plan writes (what a save needs on disk, about)."""
+    total = 0
+    for item in plan.items:
+        if item.tensor_data is not None:
+            element = torch.empty((), dtype=item.tensor_data.properties.dtype).element_size()
+            total += math.prod(item.tensor_data.size) * element
+    return total
 
 
 class ChecksummedFileSystemWriter(FileSystemWriter):
     def write_data(self, plan, planner) -> Future:
-        fut = super().write_data(plan, planner)
-        results = fut.wait()  # DCP's writer has finished by the time it returns; this only unwraps
+        try:
+            fut = super().write_data(plan, planner)
+            results = fut.wait()  # DCP's writer has finished by the time it returns; this only unwraps
+            self._write_sums(results)
+        except Exception as e:
+            full = disk_full(e, Path(self.path), planned_bytes(plan))
+            if full is None:
+                raise
+            raise full from None
+        return fut
+
+    def _write_sums(self, results) -> None:
         per_file: dict[str, dict[str, int]] = {}
         for r in results:
             info = r.storage_data  # _StorageInfo(relative_path, offset, length)
@@ -34,4 +80,13 @@ class ChecksummedFileSystemWriter(FileSystemWriter):
                 json.dump(items, f)
                 f.flush()
                 os.fsync(f.fileno())
-        return fut
+
+    def finish(self, metadata, results) -> None:
+        """Rank 0 writes `.metadata` here."""
+        try:
+            super().finish(metadata, results)
+        except Exception as e:
+            full = disk_full(e, Path(self.path))
+            if full is None:
+                raise
+            raise full from None

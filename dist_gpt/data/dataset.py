@@ -22,7 +22,7 @@ import numpy as np
 from dist_gpt.data.docindex import check_doc_index, read_doc_header, read_doc_starts
 from dist_gpt.data.format import DTYPE_NAMES, DTYPES, HEADER_SIZE, read_header, verify_payload
 from dist_gpt.data.manifest import SPLITS, load_manifest
-from dist_gpt.data.tokenizers import tokenizer_from_spec
+from dist_gpt.data.tokenizers import check_spec_fingerprint, tokenizer_from_spec
 from dist_gpt.errors import DataError
 
 DEFAULT_PREPARE = "python -m tools.prepare --source stdlib --tokenizer byte --out {path}"
@@ -63,6 +63,10 @@ class Dataset:
         hint = f"re-run `{manifest.get('command') or DEFAULT_PREPARE.format(path=path)}` with --force"
         if manifest["dtype"] not in DTYPE_NAMES.values():
             raise DataError(f"{path / 'manifest.json'}: unknown dtype {manifest['dtype']!r}; {hint}")
+        try:  # cheap (a hash of the spec or of the tokenizer file): sampling and checkpoints need it
+            check_spec_fingerprint(manifest["tokenizer"]["spec"], manifest["tokenizer"]["fingerprint"], path)
+        except DataError as e:
+            raise DataError(f"{e}; {hint}") from None
         shards: dict[str, list[Shard]] = {}
         for split in SPLITS:
             shards[split] = []
@@ -169,7 +173,10 @@ class TokenReader:
             if got != nbytes:
                 raise DataError(f"{self.shards[s].path}: short read at token {start} (file truncated since opening?)")
         if self._check_ids and out.size and int(out.max()) >= self.vocab_size:
-            raise DataError(f"a shard of this split holds a token id >= vocabulary size {self.vocab_size}; run `python -m tools.shards verify` on the dataset")
+            row = int(np.argmax((out >= self.vocab_size).any(axis=1)))
+            path = self.shards[int(shard_ids[row])].path
+            raise DataError(f"{path}: token id {int(out[row].max())} near token {int(starts[row])} is >= the vocabulary "
+                            f"size {self.vocab_size} (the shard is corrupt); run `python -m tools.shards verify {path.parent}`")
         return out
 
     def close(self) -> None:

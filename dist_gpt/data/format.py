@@ -134,12 +134,15 @@ def iter_payload(path: Path | str, header: ShardHeader, chunk_tokens: int = 1 <<
             left -= n
 
 
-def verify_payload(path: Path | str, header: ShardHeader) -> None:
-    """Full check: payload checksum and every token id < vocab_size. Reads the whole shard."""
+def verify_payload(path: Path | str, header: ShardHeader, progress=None) -> None:
+    """Full check: payload checksum and every token id < vocab_size. Reads the whole shard;
+    `progress(nbytes)` is called after each chunk."""
     sha = hashlib.sha256()
     limit = 1 << (8 * header.dtype_code)
     for chunk in iter_payload(path, header):
         sha.update(chunk)
+        if progress is not None:
+            progress(chunk.nbytes)
         if header.vocab_size < limit and chunk.size and int(chunk.max()) >= header.vocab_size:
             bad = int(np.argmax(chunk >= header.vocab_size))
             raise DataError(f"{path}: token id {int(chunk[bad])} is >= the vocabulary size {header.vocab_size}")

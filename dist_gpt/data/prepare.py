@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dist_gpt.data import encode
-from dist_gpt.data.format import DTYPE_NAMES, iter_payload, truncate_shard
+from dist_gpt.data.format import DTYPE_NAMES, HEADER_SIZE, iter_payload, truncate_shard
 from dist_gpt.data.manifest import MANIFEST, load_manifest
 from dist_gpt.data.shard_tools import verify_dataset
 from dist_gpt.data.sources import (CHUNK_BYTES, InputFile, count_docs, describe, inputs_fingerprint, list_inputs, pid_alive,
@@ -41,6 +41,7 @@ from dist_gpt.data.sources import (CHUNK_BYTES, InputFile, count_docs, describe,
 from dist_gpt.data.tokenizers import (TOKENIZER_FILE, ByteTokenizer, CharTokenizer, HFTokenizer, TiktokenTokenizer)
 from dist_gpt.data.writer import DEFAULT_SHARD_TOKENS, DatasetWriter
 from dist_gpt.errors import ConfigError, DataError, UserError
+from dist_gpt.progress import progress_bar
 
 DEFAULT_STDLIB_OUT = "data/stdlib"
 
@@ -116,6 +117,13 @@ def _gather_inputs(opts: PrepareOptions, staging: Path) -> tuple[list, dict, str
     if opts.val:
         summary["layout"] = "explicit train/val inputs"
     return files, summary, hashlib.sha256(json.dumps(ident).encode()).hexdigest()
+
+
+def _no_text(files: list) -> DataError:
+    """A corpus with nothing to encode: refused here, not made into an empty "verified" dataset."""
+    others = len(files) - 1
+    names = files[0].path + (f" and {others} other input{'s' if others > 1 else ''}" if others else "")
+    return DataError(f"{names}: no text to make a dataset from (empty input); give files that hold text")
 
 
 def _tokenizer_identity(opts: PrepareOptions) -> dict:
@@ -233,9 +241,7 @@ def _worker_start(*initargs) -> None:
 
 
 def _progress(opts: PrepareOptions, total: int, desc: str):
-    from tqdm import tqdm
-    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1000, desc=desc, disable=not opts.progress,
-                file=sys.stderr, dynamic_ncols=True, mininterval=0.5)
+    return progress_bar(total, desc, unit="B", quiet=not opts.progress)
 
 
 def _default_workers(opts: PrepareOptions, tokenizer_arg: str) -> int:
@@ -279,7 +285,7 @@ def _build_tokenizer(opts, staging: Path, files, units, splitter, workers: int, 
                     chars.update(r.chars)
                     bar.update(r.raw_bytes)
         if not chars:
-            raise DataError("the corpus has no characters to build a char vocabulary from")
+            raise _no_text(files)
         return CharTokenizer("".join(sorted(chars)))
     if arg.startswith("bpe:"):
         limit = opts.bpe_train_mb * 10**6
@@ -306,7 +312,8 @@ def _train_bpe(opts, staging: Path, units, enc_options, limit: int) -> HFTokeniz
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=n, special_tokens=["<|endoftext|>"], show_progress=opts.progress,
+    trainer = trainers.BpeTrainer(vocab_size=n, special_tokens=["<|endoftext|>"],
+                                  show_progress=opts.progress and sys.stderr.isatty(),
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     _say(opts, f"training a byte-level BPE of {n} tokens on up to {opts.bpe_train_mb} MB of the train split")
     encode.init_worker(enc_options, None, library_threads=True)
@@ -350,6 +357,8 @@ def prepare(opts: PrepareOptions) -> Path:
     old_term = signal.signal(signal.SIGTERM, _raise_interrupt) if _main_thread() else None
     try:
         files, source, inputs_id = _gather_inputs(opts, staging)
+        if not any(f.size for f in files):
+            raise _no_text(files)
         request = {**_tokenizer_identity(opts), "inputs": inputs_id, "options": opts.output_options()}
         if _check_existing(out, request, opts):
             _say(opts, f"dataset {out} is complete and made from the same inputs and options: nothing to do")
@@ -360,7 +369,8 @@ def prepare(opts: PrepareOptions) -> Path:
             return out
         _build(opts, staging, files, source, request)
         if opts.verify:
-            problems = verify_dataset(staging)
+            with _progress(opts, _payload_bytes(staging), "verify") as bar:
+                problems = verify_dataset(staging, bar.update)
             if problems:
                 raise DataError(f"the new dataset failed verification: {problems[0]}")
         _commit(staging, out)
@@ -372,6 +382,11 @@ def prepare(opts: PrepareOptions) -> Path:
             signal.signal(signal.SIGTERM, old_term)
     _say(opts, f"dataset ready at {out}" + (" (verified)" if opts.verify else ""))
     return out
+
+
+def _payload_bytes(directory: Path) -> int:
+    """Bytes of token payload in a dataset directory (what verification reads)."""
+    return sum(p.stat().st_size - HEADER_SIZE for p in directory.glob("*.bin"))
 
 
 def _build(opts: PrepareOptions, staging: Path, files, source: dict, request: dict) -> None:
@@ -415,6 +430,8 @@ def _build(opts: PrepareOptions, staging: Path, files, source: dict, request: di
                         records.append((sum(t.size for t in r.tokens.values()), sum(r.source_bytes.values())))
                     bar.update(r.raw_bytes)
                 bar.set_postfix_str(f"{ntok:,} tokens", refresh=False)
+        if ntok == 0:  # e.g. .jsonl lines whose text is empty
+            raise _no_text(files)
         encode_s = time.perf_counter() - t_enc
         if single:
             _split_tail(writer, opts.val_split, records)

@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import argparse
-import hashlib
 import sys
 from pathlib import Path
 
@@ -19,8 +18,9 @@ import numpy as np
 from dist_gpt.data.docindex import check_doc_index
 from dist_gpt.data.format import DTYPE_NAMES, iter_payload, read_header, verify_payload
 from dist_gpt.data.manifest import MANIFEST, SPLITS, load_manifest
-from dist_gpt.data.tokenizers import tokenizer_from_spec
+from dist_gpt.data.tokenizers import check_spec_fingerprint, tokenizer_from_spec
 from dist_gpt.errors import DataError, UserError
+from dist_gpt.progress import progress_bar
 
 PREPARE_HINT = "build it with `python -m tools.prepare ... --out {path}`"
 
@@ -31,18 +31,16 @@ def _rerun(manifest: dict) -> str:
 
 
 def verify_dataset(path: Path, progress=None) -> list[str]:
-    """Every problem found, one line each naming the file (empty list: the dataset is sound)."""
+    """Every problem found, one line each naming the file (empty list: the dataset is sound);
+    `progress(nbytes)` is called as shard payloads are read.
+
+    Everything training and sampling read: the manifest, the tokenizer (its file, its fingerprint and
+    what the manifest says of it), every shard's header, checksum and token ids, a non-empty train split.
+    """
     path = Path(path)
     manifest = load_manifest(path, PREPARE_HINT.format(path=path))
-    problems = []
+    problems = _tokenizer_problems(path, manifest)
     tok = manifest["tokenizer"]
-    if tok.get("file"):
-        tok_path = path / tok["file"]
-        try:
-            if hashlib.sha256(tok_path.read_bytes()).hexdigest() != tok["fingerprint"]:
-                problems.append(f"{tok_path}: differs from the tokenizer that made the shards (fingerprint mismatch)")
-        except OSError:
-            problems.append(f"{tok_path}: tokenizer file is missing")
     for split in SPLITS:
         entry = manifest["splits"][split]
         if sum(s["num_tokens"] for s in entry["shards"]) != entry["num_tokens"]:
@@ -55,17 +53,33 @@ def verify_dataset(path: Path, progress=None) -> list[str]:
                 got = (header.vocab_size, DTYPE_NAMES[header.dtype_code], header.tokenizer_fingerprint, header.num_tokens, header.checksum)
                 if got != want:
                     raise DataError(f"{shard_path}: header does not match manifest.json (a shard from another run?)")
-                verify_payload(shard_path, header)
+                verify_payload(shard_path, header, progress)
             except DataError as e:
                 problems.append(str(e))
-            if progress:
-                progress(shard_path)
         if "doc_index" in entry:
             try:
                 check_doc_index(path, entry, full=True)
             except DataError as e:
                 problems.append(str(e))
+    if not any(s["num_tokens"] for s in manifest["splits"]["train"]["shards"]):
+        problems.append(f"{path / MANIFEST}: the train split is empty")
     return problems
+
+
+def _tokenizer_problems(path: Path, manifest: dict) -> list[str]:
+    """The tokenizer training and sampling build: its file and fingerprint, and the manifest's record of it."""
+    tok = manifest["tokenizer"]
+    try:
+        check_spec_fingerprint(tok["spec"], tok["fingerprint"], path)
+        if tok["spec"]["kind"] == "tiktoken":
+            return []  # built from tiktoken's own files: nothing of it lives in the dataset
+        built = tokenizer_from_spec(tok["spec"], path)
+    except (DataError, KeyError, TypeError) as e:
+        return [str(e) if isinstance(e, DataError) else f"{path / MANIFEST}: bad tokenizer spec ({type(e).__name__}: {e})"]
+    said = {"name": tok.get("name"), "vocab_size": manifest["vocab_size"], "eot_id": tok.get("eot_id"), "file": tok.get("file")}
+    real = {"name": built.name, "vocab_size": built.vocab_size, "eot_id": built.eot_id, "file": tok["spec"].get("file")}
+    return [f"{path / MANIFEST}: the tokenizer's {key} is {said[key]!r} but the tokenizer it names has {real[key]!r}"
+            for key in said if said[key] != real[key]]
 
 
 def stats(path: Path) -> str:
@@ -110,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
                        ("decode", "print a slice of tokens as text")):
         p = sub.add_parser(name, help=text)
         p.add_argument("dataset", help="dataset directory (manifest.json + shards)")
+        if name == "verify":
+            p.add_argument("--quiet", action="store_true", help="no progress bar")
         if name == "decode":
             p.add_argument("--split", default="val", help="train or val (default val)")
             p.add_argument("--start", type=int, default=0, help="first token (default 0)")
@@ -118,7 +134,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "verify":
             manifest = load_manifest(Path(args.dataset), PREPARE_HINT.format(path=args.dataset))
-            problems = verify_dataset(Path(args.dataset))
+            total = sum(s["num_tokens"] for split in SPLITS for s in manifest["splits"][split]["shards"])
+            itemsize = next((code for code, name in DTYPE_NAMES.items() if name == manifest["dtype"]), 1)
+            with progress_bar(total * itemsize, "verify", unit="B", quiet=args.quiet) as bar:
+                problems = verify_dataset(Path(args.dataset), bar.update)
             for p in problems:
                 print(f"error: {p}; {_rerun(manifest)}", file=sys.stderr)
             if problems:

@@ -91,7 +91,9 @@ class CharTokenizer:
         ids = self.lookup(text)
         if ids.size and ids.min() < 0:
             bad = text[int(np.argmax(ids < 0))]
-            raise DataError(f"character {bad!r} is not in the char vocabulary")
+            shown = self.chars if len(self.chars) <= 80 else self.chars[:77] + "..."
+            raise DataError(f"character {bad!r} (U+{ord(bad):04X}) is not in the char vocabulary; use only its "
+                            f"{len(self.chars)} characters: {shown!r}")
         return ids
 
     def encode_batch_np(self, texts: list[str]) -> list[np.ndarray]:
@@ -188,6 +190,25 @@ class TiktokenTokenizer:
     def byte_lengths(self) -> np.ndarray:
         return np.array([len(self._enc.decode_single_token_bytes(i)) if i != self.eot_id else 0
                          for i in range(self.vocab_size)], dtype=np.int64)
+
+
+def check_spec_fingerprint(spec: dict, fingerprint: str, directory: Path) -> None:
+    """Cheap proof that `spec` (with its file in `directory`) is the tokenizer of `fingerprint`, without
+    building it: the SHA-256 of the tokenizer file, or of the canonical spec. DataError naming the file."""
+    kind = spec.get("kind") if isinstance(spec, dict) else None
+    if kind == "hf":
+        file = Path(directory) / str(spec.get("file"))
+        try:
+            got = hashlib.sha256(file.read_bytes()).hexdigest()
+        except OSError as e:
+            raise DataError(f"tokenizer file {file} cannot be read ({e.strerror}): the dataset needs it") from None
+        where = str(file)
+    elif kind in ("byte", "char", "tiktoken"):
+        got, where = _sha256_json(spec), f"{Path(directory) / 'manifest.json'}: the tokenizer's spec"
+    else:
+        raise DataError(f"{Path(directory) / 'manifest.json'}: unknown tokenizer kind {kind!r}")
+    if got != fingerprint:
+        raise DataError(f"{where} differs from the tokenizer that made the shards (fingerprint mismatch)")
 
 
 def tokenizer_from_spec(spec: dict, directory: Path | None = None):

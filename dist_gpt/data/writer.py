@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dist_gpt import faults
 from dist_gpt.data.docindex import DocIndexWriter, index_name
 from dist_gpt.data.format import DTYPE_NAMES, ShardHeader, ShardWriter, dtype_code_for_vocab
 from dist_gpt.data.manifest import FORMAT_NAME, FORMAT_VERSION, SPLITS, write_manifest
@@ -59,6 +60,7 @@ class DatasetWriter:
         if writer is not None:
             self.shards[split].append((writer.path.name, writer.close()))
             self._open[split] = None
+            faults.pause("shard")  # test-only: lets a test interrupt prepare with a complete shard on disk
 
     @property
     def documents(self) -> dict[str, int]:
