@@ -1,16 +1,18 @@
-"""A model's weights, GPTConfig and tokenizer from a run, a checkpoint or an exported .safetensors.
+"""A model's weights, GPTConfig and tokenizer from a run, a checkpoint, an export or a Hugging Face directory.
 
     loaded = load_weights("runs/cpu")                              # the run's latest checkpoint
     loaded = load_weights("runs/cpu", which="best")                # its best by validation loss
     loaded = load_weights("runs/cpu/checkpoints/step_0001000")     # one checkpoint
     loaded = load_weights("model.safetensors")                     # an export (python -m dist_gpt.export)
+    loaded = load_weights("models/gpt2")                           # a Hugging Face directory (dist_gpt.hf)
     model = GPT(loaded.config); model.load_state_dict(loaded.state_dict)
     loaded.tokenizer.decode(ids)                                   # loaded on first use
 
 A checkpoint is read through the safe reader (no pickle beyond DCP's metadata classes), and only
 the model's tensors are read: the optimizer state stays on disk. An export is read with
 safetensors, whose format holds raw tensors and a string table only, and checked against the
-CRC32 recorded at export.
+CRC32 recorded at export. A Hugging Face model directory (config.json + safetensors weights) is
+converted by `dist_gpt.hf`, with its tokenizer.json as the tokenizer.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import torch
 
 from .checkpoint import load_tensors, read_manifest, read_meta, read_metadata, resolve_checkpoint
 from .errors import CheckpointError, DataError
+from .hf.files import is_model_dir
 from .model import GPTConfig
 
 # Keys of the string table of an exported .safetensors file.
@@ -120,6 +123,8 @@ def load_weights(path: str | Path, device: str | torch.device = "cpu", which: st
     path = Path(path)
     if path.suffix == ".safetensors" or path.is_file():
         loaded = _from_safetensors(path)
+    elif is_model_dir(path):
+        loaded = _from_hf_dir(path)
     else:
         loaded = _from_checkpoint(resolve_checkpoint(path, which))
     loaded.state_dict = {k: v.to(device) for k, v in loaded.state_dict.items()}
@@ -134,7 +139,7 @@ def model_prefix(keys) -> str:
     return f"{names[0]}.model."
 
 
-def _gpt_config(raw: Any, where: Path) -> GPTConfig:
+def gpt_config(raw: Any, where: Path) -> GPTConfig:
     if not isinstance(raw, dict):
         raise CheckpointError(f"{where} carries no model config: it was not written by dist_gpt's trainer")
     known = {f.name for f in fields(GPTConfig)}
@@ -155,7 +160,7 @@ def _from_checkpoint(ckpt: Path) -> LoadedWeights:
              for k, e in md.state_dict_metadata.items() if k.startswith(prefix)}
     state: dict[str, Any] = {prefix.split(".")[0]: {"model": model}}
     load_tensors(ckpt, manifest, state, strict_prefixes=(prefix,), no_dist=True, metadata=md)
-    config = _gpt_config(meta.get("config", {}).get("model"), ckpt / "meta.json")
+    config = gpt_config(meta.get("config", {}).get("model"), ckpt / "meta.json")
     dataset = meta.get("dataset") or {}
     return LoadedWeights(config, model, ckpt, meta.get("step", manifest.get("step")), manifest.get("val_loss"),
                          dataset, tokenizer_spec=dataset.get("tokenizer_spec"))
@@ -191,8 +196,26 @@ def _from_safetensors(file: Path) -> LoadedWeights:
         tok_json = (file.parent / beside).read_bytes().decode("utf-8")
     step = int(info[KEY_STEP]) if info.get(KEY_STEP, "").isdigit() else None
     val = float(info[KEY_VAL_LOSS]) if info.get(KEY_VAL_LOSS) else None
-    return LoadedWeights(_gpt_config(raw_config, file), tensors, file, step,
+    return LoadedWeights(gpt_config(raw_config, file), tensors, file, step,
                          val if val is not None and math.isfinite(val) else None, dataset, spec, tok_json)
+
+
+def _from_hf_dir(directory: Path) -> LoadedWeights:
+    """A Hugging Face model directory; one exported by dist_gpt carries its own settings in config.json."""
+    from .data.tokenizers import TOKENIZER_FILE
+    from .hf import EMBEDDED, read_model
+
+    config, state, hf = read_model(directory)
+    info = hf.get(EMBEDDED) or {}
+    eos = hf.get("eos_token_id")
+    dataset = info.get("dataset") or {"eot_id": eos if isinstance(eos, int) else None}
+    spec, text = info.get("tokenizer_spec"), None
+    tok_file = directory / TOKENIZER_FILE
+    if (spec is None or spec.get("kind") == "hf") and tok_file.is_file():
+        text = tok_file.read_bytes().decode("utf-8")  # bytes: the fingerprint is their sha256
+        spec = spec or {"kind": "hf", "name": f"{directory.name}/{TOKENIZER_FILE}", "file": TOKENIZER_FILE,
+                        "eot_token": None}
+    return LoadedWeights(config, state, directory, info.get("step"), info.get("val_loss"), dataset, spec, text)
 
 
 def dataset_tokenizer(data_path: str | None) -> tuple[dict | None, str | None]:
