@@ -79,7 +79,7 @@ def add_source_arguments(parser, verb: str) -> None:
     src = parser.add_mutually_exclusive_group(required=True)
     src.add_argument("--run", "--run-dir", dest="run", help=f"run directory: {verb} its latest checkpoint")
     src.add_argument("--checkpoint", help="a checkpoint directory (runs/NAME/checkpoints/step_...)")
-    src.add_argument("--model", help="an exported .safetensors file")
+    src.add_argument("--model", help="an exported .safetensors file or a Hugging Face model directory")
 
 
 def load_model(args, device: torch.device):
@@ -93,13 +93,18 @@ def load_model(args, device: torch.device):
 
 
 def init_from(source: str | Path, model) -> None:
-    """train.init_from: load the weights of a run, checkpoint or export into `model` (nanoGPT's init_from;
-    the optimizer and the step start fresh). The source's model settings must match `model.cfg`."""
+    """train.init_from: load the weights of a run, checkpoint, export or Hugging Face directory into
+    `model` (nanoGPT's init_from; the optimizer and the step start fresh). The source's model settings
+    must match `model.cfg` (for a Hugging Face directory they are where `model.cfg` came from)."""
     from dataclasses import asdict
 
     from .errors import ConfigError
+    from .hf import init_state_dict, is_model_dir
     from .resume import MODEL_KEYS_FREE
 
+    if is_model_dir(source):  # a Hugging Face directory: model.cfg came from its config.json (runinfo)
+        model.load_state_dict(init_state_dict(str(source), model.cfg), strict=True)
+        return
     loaded = load_weights(source, device="cpu")
     theirs, ours = asdict(loaded.config), asdict(model.cfg)
     diff = [k for k, v in theirs.items() if k not in MODEL_KEYS_FREE and ours.get(k) != v]
