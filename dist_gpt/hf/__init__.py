@@ -13,9 +13,9 @@ tensor maps (`links.py`); `tokenizer.py` writes dist_gpt's tokenizers as `tokeni
 See docs/INTEROP.md.
 """
 
-from .convert import (ARCHS, EMBEDDED, export_model, init_model_config, init_state_dict, model_config,
-                      read_hf_config, read_model)
+from .convert import (ARCHS, EMBEDDED, export_config, export_model, init_model_config, init_state_dict,
+                      model_config, read_hf_config, read_model)
 from .files import is_model_dir
 
-__all__ = ["ARCHS", "EMBEDDED", "export_model", "init_model_config", "init_state_dict", "is_model_dir",
+__all__ = ["ARCHS", "EMBEDDED", "export_config", "export_model", "init_model_config", "init_state_dict", "is_model_dir",
            "model_config", "read_hf_config", "read_model"]

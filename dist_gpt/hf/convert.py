@@ -86,19 +86,24 @@ def read_model(directory: str | Path) -> tuple[GPTConfig, dict[str, torch.Tensor
     return cfg, state, hf
 
 
-def export_model(cfg: GPTConfig, state: dict[str, torch.Tensor]) -> tuple[dict, dict[str, torch.Tensor]]:
-    """(HF config keys, HF tensors) of a dist_gpt model: GPT-2 for learned positions, Llama or Qwen3
-    (with qk_norm) for rotary ones. Raises a ConfigError naming the option no architecture expresses."""
+def export_config(cfg: GPTConfig) -> dict:
+    """The HF config keys of a dist_gpt model: GPT-2 for learned positions, Llama or Qwen3 (with
+    qk_norm) for rotary ones. Raises a ConfigError naming the option no architecture expresses."""
     if cfg.block != "prenorm":
-        raise ConfigError(f"model.block={cfg.block}: no Hugging Face architecture computes post-norm blocks "
-                          "exactly (dist_gpt also normalises the final output); export with --format safetensors")
+        raise ConfigError(f"model.block={cfg.block}: no Hugging Face architecture computes dist_gpt's post-norm "
+                          "blocks (a norm after each residual add and a final norm); export with --format "
+                          "safetensors")
     if cfg.logit_softcap is not None:
-        raise ConfigError(f"model.logit_softcap={cfg.logit_softcap}: no Hugging Face architecture with this "
-                          "block computes soft-capped logits (Gemma 2 adds sandwich norms); export with "
-                          "--format safetensors")
-    arch = gpt2 if cfg.positions == "learned" else llama
-    hf = arch.config_to_hf(cfg)
-    return hf, to_theirs(arch.links(cfg, hf, None), state)
+        raise ConfigError(f"model.logit_softcap={cfg.logit_softcap}: the Hugging Face architectures that soft-cap "
+                          "logits (Gemma 2 and 3, NanoChat) differ from dist_gpt's blocks elsewhere, so none "
+                          "computes this model; export with --format safetensors")
+    return (gpt2 if cfg.positions == "learned" else llama).config_to_hf(cfg)
+
+
+def export_model(cfg: GPTConfig, state: dict[str, torch.Tensor]) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(HF config keys, HF tensors) of a dist_gpt model and its state dict (see `export_config`)."""
+    hf = export_config(cfg)
+    return hf, to_theirs(ARCHS[hf["model_type"]].links(cfg, hf, None), state)
 
 
 def init_model_config(run: GPTConfig, init_from: str | None) -> GPTConfig:
