@@ -458,7 +458,9 @@ class GPT(nn.Module):
         try:
             seq = idx
             pending = idx[:, -L:]  # tokens the model has not yet seen
-            cache = KVCache(self.cfg.n_layer, L) if use_cache else None
+            # the cache holds at most the (cropped) prompt and the new tokens: a model with a long
+            # context (an imported Qwen3: 40,960) must not allocate all of it for a short sample
+            cache = KVCache(self.cfg.n_layer, min(L, pending.size(1) + max_new_tokens)) if use_cache else None
             done = torch.zeros(idx.size(0), 1, dtype=torch.bool, device=idx.device)
             for _ in range(max_new_tokens):
                 if use_cache and cache.pos + pending.size(1) > L:

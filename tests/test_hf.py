@@ -19,12 +19,14 @@ from pathlib import Path
 import pytest
 import torch
 
-transformers = pytest.importorskip("transformers")  # in the dev extra: CI always runs these
+from conftest import require
+
+transformers = require("transformers")  # in the dev extra: CI always runs these
 
 from dist_gpt import config as config_mod  # noqa: E402
 from dist_gpt.data.tokenizers import ByteTokenizer, CharTokenizer, HFTokenizer  # noqa: E402
 from dist_gpt.errors import CheckpointError, ConfigError, UserError  # noqa: E402
-from dist_gpt.hf import export_config, init_model_config, init_state_dict, read_model  # noqa: E402
+from dist_gpt.hf import export_config, init_model_config, init_state_dict  # noqa: E402
 from dist_gpt.hf.export import write_export  # noqa: E402
 from dist_gpt.hf.tokenizer import tiktoken_tokenizer_json  # noqa: E402
 from dist_gpt.model import GPT, GPTConfig  # noqa: E402
@@ -259,7 +261,7 @@ def test_tiktoken_encoding_converts_to_gpt2_style_hf_tokenizer(tmp_path):
     """tiktoken's gpt2 files cannot be downloaded here, so an encoding of the same kind (GPT-2's split
     pattern, byte-level ranks) is made from a BPE trained on the license texts, converted, and the
     HF tokenizer must encode every text as tiktoken does."""
-    tiktoken = pytest.importorskip("tiktoken")
+    tiktoken = require("tiktoken")
     from tokenizers import Tokenizer
 
     from dist_gpt.hf.tokenizer import GPT2_PATTERN_TIKTOKEN, bytes_to_unicode
@@ -281,7 +283,7 @@ def test_tiktoken_encoding_converts_to_gpt2_style_hf_tokenizer(tmp_path):
 
 
 def test_gpt2_tiktoken_tokenizer_missing_offline_is_one_line(tmp_path, monkeypatch):
-    tiktoken = pytest.importorskip("tiktoken")
+    tiktoken = require("tiktoken")
 
     def offline_get_encoding(name):
         raise ConnectionError("no network")

@@ -356,6 +356,29 @@ def test_generation_past_the_context(name):
     assert model.generate(long_prompt, 4, temperature=0).shape == (1, 2 * T + 4)
 
 
+def test_cache_holds_only_the_tokens_it_will_see(monkeypatch):
+    """A model with a long context (an imported Qwen3: 40,960) allocates its KV cache for the prompt
+    and the new tokens, not the whole context, when they fit; past the context it needs all of it."""
+    import dist_gpt.model as model_mod
+
+    sizes = []
+
+    class Recording(KVCache):
+        def __init__(self, n_layer, max_len):
+            sizes.append(max_len)
+            super().__init__(n_layer, max_len)
+
+    monkeypatch.setattr(model_mod, "KVCache", Recording)
+    model = noisy(GPT(tiny(block_size=4096, positions="rope")))
+    prompt = torch.randint(0, V, (1, 5))
+    out = model.generate(prompt, 6, temperature=0)
+    assert sizes == [11]
+    assert torch.equal(out, model.generate(prompt, 6, temperature=0, use_cache=False))
+    sizes.clear()
+    build(CONFIGS["classic"]).generate(prompt, 3 * T, temperature=0)
+    assert set(sizes) == {T}
+
+
 def test_cache_makes_each_new_token_cost_one_position():
     """Count the positions each forward pass computes: with the cache a new token costs one (plus a
     rebuild of block_size // 2 every block_size // 2 tokens past the context), without it up to block_size."""
