@@ -37,7 +37,7 @@ def resolve_model_config(model_cfg, data, init_from: str | None = None):
     0 takes the dataset's; otherwise it must hold every token id of the dataset."""
     from .hf import init_model_config
 
-    model_cfg = init_model_config(model_cfg, init_from)
+    model_cfg = init_model_config(model_cfg, init_from, data)
     if model_cfg.vocab_size == 0:
         return dataclasses.replace(model_cfg, vocab_size=data.vocab_size)
     if model_cfg.vocab_size < data.vocab_size:

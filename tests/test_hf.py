@@ -392,3 +392,64 @@ def test_init_from_takes_the_model_from_the_directory(tmp_path):
     with pytest.raises(ConfigError, match=r"model.block_size=64 is longer than the 24 learned positions"):
         init_model_config(GPTConfig(block_size=64), str(tmp_path))
     assert init_model_config(run, None) is run and init_model_config(run, str(tmp_path / "nothing")) is run
+
+
+def test_init_from_needs_a_dataset_made_with_the_directory_tokenizer(tmp_path):
+    """tools.prepare --tokenizer DIR/tokenizer.json copies the file byte for byte, so the dataset's
+    tokenizer fingerprint is the file's SHA-256; another tokenizer, or more token ids, is refused."""
+    import hashlib
+    from types import SimpleNamespace
+
+    hf_model("gpt2").save_pretrained(tmp_path)
+    (tmp_path / "tokenizer.json").write_bytes(b"the directory's tokenizer")  # only its SHA-256 matters here
+    sha = hashlib.sha256((tmp_path / "tokenizer.json").read_bytes()).hexdigest()
+    run = GPTConfig(block_size=16)
+    assert init_model_config(run, str(tmp_path), SimpleNamespace(tokenizer_fingerprint=sha, vocab_size=V, path="d"))
+    with pytest.raises(ConfigError) as err:
+        init_model_config(run, str(tmp_path), SimpleNamespace(tokenizer_fingerprint="0" * 64, vocab_size=V, path="d"))
+    assert f"prepare it with --tokenizer {tmp_path / 'tokenizer.json'}" in one_line(err)
+    with pytest.raises(ConfigError, match=f"the dataset has {V + 1} token ids but"):
+        init_model_config(run, str(tmp_path), SimpleNamespace(tokenizer_fingerprint=sha, vocab_size=V + 1, path="d"))
+
+
+def test_import_and_export_need_no_transformers(tmp_path):
+    """Runtime interop is safetensors and JSON: with transformers and lm-eval unimportable, a model
+    exports, imports back and trains from the directory's config."""
+    import subprocess
+    import sys
+
+    from conftest import REPO, _env
+
+    script = f"""
+import sys
+sys.modules["transformers"] = sys.modules["lm_eval"] = None  # any import of them now fails
+from pathlib import Path
+import torch
+from dist_gpt.hf import init_model_config
+from dist_gpt.hf.export import write_export
+from dist_gpt.model import GPT, GPTConfig
+from dist_gpt.weights import LoadedWeights, load_weights
+import dist_gpt.train, dist_gpt.evaluate, dist_gpt.export, dist_gpt.harness, dist_gpt.tasks
+cfg = GPTConfig(vocab_size=64, block_size=8, n_layer=1, n_head=2, n_embd=16, positions="rope", norm="rmsnorm",
+                qk_norm=True, mlp="relu2", tie_embeddings=False)
+state = GPT(cfg).state_dict()
+write_export(LoadedWeights(cfg, state, Path("x"), 1, None, {{}}, {{"kind": "byte"}}), {{"kind": "byte"}}, None,
+             Path(r"{tmp_path}") / "out", force=False)
+back = load_weights(Path(r"{tmp_path}") / "out")
+assert back.config == cfg and all(torch.equal(back.state_dict[k], v) for k, v in state.items())
+assert init_model_config(GPTConfig(block_size=8), r"{tmp_path / 'out'}") == cfg
+print("ok")
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=_env(), cwd=REPO)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
+
+
+def test_evaluate_tasks_without_lm_eval_says_how_to_install(monkeypatch):
+    import sys
+
+    from dist_gpt.harness import run_tasks
+
+    monkeypatch.setitem(sys.modules, "lm_eval", None)
+    with pytest.raises(ConfigError) as err:
+        run_tasks("runs/x", "hellaswag", None, None, None, 8, "cpu", "fp32", None)
+    assert "pip install 'dist_gpt[eval]'" in one_line(err)

@@ -106,13 +106,14 @@ def export_model(cfg: GPTConfig, state: dict[str, torch.Tensor]) -> tuple[dict, 
     return hf, to_theirs(ARCHS[hf["model_type"]].links(cfg, hf, None), state)
 
 
-def init_model_config(run: GPTConfig, init_from: str | None) -> GPTConfig:
+def init_model_config(run: GPTConfig, init_from: str | None, data=None) -> GPTConfig:
     """train.init_from: the run's model section when it starts from a Hugging Face model directory.
 
     Every key comes from the directory's config.json except the training-only ones, which stay the
     run's: block_size (at most the file's context when positions are learned: the position table is
     cropped, as nanoGPT's crop_block_size), dropout, activation_checkpointing, zero_init, init_std.
-    Any other init_from (a dist_gpt run, checkpoint or export) returns `run` unchanged."""
+    With the run's dataset `data`, its tokenizer must be the directory's (the ids must mean the same
+    tokens). Any other init_from (a dist_gpt run, checkpoint or export) returns `run` unchanged."""
     if not init_from or read_config(Path(init_from)) is None:
         return run
     hf = read_hf_config(init_from)
@@ -120,8 +121,28 @@ def init_model_config(run: GPTConfig, init_from: str | None) -> GPTConfig:
     if cfg.positions == "learned" and run.block_size > cfg.block_size:
         raise ConfigError(f"model.block_size={run.block_size} is longer than the {cfg.block_size} learned positions "
                           f"of --init-from {init_from}: pass --model.block_size={cfg.block_size} or less")
+    if data is not None:
+        _check_tokenizer(Path(init_from), hf, cfg, data)
     return dataclasses.replace(cfg, block_size=run.block_size, dropout=run.dropout, zero_init=run.zero_init,
                                init_std=run.init_std, activation_checkpointing=run.activation_checkpointing)
+
+
+def _check_tokenizer(directory: Path, hf: dict, cfg: GPTConfig, data) -> None:
+    """The dataset must be tokenized as the model was: the tokenizer a dist_gpt export records, or
+    the directory's tokenizer.json (which `tools.prepare --tokenizer DIR/tokenizer.json` copies byte
+    for byte, so their SHA-256 fingerprints agree)."""
+    import hashlib
+
+    fix = f"prepare it with --tokenizer {directory / 'tokenizer.json'}"
+    expected = ((hf.get(EMBEDDED) or {}).get("dataset") or {}).get("tokenizer_fingerprint")
+    if expected is None and (directory / "tokenizer.json").is_file():
+        expected = hashlib.sha256((directory / "tokenizer.json").read_bytes()).hexdigest()
+    if expected is not None and data.tokenizer_fingerprint != expected:
+        raise ConfigError(f"the dataset {getattr(data, 'path', '')} was not tokenized with --init-from {directory}'s "
+                          f"tokenizer (fingerprint {data.tokenizer_fingerprint[:12]} != {expected[:12]}): {fix}")
+    if data.vocab_size > cfg.vocab_size:
+        raise ConfigError(f"the dataset has {data.vocab_size} token ids but --init-from {directory} only "
+                          f"{cfg.vocab_size}: {fix}")
 
 
 def init_state_dict(init_from: str, cfg: GPTConfig) -> dict[str, torch.Tensor]:

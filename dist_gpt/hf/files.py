@@ -37,6 +37,14 @@ def read_config(directory: Path) -> dict | None:
     return config if isinstance(config, dict) and "model_type" in config else None
 
 
+def config_int(hf: dict, key: str, where: str) -> int:
+    """An integer key of an HF config.json, or a CheckpointError naming it."""
+    if not isinstance(hf.get(key), int):
+        raise CheckpointError(f"{where}: {key} is missing or not an integer: not a complete {hf.get('model_type')} "
+                              "config.json")
+    return hf[key]
+
+
 def is_model_dir(path: str | Path) -> bool:
     return Path(path).is_dir() and read_config(Path(path)) is not None
 

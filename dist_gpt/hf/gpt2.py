@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from ..errors import CheckpointError, ConfigError
 from ..model import GPTConfig
+from .files import config_int
 from .links import Link
 
 MODEL_TYPES = ("gpt2",)
@@ -45,9 +46,9 @@ def config_from_hf(hf: dict, where: str, relu2_ok: bool = False) -> GPTConfig:
     if act not in ACTIVATIONS:
         raise CheckpointError(f"{where}: activation_function={act!r} is not supported: dist_gpt imports "
                               f"{', '.join(ACTIVATIONS)}")
-    return GPTConfig(vocab_size=_int(hf, "vocab_size", where), block_size=_int(hf, "n_positions", where),
-                     n_layer=_int(hf, "n_layer", where), n_head=_int(hf, "n_head", where),
-                     n_embd=_int(hf, "n_embd", where), mlp_hidden=hf.get("n_inner"), mlp=ACTIVATIONS[act],
+    return GPTConfig(vocab_size=config_int(hf, "vocab_size", where), block_size=config_int(hf, "n_positions", where),
+                     n_layer=config_int(hf, "n_layer", where), n_head=config_int(hf, "n_head", where),
+                     n_embd=config_int(hf, "n_embd", where), mlp_hidden=hf.get("n_inner"), mlp=ACTIVATIONS[act],
                      norm="layernorm", norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)), positions="learned",
                      bias=True, qkv_bias=True, head_bias=False, tie_embeddings=bool(hf.get("tie_word_embeddings", True)))
 
@@ -113,8 +114,3 @@ def links(cfg: GPTConfig, hf: dict, names) -> list[Link]:
         out.append(Link("head.weight", ("lm_head.weight",)))
     return out
 
-
-def _int(hf: dict, key: str, where: str) -> int:
-    if not isinstance(hf.get(key), int):
-        raise CheckpointError(f"{where}: {key} is missing or not an integer: not a complete GPT-2 config.json")
-    return hf[key]

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 from ..errors import CheckpointError, ConfigError
 from ..model import GPTConfig
+from .files import config_int
 from .links import Link
 
 MODEL_TYPES = ("llama", "qwen2", "qwen3")
@@ -74,12 +75,12 @@ def config_from_hf(hf: dict, where: str, relu2_ok: bool = False) -> GPTConfig:
     else:
         raise CheckpointError(f"{where}: hidden_act={act!r} is not supported: dist_gpt's gated MLP is SwiGLU "
                               "(hidden_act silu)")
-    n_embd, n_head = _int(hf, "hidden_size", where), _int(hf, "num_attention_heads", where)
+    n_embd, n_head = config_int(hf, "hidden_size", where), config_int(hf, "num_attention_heads", where)
     qkv_bias, o_bias, mlp_bias = biases(model_type, hf)
-    return GPTConfig(vocab_size=_int(hf, "vocab_size", where), block_size=_int(hf, "max_position_embeddings", where),
-                     n_layer=_int(hf, "num_hidden_layers", where), n_head=n_head, n_embd=n_embd,
+    return GPTConfig(vocab_size=config_int(hf, "vocab_size", where), block_size=config_int(hf, "max_position_embeddings", where),
+                     n_layer=config_int(hf, "num_hidden_layers", where), n_head=n_head, n_embd=n_embd,
                      n_kv_head=hf.get("num_key_value_heads") or n_head, head_dim=hf.get("head_dim") or n_embd // n_head,
-                     mlp_hidden=_int(hf, "intermediate_size", where), mlp=mlp, norm="rmsnorm",
+                     mlp_hidden=config_int(hf, "intermediate_size", where), mlp=mlp, norm="rmsnorm",
                      norm_eps=float(hf.get("rms_norm_eps", 1e-6)), positions="rope", rope_base=rope_base(hf, where),
                      qk_norm=model_type == "qwen3", bias=o_bias or mlp_bias, qkv_bias=qkv_bias, head_bias=False,
                      tie_embeddings=bool(hf.get("tie_word_embeddings", False)))
@@ -167,9 +168,3 @@ def links(cfg: GPTConfig, hf: dict, names) -> list[Link]:
         out.append(Link("head.weight", ("lm_head.weight",)))
     return out
 
-
-def _int(hf: dict, key: str, where: str) -> int:
-    if not isinstance(hf.get(key), int):
-        raise CheckpointError(f"{where}: {key} is missing or not an integer: not a complete {hf['model_type']} "
-                              "config.json")
-    return hf[key]
