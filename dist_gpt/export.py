@@ -46,12 +46,14 @@ from .weights import (
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m dist_gpt.export", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="a checkpoint directory or a run directory (its latest)")
+    p.add_argument("--checkpoint", required=True, help="a run directory (its latest), a checkpoint directory, an "
+                   "exported .safetensors or a Hugging Face model directory")
     p.add_argument("--out", required=True, help="the .safetensors file to write (--format hf: a directory)")
     p.add_argument("--format", choices=("safetensors", "hf"), default="safetensors",
                    help="safetensors: one dist_gpt file (default); hf: a Hugging Face model directory")
     p.add_argument("--best", action="store_true", help="with a run directory: its best checkpoint by val loss")
-    p.add_argument("--force", action="store_true", help="overwrite --out (and its tokenizer file) if it exists")
+    p.add_argument("--force", action="store_true", help="overwrite --out (and its tokenizer file) if it exists; "
+                   "--format hf: replace the model files in the directory")
     return p.parse_args(argv)
 
 
