@@ -105,7 +105,7 @@ def test_gpt2_finetune_export_and_lm_eval_agree(tmp_path):
     model.load_state_dict(loaded.state_dict)
     task = ChoiceTask(TASK_FILE, HFTokenizer(export / "tokenizer.json", "gpt2"), loaded.config.block_size,
                       loaded.eot_id, batch_size=8)
-    ours = task.loglikelihoods(model, Precision("fp32", torch.device("cpu")), task.examples)
+    ours = task.loglikelihoods(model, Precision("fp32", torch.device("cpu")).autocast(), task.examples)
     assert sorted(lls) == list(range(len(ours)))
     for doc_id, ll in enumerate(ours):
         torch.testing.assert_close(ll, torch.tensor(lls[doc_id], dtype=torch.float64), atol=1e-4, rtol=0)
