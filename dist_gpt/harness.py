@@ -19,6 +19,8 @@ import os
 import tempfile
 from pathlib import Path
 
+import torch
+
 from .errors import ConfigError
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "auto": "auto"}
@@ -55,7 +57,7 @@ def run_tasks(source: str, tasks: str, include_path: str | None, limit: float | 
         results = lm_eval.simple_evaluate(
             model="hf", model_args={"pretrained": str(Path(tmp) / "model"), "dtype": DTYPES[precision]},
             tasks=names, num_fewshot=num_fewshot, limit=limit, batch_size=batch_size,
-            device="cuda" if device == "auto" and _cuda() else ("cpu" if device == "auto" else device),
+            device=("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device,
             task_manager=manager, log_samples=False)
     print(make_table(results))
     if output:
@@ -65,8 +67,3 @@ def run_tasks(source: str, tasks: str, include_path: str | None, limit: float | 
         print(f"results written to {output}")
     return results["results"]
 
-
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()

@@ -79,9 +79,9 @@ def read_model(directory: str | Path) -> tuple[GPTConfig, dict[str, torch.Tensor
     extra = [n for n in weights.files if n not in used and not n.endswith(arch.BUFFERS)
              and not (cfg.tie_embeddings and n == "lm_head.weight")]
     if extra:
-        raise CheckpointError(f"{directory}: tensor {extra[0]} (and {len(extra) - 1} more) is not part of a "
-                              f"{hf['model_type']} model as dist_gpt computes it: the weights belong to another "
-                              "architecture")
+        more = f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""
+        raise CheckpointError(f"{directory}: tensor {extra[0]}{more} is not part of a {hf['model_type']} model as "
+                              "dist_gpt computes it: the weights belong to another architecture")
     state = to_ours(links, weights.get, weights.__contains__, cfg, str(directory))
     return cfg, state, hf
 

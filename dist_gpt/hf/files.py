@@ -56,7 +56,6 @@ class WeightFiles:
         self.directory = Path(directory)
         single, index = self.directory / WEIGHTS, self.directory / INDEX
         if single.is_file():
-            self.files = {}
             with self._open(single) as f:
                 self.files = {name: single for name in f.keys()}
         elif index.is_file():
@@ -135,8 +134,7 @@ def write_model_dir(out: Path, config: dict, tensors: dict[str, torch.Tensor], f
         else:
             for name in written:
                 os.replace(staging / name, out / name)
-            for stale in (INDEX,):  # an older sharded export must not shadow the new single file
-                (out / stale).unlink(missing_ok=True)
+            (out / INDEX).unlink(missing_ok=True)  # an older sharded save must not shadow the new file
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return [out / name for name in written]

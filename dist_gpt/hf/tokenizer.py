@@ -90,7 +90,7 @@ def _last_merge(ranks: dict[bytes, int], token: bytes, rank: int) -> tuple[bytes
     parts = [bytes([b]) for b in token]
     while len(parts) > 2:
         pairs = [(ranks.get(a + b), i) for i, (a, b) in enumerate(zip(parts, parts[1:]))]
-        best, i = min((r, i) for r, i in pairs if r is not None and r < rank)
+        _, i = min((r, i) for r, i in pairs if r is not None and r < rank)  # the earliest merge applies first
         parts[i:i + 2] = [parts[i] + parts[i + 1]]
     return parts[0], parts[1]
 
