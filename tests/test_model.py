@@ -100,11 +100,10 @@ def test_generate_with_cache_equals_without(name):
 
 
 def test_every_combination_is_causal_and_cache_exact():
-    """norm x block x positions x mlp x qk_norm x zero_init x softcap (320 models, 1 layer, 8 wide),
-    every other one with grouped-query attention."""
+    """norm x block x positions x mlp x qk_norm x zero_init x softcap (256 models, 1 layer, 8 wide),
+    half of them with grouped-query attention (gelu_tanh is in CONFIGS["gpt2"])."""
     options = itertools.product(("layernorm", "rmsnorm"), ("prenorm", "postnorm"), ("learned", "rope"),
-                                ("gelu", "gelu_tanh", "relu", "relu2", "swiglu"), (False, True), (False, True),
-                                (None, 3.0))
+                                ("gelu", "relu", "relu2", "swiglu"), (False, True), (False, True), (None, 3.0))
     for i, (norm, block, positions, mlp, qk_norm, zero_init, cap) in enumerate(options):
         cfg = GPTConfig(vocab_size=16, block_size=8, n_layer=1, n_head=2, n_embd=8, norm=norm, block=block,
                         positions=positions, mlp=mlp, qk_norm=qk_norm, zero_init=zero_init,
