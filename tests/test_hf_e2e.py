@@ -119,3 +119,31 @@ def test_gpt2_finetune_export_and_lm_eval_agree(tmp_path):
     assert api.returncode == 0, api.stderr[-4000:]
     assert "acc_norm" in api.stdout
     assert json.loads(report.read_text())["results"]["dist_gpt_mc"]["acc_norm,none"] == results["acc_norm,none"]
+
+
+@pytest.mark.slow
+def test_eval_tasks_keep_sharded_ranks_in_step(tiny_data, tmp_path):
+    """Under fsdp every forward pass gathers parameters, so the ranks must run as many as each other:
+    5 examples split 3 / 2 give the ranks 6 and 4 batches of 2 endings; the shorter pads (a hang
+    otherwise) and the scores equal one process scoring the final checkpoint."""
+    from dist_gpt.model import GPT
+    from dist_gpt.precision import Precision
+    from dist_gpt.tasks import ChoiceTask
+    from dist_gpt.weights import load_weights
+
+    task_file = tmp_path / "five.jsonl"
+    task_file.write_text("".join(TASK_FILE.read_text().splitlines(keepends=True)[:5]))
+    run = tmp_path / "run"
+    run_train([*EXACT, f"--data.path={tiny_data}", f"--train.run_dir={run}", "--parallel.data=fsdp",
+               "--recipe", "classic", "--train.steps=2", "--eval.interval=0", "--eval.at_start=false",
+               "--model.block_size=128",  # byte level: the longest ending here is 100 bytes
+               f"--eval.tasks={task_file}"], nproc=2, timeout=600)
+    logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    logged = next(r for r in logged if "val/five/acc_norm" in r)
+    loaded = load_weights(run)
+    model = GPT(loaded.config)
+    model.load_state_dict(loaded.state_dict)
+    task = ChoiceTask(task_file, loaded.tokenizer, loaded.config.block_size, loaded.eot_id, batch_size=2)
+    alone = task.score(model, Precision("fp32", torch.device("cpu")).autocast())
+    assert alone["examples"] == 5
+    assert (logged["val/five/acc"], logged["val/five/acc_norm"]) == (alone["acc"], alone["acc_norm"])
