@@ -204,7 +204,8 @@ def _reference_compatible(m) -> bool:
     """Whether ReferenceGPT computes exactly the network of this dist_gpt model config."""
     return (m.norm, m.block, m.positions, m.mlp) == ("layernorm", "prenorm", "learned", "gelu") and \
         m.tie_embeddings and not (m.bias or m.qkv_bias or m.head_bias or m.qk_norm) and \
-        m.logit_softcap is None and m.head_size * m.n_head == m.n_embd and m.hidden_size == 4 * m.n_embd
+        m.logit_softcap is None and m.head_size * m.n_head == m.n_embd and m.hidden_size == 4 * m.n_embd and \
+        m.kv_heads == m.n_head and m.eps == 1e-5
 
 
 # ---------------------------------------------------------------------------------------------

@@ -55,7 +55,7 @@ class TrainConfig:
     compile: bool | None = field(default=None, metadata={"help": "torch.compile the model: true | false | auto (unset: on for CUDA; off on CPU, where it measured 13 s of compile for 7.7% per step, see docs/PERFORMANCE.md)"})
     seed: int = field(default=1337, metadata={"help": "seed of initialisation, data order and dropout"})
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda"})
-    init_from: str | None = field(default=None, metadata={"help": "start from the weights of this checkpoint, run directory or .safetensors (fresh optimizer, step 0)"})
+    init_from: str | None = field(default=None, metadata={"help": "start from the weights of this checkpoint, run directory, .safetensors or Hugging Face model directory (GPT-2, Llama, Qwen2, Qwen3: its config.json gives the model section, except block_size, dropout and activation_checkpointing); fresh optimizer, step 0"})
     nan_policy: str = field(default="stop", metadata={"help": "on a NaN/inf loss: skip (drop the step) | rollback (reload the last checkpoint and skip the bad batches) | stop"})
     nan_max_rollbacks: int = field(default=3, metadata={"help": "rollbacks allowed before the run stops (nan_policy=rollback)"})
     timeout_s: float = field(default=600.0, metadata={"help": "collective timeout: a rank that stops answering fails the job after this many seconds"})
@@ -95,6 +95,7 @@ class EvalConfig:
     prompt: str = field(default="\n", metadata={"help": "fixed prompt of the evaluation samples"})
     temperature: float = field(default=0.8, metadata={"help": "sampling temperature of the evaluation samples"})
     top_k: int | None = field(default=200, metadata={"help": "top-k of the evaluation samples (none = off)"})
+    tasks: str | None = field(default=None, metadata={"help": "comma-separated multiple-choice .jsonl files (HellaSwag layout: context, endings, label) scored at every evaluation, split across ranks; logged as val/<file name>/acc and acc_norm (lm-eval's definitions, see dist_gpt/tasks.py)"})
 
     def __post_init__(self) -> None:
         if self.interval < 0 or self.sample_tokens < 0:

@@ -303,6 +303,13 @@ def is_collective_failure(error: BaseException) -> bool:
 # ---------------------------------------------------------------------------------------------
 # Collectives that are a no-op in a world of 1, so callers never branch on rank.
 
+def rank_and_world() -> tuple[int, int]:
+    """(rank, world size) of the running process group; (0, 1) without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(t, op=dist.ReduceOp.SUM)

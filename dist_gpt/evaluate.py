@@ -4,8 +4,10 @@
     python -m dist_gpt.evaluate --checkpoint runs/cpu/checkpoints/step_0001000
     python -m dist_gpt.evaluate --model model.safetensors --data data/stdlib
     torchrun --standalone --nproc_per_node=2 -m dist_gpt.evaluate --run-dir runs/cpu   # split over 2 ranks
+    python -m dist_gpt.evaluate --run runs/cpu --tasks hellaswag,arc_easy   # lm-evaluation-harness (pip install 'dist_gpt[eval]')
 
 (Under torchrun spell it --run-dir: torchrun's own parser takes --run for its --run-path.)
+With --tasks the model is scored by lm-evaluation-harness instead (dist_gpt/harness.py).
 
 The command line evaluates on the dataset's whole validation split (every block once). During
 training the same code evaluates the fixed `eval.max_blocks` subset every `eval.interval` steps.
@@ -22,6 +24,7 @@ import torch
 from . import dist
 from .checkpoint.state import unwrap_model
 from .progress import progress_bar
+from .tasks import load_tasks
 from .weights import add_source_arguments, load_model
 
 
@@ -80,6 +83,9 @@ class Evaluator:
         self.last_step: int | None = None
         self.last_loss = float("nan")
         self.last_bpb = float("nan")
+        # eval.tasks: multiple-choice files, read and tokenized once (dist_gpt.tasks)
+        self.tasks = load_tasks(cfg.tasks, val.ds.tokenizer, self.raw_model.cfg.block_size, val.ds.eot_id,
+                                val.batch_size)
 
     def maybe_run(self, step: int, final: bool = False) -> None:
         """Evaluate at `step` when eval.interval (or eval.at_start, or the end of the run) asks for it.
@@ -104,6 +110,8 @@ class Evaluator:
         self.last_bpb = bits_per_byte(loss, self.bytes_per_token)
         self.state.best_val = min(self.state.best_val, loss)
         self.log.eval(step, loss=loss, bpb=self.last_bpb, blocks=blocks, best=self.state.best_val)
+        for task in self.tasks:  # collective: every rank scores its share (the plain module: no recompiles)
+            task.report(step, task.score(self.raw_model, self.autocast), self.log)
         if self.cfg.sample_tokens and (self.log.is_main or self.lockstep):
             self.log.text(step, "sample", self.sample())
         return loss
@@ -143,6 +151,12 @@ def parse_args(argv):
     p.add_argument("--max-blocks", type=int, default=None, help="evaluate only this many blocks (default: all)")
     p.add_argument("--precision", default="fp32", help="auto | fp32 | bf16 | fp16 (default fp32)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    h = p.add_argument_group("lm-evaluation-harness (instead of the validation loss)")
+    h.add_argument("--tasks", help="comma-separated lm-eval task names, e.g. hellaswag,arc_easy")
+    h.add_argument("--include-path", help="directory of your own lm-eval task YAML files")
+    h.add_argument("--limit", type=float, default=None, help="examples per task (a fraction if < 1; default all)")
+    h.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples (default: the task's)")
+    h.add_argument("--output", help="write lm-eval's results as JSON to this file")
     return p.parse_args(argv)
 
 
@@ -151,6 +165,12 @@ def evaluate(argv: list[str] | None) -> int:
     from .precision import Precision
 
     args = parse_args(argv)
+    if args.tasks:
+        from .harness import run_tasks
+
+        run_tasks(args.run or args.checkpoint or args.model, args.tasks, args.include_path, args.limit,
+                  args.num_fewshot, args.batch_size, args.device, args.precision, args.output)
+        return 0
     env = dist.init(args.device)
     args.quiet = args.quiet or not env.is_main  # one progress bar: rank 0's
     model, loaded = load_model(args, env.device)

@@ -10,15 +10,17 @@
 
 The defaults are the classic GPT-2 / nanoGPT recipe (pre-norm, LayerNorm, learned positions, GELU,
 tied embeddings). Options cover the modern small-model recipe (rotary positions, RMSNorm, QK-norm,
-ReLU^2, zero-initialised output projections, logit soft-capping) and the original notebook's exact
+ReLU^2, zero-initialised output projections, logit soft-capping), the original notebook's exact
 model (post-norm, ReLU, biases on the attention output, MLP, norms and head, 20 heads of 19 = 380
-wide projected back to 384, untied embeddings).
+wide projected back to 384, untied embeddings), and what imported Hugging Face models need
+(grouped-query attention, tanh GELU, SwiGLU, the file's norm epsilon; see dist_gpt/hf/).
 
 Parameter names are a contract (the notebook importer, the Muon grouping and checkpoints use them):
     tok_emb.weight (V, C)                     pos_emb.weight (block_size, C)  [learned positions only]
     blocks.{i}.norm1.weight [+ .bias]         blocks.{i}.norm2.weight [+ .bias]
-    blocks.{i}.attn.qkv.weight (3*H*D, C)     rows [q heads | k heads | v heads]; head h of q is rows
-                                              h*D:(h+1)*D, of k H*D + h*D..., of v 2*H*D + h*D...
+    blocks.{i}.attn.qkv.weight ((H+2*K)*D, C) rows [q heads | k heads | v heads], K = n_kv_head (default
+                                              H); head h of q is rows h*D:(h+1)*D, of k H*D + h*D..., of v
+                                              (H+K)*D + h*D...; query head h reads key/value head h // (H/K)
     blocks.{i}.attn.q_norm.weight (D,), k_norm.weight (D,)  [qk_norm only]
     blocks.{i}.attn.proj.weight (C, H*D)      blocks.{i}.mlp.fc.weight (hidden, C)  (swiglu: 2*hidden)
     blocks.{i}.mlp.proj.weight (C, hidden)    norm_f.weight [+ .bias]   head.weight (V, C) [+ .bias]
@@ -42,7 +44,9 @@ from dist_gpt.errors import ConfigError
 NORMS = ("layernorm", "rmsnorm")
 BLOCKS = ("prenorm", "postnorm")
 POSITIONS = ("learned", "rope")
-MLPS = ("gelu", "relu", "relu2", "swiglu")
+MLPS = ("gelu", "gelu_tanh", "relu", "relu2", "swiglu")
+# The norms' epsilon when model.norm_eps is unset: what each kind always used (old runs load unchanged).
+DEFAULT_EPS = {"layernorm": 1e-5, "rmsnorm": 1e-6}
 
 
 @dataclass
@@ -53,6 +57,9 @@ class GPTConfig:
     block_size: int = field(default=256, metadata={"help": "context length in tokens"})
     n_layer: int = field(default=4, metadata={"help": "number of transformer blocks"})
     n_head: int = field(default=4, metadata={"help": "attention heads per block"})
+    n_kv_head: int | None = field(default=None, metadata={
+        "help": "key/value heads, shared by groups of n_head / n_kv_head query heads (grouped-query "
+                "attention); default n_head"})
     n_embd: int = field(default=128, metadata={"help": "residual stream width C"})
     head_dim: int | None = field(default=None, metadata={
         "help": "width of one head D (default n_embd // n_head); n_head*head_dim may differ from n_embd"})
@@ -65,11 +72,14 @@ class GPTConfig:
     qkv_bias: bool = field(default=False, metadata={"help": "bias in the fused query/key/value linear"})
     head_bias: bool = field(default=False, metadata={"help": "bias in the output head"})
     norm: str = field(default="layernorm", metadata={"help": "layernorm | rmsnorm"})
+    norm_eps: float | None = field(default=None, metadata={
+        "help": "epsilon of every norm (default 1e-5 for layernorm, 1e-6 for rmsnorm)"})
     block: str = field(default="prenorm", metadata={
         "help": "prenorm (x + f(norm(x))) | postnorm (norm(x + f(x)), the original notebook's)"})
     positions: str = field(default="learned", metadata={"help": "learned (absolute embedding) | rope"})
     rope_base: float = field(default=10000.0, metadata={"help": "rotary base frequency (positions=rope)"})
-    mlp: str = field(default="gelu", metadata={"help": "gelu | relu | relu2 (ReLU squared) | swiglu"})
+    mlp: str = field(default="gelu", metadata={
+        "help": "gelu (exact, erf) | gelu_tanh (tanh approximation, GPT-2's) | relu | relu2 (ReLU squared) | swiglu"})
     tie_embeddings: bool = field(default=True, metadata={"help": "share the token embedding with the head"})
     qk_norm: bool = field(default=False, metadata={"help": "normalise queries and keys per head"})
     zero_init: bool = field(default=False, metadata={
@@ -93,6 +103,11 @@ class GPTConfig:
         for key, choices in (("norm", NORMS), ("block", BLOCKS), ("positions", POSITIONS), ("mlp", MLPS)):
             if getattr(self, key) not in choices:
                 raise ConfigError(f"model.{key}: must be one of {' | '.join(choices)}, got {getattr(self, key)!r}")
+        if self.n_kv_head is not None and (self.n_kv_head < 1 or self.n_head % self.n_kv_head):
+            raise ConfigError(f"model.n_kv_head: must divide model.n_head={self.n_head} (or be none), "
+                              f"got {self.n_kv_head}")
+        if self.norm_eps is not None and not self.norm_eps > 0:
+            raise ConfigError(f"model.norm_eps: must be positive (or none), got {self.norm_eps}")
         if self.head_dim is not None and self.head_dim < 1:
             raise ConfigError(f"model.head_dim: must be at least 1 (or none), got {self.head_dim}")
         if self.head_dim is None and self.n_embd < self.n_head:
@@ -120,6 +135,16 @@ class GPTConfig:
         return self.head_dim if self.head_dim is not None else self.n_embd // self.n_head
 
     @property
+    def kv_heads(self) -> int:
+        """K, the resolved number of key/value heads (n_kv_head, or n_head)."""
+        return self.n_kv_head if self.n_kv_head is not None else self.n_head
+
+    @property
+    def eps(self) -> float:
+        """The resolved epsilon of the norms."""
+        return self.norm_eps if self.norm_eps is not None else DEFAULT_EPS[self.norm]
+
+    @property
     def hidden_size(self) -> int:
         """The resolved MLP hidden width. SwiGLU has three matrices instead of two, so its default
         width is 2/3 of 4*C (same parameter count), rounded up to a multiple of 64 for fast matmuls."""
@@ -133,9 +158,9 @@ class GPTConfig:
 class Norm(nn.Module):
     """LayerNorm (weight, optional bias) or RMSNorm (weight only) over the last dimension."""
 
-    def __init__(self, dim: int, kind: str, bias: bool):
+    def __init__(self, dim: int, kind: str, bias: bool, eps: float):
         super().__init__()
-        self.kind = kind
+        self.kind, self.eps = kind, eps
         self.weight = nn.Parameter(torch.ones(dim))
         self.bias = nn.Parameter(torch.zeros(dim)) if bias and kind == "layernorm" else None
 
@@ -143,9 +168,9 @@ class Norm(nn.Module):
         # in fp32 and back to x's dtype: under bf16 autocast q and k arrive in bf16 (qk_norm) and
         # must leave in bf16 for the flash kernels; the residual stream stays fp32 anyway
         if self.kind == "layernorm":
-            y = F.layer_norm(x.float(), self.weight.shape, self.weight, self.bias, eps=1e-5)
+            y = F.layer_norm(x.float(), self.weight.shape, self.weight, self.bias, eps=self.eps)
         else:
-            y = F.rms_norm(x.float(), self.weight.shape, self.weight, eps=1e-6)
+            y = F.rms_norm(x.float(), self.weight.shape, self.weight, eps=self.eps)
         return y.type_as(x)
 
 
@@ -168,8 +193,9 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class KVCache:
-    """Keys and values of the tokens already seen, for every layer: (n_layer, B, nh, max_len, hd),
-    and their document ids (B, max_len) under document masking.
+    """Keys and values of the tokens already seen, for every layer: (n_layer, B, K, max_len, hd), with K
+    the key/value heads (fewer than the query heads under grouped-query attention), and their
+    document ids (B, max_len) under document masking.
 
     Allocated on first use with the keys' dtype (bf16 under autocast). `pos` counts the cached
     tokens; the model advances it after a forward pass through all layers."""
@@ -188,7 +214,7 @@ class KVCache:
         return self.doc[:, :end]
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        """Store k, v (B, nh, T, hd) of the new tokens; return all keys and values so far (B, nh, pos+T, hd)."""
+        """Store k, v (B, K, T, hd) of the new tokens; return all keys and values so far (B, K, pos+T, hd)."""
         B, nh, T, hd = k.shape
         if self.k is None:
             self.k = k.new_zeros(self.n_layer, B, nh, self.max_len, hd)
@@ -216,13 +242,13 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: GPTConfig, layer: int):
         super().__init__()
         self.layer = layer  # index into the KV cache
-        self.n_head, self.head_dim = cfg.n_head, cfg.head_size
+        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.kv_heads, cfg.head_size
         width = cfg.n_head * cfg.head_size  # may differ from n_embd (the notebook: 20 * 19 = 380 vs 384)
-        self.qkv = nn.Linear(cfg.n_embd, 3 * width, bias=cfg.qkv_bias)
+        self.qkv = nn.Linear(cfg.n_embd, width + 2 * cfg.kv_heads * cfg.head_size, bias=cfg.qkv_bias)
         self.proj = nn.Linear(width, cfg.n_embd, bias=cfg.bias)
         if cfg.qk_norm:
-            self.q_norm = Norm(cfg.head_size, cfg.norm, cfg.bias)
-            self.k_norm = Norm(cfg.head_size, cfg.norm, cfg.bias)
+            self.q_norm = Norm(cfg.head_size, cfg.norm, cfg.bias, cfg.eps)
+            self.k_norm = Norm(cfg.head_size, cfg.norm, cfg.bias, cfg.eps)
         self.qk_norm = cfg.qk_norm
         self.dropout = cfg.dropout
         self.resid_dropout = nn.Dropout(cfg.dropout)
@@ -230,10 +256,11 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x, rope=None, cache: KVCache | None = None, mask=None):
         """mask: None (causal), a boolean (B, 1, T, past+T) mask or a FlexAttention BlockMask (GPT._mask)."""
         B, T, _ = x.shape
-        q, k, v = self.qkv(x).split(self.n_head * self.head_dim, dim=2)  # (B, T, nh*hd) each
-        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
-        k = k.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
-        v = v.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
+        H, K, D = self.n_head, self.n_kv_head, self.head_dim
+        q, k, v = self.qkv(x).split([H * D, K * D, K * D], dim=2)  # (B, T, H*D), (B, T, K*D) x 2
+        q = q.view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
+        k = k.view(B, T, K, D).transpose(1, 2)  # (B, K, T, D)
+        v = v.view(B, T, K, D).transpose(1, 2)  # (B, K, T, D)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
@@ -241,7 +268,9 @@ class CausalSelfAttention(nn.Module):
         past = 0
         if cache is not None:
             past = cache.pos
-            k, v = cache.update(self.layer, k, v)  # (B, nh, past+T, hd)
+            k, v = cache.update(self.layer, k, v)  # (B, K, past+T, D)
+        if K != H:  # grouped-query attention: each key/value head serves H/K consecutive query heads
+            k, v = k.repeat_interleave(H // K, dim=1), v.repeat_interleave(H // K, dim=1)  # (B, H, *, D)
         dropout_p = self.dropout if self.training else 0.0
         if mask is not None and not isinstance(mask, torch.Tensor):
             y = doc_mask.flex(q, k, v, mask)  # documents, on CUDA
@@ -277,6 +306,8 @@ class MLP(nn.Module):
         h = self.fc(x)  # (B, T, hidden) or (B, T, 2*hidden)
         if self.kind == "gelu":
             h = F.gelu(h)
+        elif self.kind == "gelu_tanh":
+            h = F.gelu(h, approximate="tanh")
         elif self.kind == "relu":
             h = F.relu(h)
         elif self.kind == "relu2":
@@ -291,9 +322,9 @@ class Block(nn.Module):
     def __init__(self, cfg: GPTConfig, layer: int):
         super().__init__()
         self.postnorm = cfg.block == "postnorm"
-        self.norm1 = Norm(cfg.n_embd, cfg.norm, cfg.bias)
+        self.norm1 = Norm(cfg.n_embd, cfg.norm, cfg.bias, cfg.eps)
         self.attn = CausalSelfAttention(cfg, layer)
-        self.norm2 = Norm(cfg.n_embd, cfg.norm, cfg.bias)
+        self.norm2 = Norm(cfg.n_embd, cfg.norm, cfg.bias, cfg.eps)
         self.mlp = MLP(cfg)
 
     def forward(self, x, rope=None, cache: KVCache | None = None, mask=None):
@@ -312,7 +343,7 @@ class GPT(nn.Module):
         if cfg.positions == "learned":
             self.pos_emb = nn.Embedding(cfg.block_size, cfg.n_embd)
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
-        self.norm_f = Norm(cfg.n_embd, cfg.norm, cfg.bias)
+        self.norm_f = Norm(cfg.n_embd, cfg.norm, cfg.bias, cfg.eps)
         self.head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=cfg.head_bias)
         if cfg.tie_embeddings:
             self.head.weight = self.tok_emb.weight
@@ -468,7 +499,9 @@ class GPT(nn.Module):
         try:
             seq = idx
             pending = idx[:, -L:]  # tokens the model has not yet seen
-            cache = KVCache(self.cfg.n_layer, L) if use_cache else None
+            # the cache holds at most the (cropped) prompt and the new tokens: a model with a long
+            # context (an imported Qwen3: 40,960) must not allocate all of it for a short sample
+            cache = KVCache(self.cfg.n_layer, min(L, pending.size(1) + max_new_tokens)) if use_cache else None
             done = torch.zeros(idx.size(0), 1, dtype=torch.bool, device=idx.device)
             documents = self.cfg.doc_mask and eot_id is not None
             for _ in range(max_new_tokens):

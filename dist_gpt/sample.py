@@ -3,9 +3,11 @@
     python -m dist_gpt.sample --run runs/cpu --prompt "def " --max-new-tokens 300
     python -m dist_gpt.sample --checkpoint runs/cpu/checkpoints/step_0001000 --num-samples 3 --top-p 0.9
     python -m dist_gpt.sample --model model.safetensors --temperature 0 --prompt "import "
+    python -m dist_gpt.sample --model models/gpt2 --prompt "Hello, I'm a language model,"
 
-Reads a run directory (its latest checkpoint), a checkpoint directory, or an exported
-.safetensors file. Tokens are printed as they are generated.
+Reads a run directory (its latest checkpoint), a checkpoint directory, an exported
+.safetensors file or a Hugging Face model directory (GPT-2, Llama, Qwen2, Qwen3; see
+docs/INTEROP.md). Tokens are printed as they are generated.
 """
 
 from __future__ import annotations

@@ -1,16 +1,18 @@
-"""A model's weights, GPTConfig and tokenizer from a run, a checkpoint or an exported .safetensors.
+"""A model's weights, GPTConfig and tokenizer from a run, a checkpoint, an export or a Hugging Face directory.
 
     loaded = load_weights("runs/cpu")                              # the run's latest checkpoint
     loaded = load_weights("runs/cpu", which="best")                # its best by validation loss
     loaded = load_weights("runs/cpu/checkpoints/step_0001000")     # one checkpoint
     loaded = load_weights("model.safetensors")                     # an export (python -m dist_gpt.export)
+    loaded = load_weights("models/gpt2")                           # a Hugging Face directory (dist_gpt.hf)
     model = GPT(loaded.config); model.load_state_dict(loaded.state_dict)
     loaded.tokenizer.decode(ids)                                   # loaded on first use
 
 A checkpoint is read through the safe reader (no pickle beyond DCP's metadata classes), and only
 the model's tensors are read: the optimizer state stays on disk. An export is read with
 safetensors, whose format holds raw tensors and a string table only, and checked against the
-CRC32 recorded at export.
+CRC32 recorded at export. A Hugging Face model directory (config.json + safetensors weights) is
+converted by `dist_gpt.hf`, with its tokenizer.json as the tokenizer.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from .checkpoint import load_tensors, read_manifest, read_meta, read_metadata, r
 from .checkpoint.layout import checkpoint_option
 from .checkpoint.safe_reader import reading_progress
 from .errors import CheckpointError, DataError
+from .hf.files import is_model_dir
 from .model import GPTConfig
 from .progress import progress_bar
 
@@ -80,7 +83,7 @@ def add_source_arguments(parser, verb: str) -> None:
     src = parser.add_mutually_exclusive_group(required=True)
     src.add_argument("--run", "--run-dir", dest="run", help=f"run directory: {verb} its latest checkpoint")
     src.add_argument("--checkpoint", help="a checkpoint directory (runs/NAME/checkpoints/step_...)")
-    src.add_argument("--model", help="an exported .safetensors file")
+    src.add_argument("--model", help="an exported .safetensors file or a Hugging Face model directory")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -96,13 +99,18 @@ def load_model(args, device: torch.device):
 
 
 def init_from(source: str | Path, model) -> None:
-    """train.init_from: load the weights of a run, checkpoint or export into `model` (nanoGPT's init_from;
-    the optimizer and the step start fresh). The source's model settings must match `model.cfg`."""
+    """train.init_from: load the weights of a run, checkpoint, export or Hugging Face directory into
+    `model` (nanoGPT's init_from; the optimizer and the step start fresh). The source's model settings
+    must match `model.cfg` (for a Hugging Face directory they are where `model.cfg` came from)."""
     from dataclasses import asdict
 
     from .errors import ConfigError
+    from .hf import init_state_dict, is_model_dir
     from .resume import MODEL_KEYS_FREE
 
+    if is_model_dir(source):  # a Hugging Face directory: model.cfg came from its config.json (runinfo)
+        model.load_state_dict(init_state_dict(str(source), model.cfg), strict=True)
+        return
     loaded = load_weights(source, device="cpu")
     theirs, ours = asdict(loaded.config), asdict(model.cfg)
     diff = [k for k, v in theirs.items() if k not in MODEL_KEYS_FREE and ours.get(k) != v]
@@ -129,6 +137,8 @@ def load_weights(path: str | Path, device: str | torch.device = "cpu", which: st
     path = Path(path)
     if path.suffix == ".safetensors" or path.is_file():
         loaded = _from_safetensors(path, quiet)
+    elif is_model_dir(path):
+        loaded = _from_hf_dir(path)
     else:
         with checkpoint_option(option):
             loaded = _from_checkpoint(resolve_checkpoint(path, which), quiet)
@@ -144,7 +154,7 @@ def model_prefix(keys) -> str:
     return f"{names[0]}.model."
 
 
-def _gpt_config(raw: Any, where: Path) -> GPTConfig:
+def gpt_config(raw: Any, where: Path) -> GPTConfig:
     if not isinstance(raw, dict):
         raise CheckpointError(f"{where} carries no model config: it was not written by dist_gpt's trainer")
     known = {f.name for f in fields(GPTConfig)}
@@ -167,7 +177,7 @@ def _from_checkpoint(ckpt: Path, quiet: bool = True) -> LoadedWeights:
     size = sum(info.length for index, info in md.storage_data.items() if index.fqn.startswith(prefix))
     with progress_bar(size, f"loading {ckpt.name}", unit="B", quiet=quiet) as bar, reading_progress(bar.update):
         load_tensors(ckpt, manifest, state, strict_prefixes=(prefix,), no_dist=True, metadata=md)
-    config = _gpt_config(meta.get("config", {}).get("model"), ckpt / "meta.json")
+    config = gpt_config(meta.get("config", {}).get("model"), ckpt / "meta.json")
     dataset = meta.get("dataset") or {}
     return LoadedWeights(config, model, ckpt, meta.get("step", manifest.get("step")), manifest.get("val_loss"),
                          dataset, tokenizer_spec=dataset.get("tokenizer_spec"))
@@ -210,8 +220,26 @@ def _from_safetensors(file: Path, quiet: bool = True) -> LoadedWeights:
     beside = info.get(KEY_TOKENIZER_FILE)
     if tok_json is None and beside and (file.parent / beside).is_file():
         tok_json = (file.parent / beside).read_bytes().decode("utf-8")
-    return LoadedWeights(_gpt_config(raw_config, file), tensors, file, step,
+    return LoadedWeights(gpt_config(raw_config, file), tensors, file, step,
                          val if val is not None and math.isfinite(val) else None, dataset, spec, tok_json)
+
+
+def _from_hf_dir(directory: Path) -> LoadedWeights:
+    """A Hugging Face model directory; one exported by dist_gpt carries its own settings in config.json."""
+    from .data.tokenizers import TOKENIZER_FILE
+    from .hf import EMBEDDED, read_model
+
+    config, state, hf = read_model(directory)
+    info = hf.get(EMBEDDED) or {}
+    eos = hf.get("eos_token_id")
+    dataset = info.get("dataset") or {"eot_id": eos if isinstance(eos, int) else None}
+    spec, text = info.get("tokenizer_spec"), None
+    tok_file = directory / TOKENIZER_FILE
+    if (spec is None or spec.get("kind") == "hf") and tok_file.is_file():
+        text = tok_file.read_bytes().decode("utf-8")  # bytes: the fingerprint is their sha256
+        spec = spec or {"kind": "hf", "name": f"{directory.name}/{TOKENIZER_FILE}", "file": TOKENIZER_FILE,
+                        "eot_token": None}
+    return LoadedWeights(config, state, directory, info.get("step"), info.get("val_loss"), dataset, spec, text)
 
 
 def _tensor_bytes(file: Path) -> int:

@@ -33,6 +33,8 @@ CONFIGS = {
     "postnorm-qknorm-learned": dict(block="postnorm", norm="rmsnorm", qk_norm=True, logit_softcap=5.0,
                                     head_dim=6, mlp_hidden=40),
     "checkpointed": dict(activation_checkpointing=True, positions="rope", dropout=0.1),
+    "gqa": dict(positions="rope", norm="rmsnorm", mlp="swiglu", n_kv_head=2, qk_norm=True, norm_eps=1e-5),
+    "gpt2": dict(mlp="gelu_tanh", bias=True, qkv_bias=True, n_kv_head=1),
 }
 
 
@@ -98,13 +100,15 @@ def test_generate_with_cache_equals_without(name):
 
 
 def test_every_combination_is_causal_and_cache_exact():
-    """norm x block x positions x mlp x qk_norm x zero_init x softcap (256 models, 1 layer, 8 wide)."""
+    """norm x block x positions x mlp x qk_norm x zero_init x softcap (256 models, 1 layer, 8 wide),
+    half of them with grouped-query attention (gelu_tanh is in CONFIGS["gpt2"])."""
     options = itertools.product(("layernorm", "rmsnorm"), ("prenorm", "postnorm"), ("learned", "rope"),
                                 ("gelu", "relu", "relu2", "swiglu"), (False, True), (False, True), (None, 3.0))
     for i, (norm, block, positions, mlp, qk_norm, zero_init, cap) in enumerate(options):
         cfg = GPTConfig(vocab_size=16, block_size=8, n_layer=1, n_head=2, n_embd=8, norm=norm, block=block,
                         positions=positions, mlp=mlp, qk_norm=qk_norm, zero_init=zero_init,
-                        logit_softcap=cap, tie_embeddings=bool(i % 2), bias=bool(i % 3))
+                        logit_softcap=cap, tie_embeddings=bool(i % 2), bias=bool(i % 3),
+                        n_kv_head=1 if i % 4 < 2 else None)
         torch.manual_seed(i)
         model = noisy(GPT(cfg), i)
         check_causal(model, 16, 8)
@@ -212,6 +216,45 @@ def test_modern_parameter_layout():
     assert GPTConfig(n_embd=768, mlp="swiglu").hidden_size == 2048
 
 
+def test_grouped_query_attention_layout_and_function():
+    """n_kv_head=K < n_head=H: qkv holds H query heads then K key and K value heads, and query head h
+    attends with key/value head h // (H/K) -- the same as plain attention with those heads repeated."""
+    gqa = build(dict(n_head=4, n_kv_head=2, positions="rope"))
+    assert gqa.blocks[0].attn.qkv.weight.shape == ((4 + 2 * 2) * 8, 32)
+    full = GPT(tiny(n_head=4, positions="rope"))
+    sd = gqa.state_dict()
+    for i in range(gqa.cfg.n_layer):
+        q, k, v = sd[f"blocks.{i}.attn.qkv.weight"].split([32, 16, 16])
+        repeat = [t.view(2, 8, 32).repeat_interleave(2, dim=0).reshape(32, 32) for t in (k, v)]
+        sd[f"blocks.{i}.attn.qkv.weight"] = torch.cat([q, *repeat])
+    full.load_state_dict(sd)
+    idx = torch.randint(0, V, (2, T))
+    torch.testing.assert_close(gqa(idx), full.eval()(idx), atol=1e-5, rtol=1e-5)
+
+
+def test_new_options_default_to_the_old_model():
+    """Configs saved before n_kv_head, norm_eps and gelu_tanh existed lack those keys; their defaults
+    build the same parameters and the same function (LayerNorm eps 1e-5, RMSNorm 1e-6)."""
+    for norm, eps in (("layernorm", 1e-5), ("rmsnorm", 1e-6)):
+        cfg = tiny(norm=norm)
+        assert cfg.kv_heads == cfg.n_head and cfg.eps == eps
+        model = build(dict(norm=norm))
+        assert model.blocks[0].attn.qkv.weight.shape == (3 * 32, 32)
+        explicit = GPT(tiny(norm=norm, n_kv_head=4, norm_eps=eps))
+        explicit.load_state_dict(model.state_dict())
+        idx = torch.randint(0, V, (2, T))
+        assert torch.equal(explicit.eval()(idx), model(idx))
+
+
+def test_tanh_gelu_is_the_tanh_approximation():
+    model = build(dict(mlp="gelu_tanh"))
+    x = torch.randn(2, T, 32)
+    mlp = model.blocks[0].mlp
+    h = mlp.fc(x)
+    expected = mlp.proj(0.5 * h * (1 + torch.tanh(math.sqrt(2 / math.pi) * (h + 0.044715 * h ** 3))))
+    torch.testing.assert_close(mlp(x), expected, atol=1e-6, rtol=1e-5)
+
+
 def test_tied_embeddings_appear_once_and_load_both_ways(tmp_path):
     from safetensors.torch import load_file, save_file
 
@@ -312,6 +355,29 @@ def test_generation_past_the_context(name):
     assert model.generate(long_prompt, 4, temperature=0).shape == (1, 2 * T + 4)
 
 
+def test_cache_holds_only_the_tokens_it_will_see(monkeypatch):
+    """A model with a long context (an imported Qwen3: 40,960) allocates its KV cache for the prompt
+    and the new tokens, not the whole context, when they fit; past the context it needs all of it."""
+    import dist_gpt.model as model_mod
+
+    sizes = []
+
+    class Recording(KVCache):
+        def __init__(self, n_layer, max_len):
+            sizes.append(max_len)
+            super().__init__(n_layer, max_len)
+
+    monkeypatch.setattr(model_mod, "KVCache", Recording)
+    model = noisy(GPT(tiny(block_size=4096, positions="rope")))
+    prompt = torch.randint(0, V, (1, 5))
+    out = model.generate(prompt, 6, temperature=0)
+    assert sizes == [11]
+    assert torch.equal(out, model.generate(prompt, 6, temperature=0, use_cache=False))
+    sizes.clear()
+    build(CONFIGS["classic"]).generate(prompt, 3 * T, temperature=0)
+    assert set(sizes) == {T}
+
+
 def test_cache_makes_each_new_token_cost_one_position():
     """Count the positions each forward pass computes: with the cache a new token costs one (plus a
     rebuild of block_size // 2 every block_size // 2 tokens past the context), without it up to block_size."""
@@ -368,6 +434,9 @@ def test_cpu_bf16_attention_is_fp32_attention_of_the_bf16_inputs():
     (dict(logit_softcap=0.0), "model.logit_softcap"),
     (dict(init_std=-1.0), "model.init_std"),
     (dict(rope_base=0.0), "model.rope_base"),
+    (dict(n_head=4, n_kv_head=3), "model.n_kv_head"),
+    (dict(n_kv_head=0), "model.n_kv_head"),
+    (dict(norm_eps=0.0), "model.norm_eps"),
 ])
 def test_bad_configurations_are_refused_clearly(kw, key):
     with pytest.raises(ConfigError) as err:
