@@ -360,24 +360,26 @@ def shutdown(code: int = 0) -> None:
 
 
 def run_main(run, argv: list[str]) -> None:
-    """The one way an entry point ends: `run(argv)` returns the exit code; a UserError becomes its
-    one-line message and exit code 2, a lost peer (faults.PeerLost) its message and 4; then
-    `shutdown` on every rank.
+    """The one way an entry point ends: `exit_code(run, argv)`, then `shutdown` on every rank."""
+    shutdown(exit_code(run, argv))
+
+
+def exit_code(run, argv: list[str]) -> int:
+    """`run(argv)`'s exit code; a UserError becomes its one-line message and exit code 2, a lost peer
+    (faults.PeerLost) its message and 4 (the tests call entry points in-process through this).
 
     A ConfigError raised before the process group exists comes from the command line, which every
     rank of a launch shares: only the launch's rank 0 prints it, so it appears once, first.
     """
     from .faults import PeerLost
 
-    code = 1
     try:
-        code = run(argv)
+        return run(argv)
     except (UserError, PeerLost) as e:
         same_everywhere = isinstance(e, ConfigError) and not (dist.is_available() and dist.is_initialized())
         if not same_everywhere or launch_rank() == 0:
             print(f"error: {e}", file=sys.stderr)
-        code = e.exit_code
-    shutdown(code)
+        return e.exit_code
 
 
 def launch_rank() -> int:

@@ -24,7 +24,8 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from .errors import ConfigError, UserError
+from . import dist
+from .errors import ConfigError
 from .weights import (
     EXPORT_FORMAT,
     KEY_CONFIG,
@@ -132,15 +133,15 @@ def _export_safetensors(loaded, spec: dict | None, tok_json: str | None, out: Pa
     return written
 
 
-def main(argv: list[str] | None = None) -> int:
-    try:
-        args = parse_args(argv)
-        export(args.checkpoint, args.out, "best" if args.best else "latest", args.force, args.format, args.quiet)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+def run(argv: list[str]) -> int:
+    args = parse_args(argv)
+    export(args.checkpoint, args.out, "best" if args.best else "latest", args.force, args.format, args.quiet)
     return 0
 
 
+def main(argv: list[str] | None = None) -> None:
+    dist.run_main(run, sys.argv[1:] if argv is None else argv)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -17,7 +17,8 @@ import sys
 
 import torch
 
-from .errors import DataError, UserError
+from . import dist
+from .errors import DataError
 from .progress import progress_bar
 from .weights import add_source_arguments, load_model
 
@@ -52,42 +53,42 @@ class StreamDecoder:
         return new
 
 
-def main(argv: list[str] | None = None) -> int:
+def run(argv: list[str]) -> int:
+    args = parse_args(argv)
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if args.device == "auto" else args.device))
+    model, loaded = load_model(args, device)
+    model.eval()
+    tok = loaded.tokenizer
     try:
-        args = parse_args(argv)
-        device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                              ("cpu" if args.device == "auto" else args.device))
-        model, loaded = load_model(args, device)
-        model.eval()
-        tok = loaded.tokenizer
-        try:
-            prompt_ids = tok.encode(args.prompt) or [loaded.eot_id or 0]
-        except DataError as e:  # a character a char vocabulary lacks
-            raise DataError(f"--prompt {args.prompt!r}: {e}") from None
-        idx = torch.tensor([prompt_ids[-loaded.config.block_size:]], dtype=torch.long, device=device)
-        gen = torch.Generator(device=device).manual_seed(args.seed)
-        # The streamed text is the progress on a terminal; written to a file, a bar on stderr counts the tokens.
-        with progress_bar(args.num_samples * args.max_new_tokens, "sample", unit="tok",
-                          quiet=args.quiet or sys.stdout.isatty()) as bar:
-            for i in range(args.num_samples):
-                if args.num_samples > 1:
-                    print(f"--- sample {i + 1} ---")
-                sys.stdout.write(args.prompt)
-                decoder = StreamDecoder(tok)
-                for nxt in model.stream(idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                                        top_p=args.top_p, eot_id=loaded.eot_id, generator=gen):
-                    token = int(nxt[0, 0])
-                    bar.update(1)
-                    if token == loaded.eot_id:
-                        break
-                    sys.stdout.write(decoder.push(token))
-                    sys.stdout.flush()
-                sys.stdout.write("\n")
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        prompt_ids = tok.encode(args.prompt) or [loaded.eot_id or 0]
+    except DataError as e:  # a character a char vocabulary lacks
+        raise DataError(f"--prompt {args.prompt!r}: {e}") from None
+    idx = torch.tensor([prompt_ids[-loaded.config.block_size:]], dtype=torch.long, device=device)
+    gen = torch.Generator(device=device).manual_seed(args.seed)
+    # The streamed text is the progress on a terminal; written to a file, a bar on stderr counts the tokens.
+    with progress_bar(args.num_samples * args.max_new_tokens, "sample", unit="tok",
+                      quiet=args.quiet or sys.stdout.isatty()) as bar:
+        for i in range(args.num_samples):
+            if args.num_samples > 1:
+                print(f"--- sample {i + 1} ---")
+            sys.stdout.write(args.prompt)
+            decoder = StreamDecoder(tok)
+            for nxt in model.stream(idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                                    top_p=args.top_p, eot_id=loaded.eot_id, generator=gen):
+                token = int(nxt[0, 0])
+                bar.update(1)
+                if token == loaded.eot_id:
+                    break
+                sys.stdout.write(decoder.push(token))
+                sys.stdout.flush()
+            sys.stdout.write("\n")
     return 0
 
 
+def main(argv: list[str] | None = None) -> None:
+    dist.run_main(run, sys.argv[1:] if argv is None else argv)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

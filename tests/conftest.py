@@ -36,6 +36,23 @@ def _env(extra: dict | None = None) -> dict:
     return env
 
 
+def export_main(argv: list[str]) -> int:
+    """`python -m dist_gpt.export ARGV` in this process: its exit code (the entry point itself ends
+    the process through dist.run_main)."""
+    from dist_gpt import export
+    from dist_gpt.dist import exit_code
+
+    return exit_code(export.run, argv)
+
+
+def sample_main(argv: list[str]) -> int:
+    """`python -m dist_gpt.sample ARGV` in this process: its exit code."""
+    from dist_gpt import sample
+    from dist_gpt.dist import exit_code
+
+    return exit_code(sample.run, argv)
+
+
 def require(module: str):
     """Import an optional test dependency of the dev extra (transformers, lm_eval): skip with the
     reason where it is missing, except under CI=true, where the dev extra is installed and a

@@ -16,7 +16,7 @@ from dist_gpt.resume import ConfigIdentity, DatasetIdentity
 from dist_gpt.data import Dataset
 from dist_gpt.data.prepare import PrepareOptions, prepare
 from dist_gpt.errors import CheckpointError
-from dist_gpt.export import main as export_main
+from conftest import export_main
 from dist_gpt.model import GPT
 from dist_gpt.optim import build_optimizers
 from dist_gpt.weights import load_weights
@@ -129,7 +129,7 @@ def test_checkpoint_errors_offer_the_commands_own_option(tmp_path, bpe_data, cap
     """export and sample take a checkpoint through --checkpoint (they have no --resume): their errors
     say so; the trainer's path (Checkpointer.load) keeps --resume."""
     from dist_gpt.checkpoint import read_meta
-    from dist_gpt.sample import main as sample_main
+    from conftest import sample_main
 
     run = tmp_path / "run"
     trained_run(run, bpe_data)
@@ -151,7 +151,7 @@ def test_prompt_outside_a_char_vocabulary_names_the_way_out(tmp_path, capsys):
 
     from dist_gpt.data.tokenizers import CharTokenizer
     from dist_gpt.data.writer import write_dataset
-    from dist_gpt.sample import main as sample_main
+    from conftest import sample_main
 
     data = tmp_path / "data"
     write_dataset(data, CharTokenizer("\n abcde"), {"train": [np.arange(3000) % 7], "val": [np.arange(500) % 7]})

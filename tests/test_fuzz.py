@@ -42,9 +42,9 @@ from dist_gpt.data.shard_tools import verify_dataset
 from dist_gpt.dist import DistEnv
 from dist_gpt.errors import UserError
 from dist_gpt.evaluate import evaluate
-from dist_gpt.export import main as export_main
+from conftest import export_main
 from dist_gpt.faults import StopSignals
-from dist_gpt.sample import main as sample_main
+from conftest import sample_main
 from dist_gpt.train import train
 from dist_gpt.trainer import build
 

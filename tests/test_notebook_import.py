@@ -20,7 +20,7 @@ from dist_gpt.data.prepare import main as prepare_main
 from dist_gpt.errors import CheckpointError, DataError
 from dist_gpt.model import GPT
 from dist_gpt.notebook import import_notebook
-from dist_gpt.sample import main as sample_main
+from conftest import sample_main
 from dist_gpt.weights import load_weights
 from notebook_fixture import SIZES, build_notebook_model, notebook_forward, write_notebook_files
 
