@@ -85,9 +85,10 @@ def export_tokenizer(loaded) -> tuple[dict | None, str | None]:
     it was trained with. A note says so when neither has it (the spec, if known, is still recorded)."""
     spec, tok_json = dataset_tokenizer(loaded.data_path, loaded.tokenizer_spec)
     if tok_json is None and loaded.tokenizer_json is not None:
-        spec, tok_json = spec or loaded.tokenizer_spec, loaded.tokenizer_json
+        tok_json = loaded.tokenizer_json
     spec = spec or loaded.tokenizer_spec
-    if spec is None or (spec.get("kind") == "hf" and tok_json is None):
+    gone = not (loaded.data_path and Path(loaded.data_path).is_dir())
+    if spec is None or (spec.get("kind") == "hf" and tok_json is None and gone):
         print(f"note: dataset {loaded.data_path} not found: the export names its tokenizer "
               f"({loaded.dataset.get('tokenizer')}) but cannot carry it", file=sys.stderr)
     elif spec.get("kind") != "tiktoken":  # tiktoken may need a download; the others are checked here

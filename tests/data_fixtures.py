@@ -50,3 +50,11 @@ def documents_dataset(directory: Path, train_docs: int = 400, val_docs: int = 40
             w.write(split, np.full(length, 1 + k % 250, dtype=np.uint8), source_bytes=length, doc_starts=[0])
     w.finish({"kind": "test"})
     return Path(directory)
+
+
+def as_version_1(manifest: dict) -> list[str]:
+    """Turn a manifest (a dict, changed in place) into what dist_gpt 0.1.0 wrote: version 1, no checksum,
+    no document indexes. Returns the index files it no longer names."""
+    manifest["version"] = 1
+    manifest.pop("checksum", None)
+    return [manifest["splits"][split].pop("doc_index")["file"] for split in ("train", "val")]

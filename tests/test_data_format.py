@@ -10,7 +10,7 @@ from dist_gpt.data import Dataset
 from dist_gpt.data.format import (HEADER_SIZE, ShardWriter, dtype_code_for_vocab, open_memmap, read_header,
                                   verify_payload, write_shard)
 from dist_gpt.errors import DataError
-from tests.data_fixtures import random_dataset
+from tests.data_fixtures import as_version_1, random_dataset
 
 FP = "ab" * 32
 
@@ -159,10 +159,8 @@ def test_dataset_without_a_document_index_still_opens(tmp_path, capsys):
     args = [str(tmp_path / "a.txt"), "--out", str(tmp_path / "ds"), "--val-split", "0.1"]
     assert prepare_main(args + ["--quiet"]) == 0
     manifest = json.loads((tmp_path / "ds" / "manifest.json").read_text())
-    manifest["version"] = 1
-    del manifest["checksum"]  # version 1 had neither checksum nor document indexes
-    for split in ("train", "val"):
-        (tmp_path / "ds" / manifest["splits"][split].pop("doc_index")["file"]).unlink()
+    for name in as_version_1(manifest):
+        (tmp_path / "ds" / name).unlink()
     (tmp_path / "ds" / "manifest.json").write_text(json.dumps(manifest))
     ds = Dataset.open(tmp_path / "ds", verify=True)
     assert not ds.has_doc_index and verify_dataset(tmp_path / "ds") == []

@@ -13,7 +13,7 @@ from dist_gpt.data.format import open_memmap, read_header
 from dist_gpt.data.permutation import FeistelPermutation
 from dist_gpt.data.sampler import WINDOW, TrainLayout, shard_block_starts
 from dist_gpt.errors import DataError
-from tests.data_fixtures import counting_dataset, documents_dataset, random_dataset
+from tests.data_fixtures import as_version_1, counting_dataset, documents_dataset, random_dataset
 
 T = 15  # block_size; blocks are T + 1 = 16 tokens
 
@@ -298,9 +298,7 @@ def test_val_blocks_carry_document_ids(docs_ds):
 def test_document_training_needs_the_index(ds, tmp_path):
     import json
     manifest = json.loads((ds.path / "manifest.json").read_text())
-    manifest["version"] = 1
-    for split in ("train", "val"):
-        del manifest["splits"][split]["doc_index"]
+    as_version_1(manifest)
     (ds.path / "manifest.json").write_text(json.dumps(manifest))
     old = Dataset.open(ds.path)
     TrainBatches(old, T, 8, 8)  # random blocks need no index

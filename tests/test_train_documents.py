@@ -10,6 +10,7 @@ import sys
 import pytest
 
 from conftest import ASSETS, EXACT, REPO, _env, final, losses, run_train
+from tests.data_fixtures import as_version_1
 
 DOCS = ["--data.align=document", "--model.doc_mask=true"]
 
@@ -46,9 +47,8 @@ def test_document_options_need_a_document_index(tiny_data, tmp_path):
     old = tmp_path / "old"
     old.mkdir()
     manifest = json.loads((tiny_data / "manifest.json").read_text())
-    manifest["version"] = 1
+    as_version_1(manifest)
     for split in ("train", "val"):
-        del manifest["splits"][split]["doc_index"]
         for shard in manifest["splits"][split]["shards"]:
             (old / shard["file"]).symlink_to(tiny_data / shard["file"])
     (old / "manifest.json").write_text(json.dumps(manifest))
