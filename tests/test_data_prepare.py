@@ -276,7 +276,14 @@ def test_interrupted_prepare_leaves_no_partial_shard(tmp_path):
     for sig in (signal.SIGINT, signal.SIGKILL):
         # prepare holds after renaming its first shard until the signal comes (dist_gpt.faults.pause)
         hold = tmp_path / f"pause-{sig.name}"
-        proc = subprocess.Popen(cmd, env={**env, **pause_env(hold, "shard")}, cwd=tmp_path, stderr=subprocess.PIPE)
+        # A shell starts background jobs with SIGINT ignored, and an ignored signal stays ignored across
+        # exec: were pytest started so, prepare would never see the Ctrl-C. A handler here is reset to the
+        # default in the child, where Python then installs its KeyboardInterrupt handler.
+        ignored = signal.signal(signal.SIGINT, signal.default_int_handler)
+        try:
+            proc = subprocess.Popen(cmd, env={**env, **pause_env(hold, "shard")}, cwd=tmp_path, stderr=subprocess.PIPE)
+        finally:
+            signal.signal(signal.SIGINT, ignored)
         wait_paused(hold, "shard", 1, lambda: proc.poll() is None)
         (staging,) = tmp_path.glob(".ds.prepare-*")
         (first,) = staging.glob("*.bin")  # one complete shard when the signal is sent, the rest to come
