@@ -9,6 +9,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -265,6 +266,20 @@ def test_output_does_not_depend_on_workers(tmp_path):
     assert sums[0] == sums[1]
 
 
+def _children(pid: int) -> set[int]:
+    """The processes `pid` started (Linux: /proc/PID/task/*/children)."""
+    return {int(c) for t in Path(f"/proc/{pid}/task").glob("*")
+            for c in (t / "children").read_text().split()}
+
+
+def _gone(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return True
+    return stat.rsplit(")", 1)[1].split()[0] == "Z"  # a zombie has exited, its reaper just hasn't looked
+
+
 def test_interrupted_prepare_leaves_no_partial_shard(tmp_path):
     big = tmp_path / "big.txt"
     line = ("the quick brown fox jumps over the lazy dog " * 3 + "\n").encode()
@@ -280,26 +295,41 @@ def test_interrupted_prepare_leaves_no_partial_shard(tmp_path):
         # exec: were pytest started so, prepare would never see the Ctrl-C. A handler here is reset to the
         # default in the child, where Python then installs its KeyboardInterrupt handler.
         ignored = signal.signal(signal.SIGINT, signal.default_int_handler)
-        try:
-            proc = subprocess.Popen(cmd, env={**env, **pause_env(hold, "shard")}, cwd=tmp_path, stderr=subprocess.PIPE)
+        try:  # a session of its own, so that whatever happens below, nothing it started outlives the test
+            proc = subprocess.Popen(cmd, env={**env, **pause_env(hold, "shard")}, cwd=tmp_path,
+                                    stderr=subprocess.PIPE, start_new_session=True)
         finally:
             signal.signal(signal.SIGINT, ignored)
-        wait_paused(hold, "shard", 1, lambda: proc.poll() is None)
-        (staging,) = tmp_path.glob(".ds.prepare-*")
-        (first,) = staging.glob("*.bin")  # one complete shard when the signal is sent, the rest to come
-        assert first.name == "train_00000.bin"
-        verify_payload(first, read_header(first))
-        proc.send_signal(sig)
-        proc.wait(timeout=60)
-        assert not out.exists()  # nothing reaches --out before the dataset is complete and verified
-        if sig == signal.SIGINT:
-            assert proc.returncode == 130 and b"interrupted" in proc.stderr.read()
-            assert not list(tmp_path.glob(".ds.prepare-*"))  # and the partial work is removed
-        else:  # a kill leaves the staging directory: complete shards, at most one .tmp, no manifest
+        try:
+            wait_paused(hold, "shard", 1, lambda: proc.poll() is None)
             (staging,) = tmp_path.glob(".ds.prepare-*")
-            for shard in staging.glob("*.bin"):
-                read_header(shard)
-            assert not (staging / "manifest.json").exists()
+            (first,) = staging.glob("*.bin")  # one complete shard when the signal is sent, the rest to come
+            assert first.name == "train_00000.bin"
+            verify_payload(first, read_header(first))
+            helpers = _children(proc.pid)  # the encoding worker and multiprocessing's resource tracker
+            proc.send_signal(sig)
+            proc.wait(timeout=60)
+            assert not out.exists()  # nothing reaches --out before the dataset is complete and verified
+            if sig == signal.SIGINT:
+                assert proc.returncode == 130 and b"interrupted" in proc.stderr.read()
+                assert not list(tmp_path.glob(".ds.prepare-*"))  # and the partial work is removed
+            else:  # a kill leaves the staging directory: complete shards, at most one .tmp, no manifest
+                (staging,) = tmp_path.glob(".ds.prepare-*")
+                for shard in staging.glob("*.bin"):
+                    read_header(shard)
+                assert not (staging / "manifest.json").exists()
+            # prepare's helpers end with it, even when it was killed outright (they notice their parent
+            # is gone); the timeout only bounds a failure
+            deadline = time.monotonic() + 120
+            while not all(_gone(pid) for pid in helpers):
+                assert time.monotonic() < deadline, f"prepare's helper processes outlived it: {sorted(helpers)}"
+                time.sleep(0.1)
+        finally:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.wait()
     assert subprocess.run(cmd, env=env, cwd=tmp_path, timeout=300).returncode == 0
     assert not list(tmp_path.glob(".ds.prepare-*"))  # the dead run's leftovers were cleaned up
     assert verify_dataset(out) == []

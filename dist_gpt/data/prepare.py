@@ -26,6 +26,7 @@ import shlex
 import shutil
 import signal
 import sys
+import threading
 import time
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor
@@ -237,7 +238,16 @@ def _ordered_map(fn, tasks, workers: int, initargs: tuple):
 
 def _worker_start(*initargs) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops the pool
+    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), name="prepare-parent", daemon=True).start()
     encode.init_worker(*initargs, library_threads=False)
+
+
+def _exit_with_parent(parent: int) -> None:
+    """A worker whose prepare was killed outright (SIGKILL, OOM) would wait on the pool's queue forever:
+    it holds that queue's write end itself, so it never reads an end of file. It leaves instead."""
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os._exit(1)
 
 
 def _progress(opts: PrepareOptions, total: int, desc: str):
@@ -500,7 +510,6 @@ def _raise_interrupt(signum, frame):
 
 
 def _main_thread() -> bool:
-    import threading
     return threading.current_thread() is threading.main_thread()
 
 
