@@ -81,9 +81,9 @@ def read_model(directory: str | Path) -> tuple[GPTConfig, dict[str, torch.Tensor
              and not (cfg.tie_embeddings and n == "lm_head.weight")]
     if extra:
         more = f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""
-        raise CheckpointError(f"{weights.files[extra[0]]}: tensor {extra[0]!r}{more} is not part of a {hf['model_type']} "
-                              "model as dist_gpt computes it: the file is damaged, or the weights belong to another "
-                              "architecture; download or copy the model again")
+        raise CheckpointError(f"{weights.files[extra[0]]}: tensor {extra[0]!r}{more} is not part of a "
+                              f"{hf['model_type']} model as dist_gpt computes it: the file is damaged, or the weights "
+                              "belong to another architecture; download or copy the model again")
     state = to_ours(links, weights.get, weights.__contains__, cfg, str(directory))
     return cfg, state, hf
 
