@@ -10,6 +10,7 @@ Precedence, lowest first: the section defaults, the preset (which names a recipe
     --resume X         checkpoint.resume: auto | none | PATH
     --force            checkpoint.force=true
     --init-from DIR    train.init_from
+    --init-from-unchecked-ids    train.init_from_unchecked_ids=true
 
 An unknown key, a bad type or a bad value is a `ConfigError` raised before any rank starts work.
 Each component receives only its own section.
@@ -56,6 +57,7 @@ class TrainConfig:
     seed: int = field(default=1337, metadata={"help": "seed of initialisation, data order and dropout"})
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda"})
     init_from: str | None = field(default=None, metadata={"help": "start from the weights of this checkpoint, run directory, .safetensors or Hugging Face model directory (GPT-2, Llama, Qwen2, Qwen3: its config.json gives the model section, except block_size, dropout and activation_checkpointing); fresh optimizer, step 0"})
+    init_from_unchecked_ids: bool = field(default=False, metadata={"help": "with init_from a Hugging Face model directory that has no tokenizer.json (so the dataset's token ids cannot be checked against the model's): start anyway, trusting that the dataset was tokenized as the model was"})
     nan_policy: str = field(default="stop", metadata={"help": "on a NaN/inf loss: skip (drop the step) | rollback (reload the last checkpoint and skip the bad batches) | stop"})
     nan_max_rollbacks: int = field(default=3, metadata={"help": "rollbacks allowed before the run stops (nan_policy=rollback)"})
     timeout_s: float = field(default=600.0, metadata={"help": "collective timeout: a rank that stops answering fails the job after this many seconds"})
@@ -121,6 +123,7 @@ ALIASES = {
     "resume": "checkpoint.resume",
     "force": "checkpoint.force",
     "init-from": "train.init_from",
+    "init-from-unchecked-ids": "train.init_from_unchecked_ids",
 }
 
 
@@ -399,7 +402,7 @@ def help_text(cfg: Config) -> str:
         "usage: torchrun --nproc_per_node=N -m dist_gpt.train [--preset NAME] [--config FILE] [--section.key=value ...]",
         "",
         f"presets: {', '.join(PRESETS)} (defaults below are those of --preset {cfg.preset})",
-        "aliases: --recipe -> --train.recipe, --resume -> --checkpoint.resume, --force -> --checkpoint.force, --init-from -> --train.init_from",
+        "aliases: --recipe -> --train.recipe, --resume -> --checkpoint.resume, --force -> --checkpoint.force, --init-from -> --train.init_from, --init-from-unchecked-ids -> --train.init_from_unchecked_ids",
         "--dry-run [--dry-run-world=N] [--dry-run-memory=GIB]: print the run's size and each layout's memory per "
         "rank (on N ranks; whether it fits GIB of device memory), then exit",
     ]

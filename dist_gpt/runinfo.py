@@ -32,12 +32,13 @@ def git_sha() -> str | None:
         return None
 
 
-def resolve_model_config(model_cfg, data, init_from: str | None = None):
-    """A Hugging Face init_from directory gives the model (dist_gpt.hf.init_model_config); vocab_size
-    0 takes the dataset's; otherwise it must hold every token id of the dataset."""
+def resolve_model_config(model_cfg, data, init_from: str | None = None, unchecked_ids: bool = False):
+    """A Hugging Face init_from directory gives the model (dist_gpt.hf.init_model_config; `unchecked_ids`:
+    train.init_from_unchecked_ids); vocab_size 0 takes the dataset's; otherwise it must hold every
+    token id of the dataset."""
     from .hf import init_model_config
 
-    model_cfg = init_model_config(model_cfg, init_from, data)
+    model_cfg = init_model_config(model_cfg, init_from, data, unchecked_ids)
     if model_cfg.vocab_size == 0:
         return dataclasses.replace(model_cfg, vocab_size=data.vocab_size)
     if model_cfg.vocab_size < data.vocab_size:

@@ -170,7 +170,7 @@ def build(cfg, env: dist.DistEnv, stop: StopSignals, log: NullLogger | None = No
     tc = cfg.train
     torch.manual_seed(tc.seed)  # the model's initial weights
     data = open_dataset(cfg, env)
-    cfg.model = resolve_model_config(cfg.model, data, tc.init_from)
+    cfg.model = resolve_model_config(cfg.model, data, tc.init_from, tc.init_from_unchecked_ids)
     precision = Precision(tc.precision, env.device)
     model, fwd_model, train_model = build_model(cfg, env, precision.name)
     optimizers = build_optimizers(model, cfg.optim, env.device, exact=precision.name == "fp32",

@@ -31,7 +31,7 @@ from .checkpoint import load_tensors, read_manifest, read_meta, read_metadata, r
 from .checkpoint.layout import checkpoint_option
 from .checkpoint.safe_reader import reading_progress
 from .errors import CheckpointError, DataError
-from .hf.files import is_model_dir
+from .hf.files import is_model_dir, require_config
 from .model import GPTConfig
 from .progress import progress_bar
 
@@ -135,6 +135,7 @@ def load_weights(path: str | Path, device: str | torch.device = "cpu", which: st
     `option`: the command's option that names the checkpoint, for the way out its errors offer;
     quiet=False shows a progress bar of the bytes read (a command's, see dist_gpt.progress)."""
     path = Path(path)
+    require_config(path)
     if path.suffix == ".safetensors" or path.is_file():
         loaded = _from_safetensors(path, quiet)
     elif is_model_dir(path):
@@ -219,7 +220,7 @@ def _from_safetensors(file: Path, quiet: bool = True) -> LoadedWeights:
     tok_json = info.get(KEY_TOKENIZER_JSON)
     beside = info.get(KEY_TOKENIZER_FILE)
     if tok_json is None and beside and (file.parent / beside).is_file():
-        tok_json = (file.parent / beside).read_bytes().decode("utf-8")
+        tok_json = read_tokenizer_text(file.parent / beside, "export the model again")
     return LoadedWeights(gpt_config(raw_config, file), tensors, file, step,
                          val if val is not None and math.isfinite(val) else None, dataset, spec, tok_json)
 
@@ -236,7 +237,7 @@ def _from_hf_dir(directory: Path) -> LoadedWeights:
     spec, text = info.get("tokenizer_spec"), None
     tok_file = directory / TOKENIZER_FILE
     if (spec is None or spec.get("kind") == "hf") and tok_file.is_file():
-        text = tok_file.read_bytes().decode("utf-8")  # bytes: the fingerprint is their sha256
+        text = read_tokenizer_text(tok_file, "restore the model directory's original file")
         spec = spec or {"kind": "hf", "name": f"{directory.name}/{TOKENIZER_FILE}", "file": TOKENIZER_FILE,
                         "eot_token": None}
     return LoadedWeights(config, state, directory, info.get("step"), info.get("val_loss"), dataset, spec, text)
@@ -271,13 +272,19 @@ def dataset_tokenizer(data_path: str | None, spec: dict | None = None) -> tuple[
     if not isinstance(spec, dict) or spec.get("kind") != "hf":
         return spec, None
     file = Path(data_path) / str(spec.get("file"))
+    if not file.exists():
+        return spec, None
+    return spec, read_tokenizer_text(file, "restore the dataset's original file")
+
+
+def read_tokenizer_text(file: Path, fix: str) -> str:
+    """The text of a tokenizer.json, or a DataError naming the file and `fix` when it cannot be read or
+    is not UTF-8 (a bit flip is enough)."""
     try:
         # Bytes, not read_text(): newline translation would change the file's sha256 fingerprint.
-        return spec, file.read_bytes().decode("utf-8")
-    except FileNotFoundError:
-        return spec, None
+        return file.read_bytes().decode("utf-8")
     except (OSError, UnicodeDecodeError) as e:
-        raise DataError(f"tokenizer file {file} cannot be read ({e}): restore the dataset's original file") from None
+        raise DataError(f"tokenizer file {file} cannot be read ({e}): {fix}") from None
 
 
 def _build_tokenizer(w: LoadedWeights):

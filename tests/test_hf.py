@@ -247,7 +247,12 @@ def test_tokenizers_export_as_hf_tokenizers_that_encode_and_decode_alike(tmp_pat
         out = tmp_path / f"export-{name}"
         write_export(loaded, loaded.tokenizer_spec, loaded.tokenizer_json, out, force=False)
         theirs = AutoTokenizer.from_pretrained(out)
-        for text in TEXTS:
+        # lm-eval's hf model needs a bos or eos id; byte and char declare a bos whose text already encodes
+        # to its id (byte "~", char the last character), so declaring it changes no encoding
+        assert theirs.bos_token_id is not None, name
+        expected_bos = {"byte": "~", "char": tok.chars[-1] if name == "char" else None}.get(name, "<|endoftext|>")
+        assert theirs.bos_token == expected_bos and theirs.eos_token_id == tok.eot_id, name
+        for text in [*TEXTS, "~ a~b 😀x😀"] if name != "char" else TEXTS:
             ids = tok.encode(text)
             assert theirs.encode(text, add_special_tokens=False) == ids, (name, text)
             assert theirs(text).input_ids == ids, (name, text)  # no BOS/EOS added by default
@@ -373,9 +378,116 @@ def test_an_edited_export_is_refused(tmp_path):
     tensors = load_file(out / "model.safetensors")
     tensors["model.layers.0.mlp.up_proj.weight"] += 1
     save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    reseal(out)  # an edit made on purpose, not damage: the checksum alone would refuse it first
     with pytest.raises(CheckpointError) as err:
         load_weights(out)
     assert "up_proj.weight differs from model.layers.0.mlp.gate_proj.weight" in one_line(err)
+
+
+def reseal(out: Path) -> None:
+    """Record the CRC32 of an export's edited model.safetensors in its config.json, as export does."""
+    from dist_gpt.hf.files import file_crc32
+
+    cfg = json.loads((out / "config.json").read_text())
+    cfg["dist_gpt"]["weights_crc32"] = {"model.safetensors": file_crc32(out / "model.safetensors")}
+    (out / "config.json").write_text(json.dumps(cfg))
+
+
+def header_end(file: Path) -> int:
+    """Offset of a .safetensors file's first tensor byte (8-byte length, then the JSON header)."""
+    return 8 + int.from_bytes(file.read_bytes()[:8], "little")
+
+
+def test_export_checksum_catches_a_zeroed_block_and_a_header_bit_flip(tmp_path):
+    """The export records model.safetensors' CRC32 in config.json (transformers ignores the key and still
+    loads it); a zeroed 4 KiB block or one flipped bit of a tensor name is refused in one line naming the
+    file, by every reader (load_weights: evaluate, sample, export; init_state_dict: --init-from)."""
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "export"
+    write_export(loaded_weights(recipe_model("classic", n_embd=64)), None, None, out, force=False)
+    weights = out / "model.safetensors"
+    assert json.loads((out / "config.json").read_text())["dist_gpt"]["weights_crc32"]["model.safetensors"] > 0
+    AutoModelForCausalLM.from_pretrained(out)
+    raw = weights.read_bytes()
+    at = header_end(weights) + (len(raw) - header_end(weights)) // 2
+    assert len(raw) - at > 4096
+    weights.write_bytes(raw[:at] + bytes(4096) + raw[at + 4096:])
+    for read in (lambda: load_weights(out), lambda: init_state_dict(str(out), recipe_model("classic", n_embd=64))):
+        with pytest.raises(CheckpointError) as err:
+            read()
+        assert f"{weights} is damaged" in one_line(err)
+
+    name = raw.index(b"transformer.h.0.attn.c_attn.weight") + len("transformer.h.0.attn.c_attn.")
+    weights.write_bytes(raw[:name] + bytes([raw[name] ^ 0x10]) + raw[name + 1:])  # "weight" -> "geight"
+    with pytest.raises(CheckpointError) as err:
+        load_weights(out)
+    assert f"{weights} is damaged" in one_line(err)
+
+    weights.write_bytes(raw)  # an export of the earlier version (format 1, no checksum) still loads
+    cfg = json.loads((out / "config.json").read_text())
+    del cfg["dist_gpt"]["weights_crc32"]
+    (out / "config.json").write_text(json.dumps(cfg | {"dist_gpt": cfg["dist_gpt"] | {"format": "1"}}))
+    assert load_weights(out).step == 7
+    (out / "config.json").write_text(json.dumps(cfg))  # format 2 without its checksum: damaged
+    with pytest.raises(CheckpointError) as err:
+        load_weights(out)
+    assert f"{out / 'config.json'} is damaged" in one_line(err)
+
+
+def test_a_damaged_tensor_name_in_a_foreign_directory_names_the_file(tmp_path):
+    """A directory dist_gpt did not write has no checksum; a bit flip in a tensor name is then an unknown
+    tensor, reported with the file and the possibility of damage."""
+    hf_model("gpt2").save_pretrained(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    raw = weights.read_bytes()
+    at = raw.index(b"h.0.attn.c_attn.weight") + len("h.0.attn.c_attn.")
+    weights.write_bytes(raw[:at] + b"7" + raw[at + 1:])
+    with pytest.raises(CheckpointError) as err:
+        load_weights(tmp_path)
+    assert f"{weights}: tensor 'transformer.h.0.attn.c_attn.7eight'" in one_line(err)
+    assert "the file is damaged, or the weights belong to another architecture" in str(err.value)
+
+
+def test_a_model_directory_without_config_json_names_it(tmp_path):
+    """Without config.json the directory used to be taken for a dist_gpt run ("no complete checkpoint",
+    or under --init-from "model.vocab_size=256 is smaller than the dataset's vocabulary")."""
+    from types import SimpleNamespace
+
+    hf_model("gpt2").save_pretrained(tmp_path)
+    (tmp_path / "config.json").unlink()
+    data = SimpleNamespace(tokenizer_fingerprint="0" * 64, vocab_size=V, path="d")
+    for read in (lambda: load_weights(tmp_path), lambda: init_model_config(GPTConfig(), str(tmp_path), data)):
+        with pytest.raises(CheckpointError) as err:
+            read()
+        assert f"{tmp_path / 'config.json'} is missing" in one_line(err)
+
+
+def test_a_tokenizer_file_that_is_not_utf8_is_one_line(tmp_path):
+    """tokenizer.json of a model directory, and the tokenizer file beside a .safetensors export, with
+    bytes that are not UTF-8 (a bit flip is enough): a DataError naming the file, not UnicodeDecodeError."""
+    from safetensors.torch import save_file
+
+    from dist_gpt.errors import DataError
+    from dist_gpt.weights import (EXPORT_FORMAT, KEY_CONFIG, KEY_CRC32, KEY_FORMAT, KEY_HEADER_CRC32,
+                                  KEY_TOKENIZER_FILE, KEY_TOKENIZER_SPEC, header_crc32, tensors_crc32)
+
+    hf_model("gpt2").save_pretrained(tmp_path / "dir")
+    (tmp_path / "dir" / "tokenizer.json").write_bytes(b'{"version": "1.0"\xff}')
+    with pytest.raises(DataError) as err:
+        load_weights(tmp_path / "dir")
+    assert f"tokenizer file {tmp_path / 'dir' / 'tokenizer.json'} cannot be read" in one_line(err)
+
+    loaded = loaded_weights(recipe_model("classic"))
+    info = {"format": "pt", KEY_FORMAT: EXPORT_FORMAT, KEY_CONFIG: json.dumps(loaded.config.__dict__),
+            KEY_TOKENIZER_SPEC: json.dumps({"kind": "hf", "name": "t", "file": "tokenizer.json", "eot_token": None}),
+            KEY_TOKENIZER_FILE: "m.tokenizer.json", KEY_CRC32: str(tensors_crc32(loaded.state_dict))}
+    info[KEY_HEADER_CRC32] = str(header_crc32(info, loaded.state_dict))
+    save_file(loaded.state_dict, tmp_path / "m.safetensors", metadata=info)
+    (tmp_path / "m.tokenizer.json").write_bytes(b"\xc3(")
+    with pytest.raises(DataError) as err:
+        load_weights(tmp_path / "m.safetensors")
+    assert f"tokenizer file {tmp_path / 'm.tokenizer.json'} cannot be read" in one_line(err)
 
 
 def test_init_from_takes_the_model_from_the_directory(tmp_path):
@@ -410,6 +522,55 @@ def test_init_from_needs_a_dataset_made_with_the_directory_tokenizer(tmp_path):
     assert f"prepare it with --tokenizer {tmp_path / 'tokenizer.json'}" in one_line(err)
     with pytest.raises(ConfigError, match=f"the dataset has {V + 1} token ids but"):
         init_model_config(run, str(tmp_path), SimpleNamespace(tokenizer_fingerprint=sha, vocab_size=V + 1, path="d"))
+
+
+def test_init_from_a_directory_without_tokenizer_is_refused_unless_unchecked(tmp_path):
+    """Without a tokenizer.json (or dist_gpt's recorded fingerprint) the dataset's ids cannot be checked:
+    refused in one line, also with GPT-2's vocab.json + merges.txt (dist_gpt reads tokenizer.json only),
+    unless train.init_from_unchecked_ids (--init-from-unchecked-ids) says to start anyway."""
+    from types import SimpleNamespace
+
+    hf_model("gpt2").save_pretrained(tmp_path)
+    data = SimpleNamespace(tokenizer_fingerprint="0" * 64, vocab_size=V, path="d")
+    run = GPTConfig(block_size=16)
+    with pytest.raises(ConfigError) as err:
+        init_model_config(run, str(tmp_path), data)
+    assert "has no tokenizer.json, so the dataset's token ids cannot be checked" in one_line(err)
+    assert "--init-from-unchecked-ids" in str(err.value)
+    (tmp_path / "vocab.json").write_text("{}")
+    (tmp_path / "merges.txt").write_text("#version: 0.2\n")
+    with pytest.raises(ConfigError) as err:
+        init_model_config(run, str(tmp_path), data)
+    assert "has vocab.json + merges.txt but no tokenizer.json" in one_line(err) and "save_pretrained" in str(err.value)
+    assert init_model_config(run, str(tmp_path), data, unchecked_ids=True).vocab_size == V
+    cfg = config_mod.parse(["--init-from", str(tmp_path), "--init-from-unchecked-ids"])
+    assert cfg.train.init_from_unchecked_ids is True
+
+
+def test_the_trainer_refuses_or_takes_a_directory_without_tokenizer(tiny_data, tmp_path):
+    """The trainer's own path: train.init_from a GPT-2 directory without tokenizer.json on a byte dataset
+    is refused before the run directory exists, and starts from its weights with --init-from-unchecked-ids."""
+    import contextlib
+    import io
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from dist_gpt.dist import DistEnv
+    from dist_gpt.faults import StopSignals
+    from dist_gpt.trainer import build
+
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=256, n_positions=32, n_embd=32, n_layer=1, n_head=2)).save_pretrained(
+        tmp_path / "gpt2")
+    args = ["--preset", "debug", "--recipe", "classic", "--init-from", str(tmp_path / "gpt2"),
+            f"--data.path={tiny_data}", f"--train.run_dir={tmp_path / 'run'}", "--model.block_size=32",
+            "--log.tensorboard=false", "--train.steps=1"]
+    with pytest.raises(ConfigError) as err:
+        build(config_mod.parse(args), DistEnv(), StopSignals())
+    assert "so the dataset's token ids cannot be checked" in one_line(err) and not (tmp_path / "run").exists()
+    with contextlib.redirect_stdout(io.StringIO()) as out:
+        trainer = build(config_mod.parse([*args, "--init-from-unchecked-ids"]), DistEnv(), StopSignals())
+        trainer.log.close()
+    assert f"initialised the weights from {tmp_path / 'gpt2'}" in out.getvalue()
 
 
 def test_import_and_export_need_no_transformers(tmp_path):

@@ -119,7 +119,7 @@ class HFTokenizer:
         except FileNotFoundError:
             raise DataError(f"tokenizer file {path} does not exist") from None
         except Exception as e:  # the library raises its own Exception type for a bad file
-            raise DataError(f"{path}: not a valid HF tokenizer.json ({e})") from None
+            raise DataError(f"{path}: not a valid HF tokenizer.json ({e}): restore the original file") from None
         # Text that happens to contain "<|endoftext|>" is encoded as text, never as the special
         # token: only prepare's document separators are end-of-text ids.
         self._tok.encode_special_tokens = True

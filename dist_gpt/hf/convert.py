@@ -19,11 +19,10 @@ import torch
 from ..errors import CheckpointError, ConfigError
 from ..model import GPTConfig
 from . import gpt2, llama
-from .files import WeightFiles, read_config
+from .files import EMBEDDED, WeightFiles, check_weights, read_config, require_config
 from .links import to_ours, to_theirs
 
 ARCHS: dict[str, ModuleType] = {t: m for m in (gpt2, llama) for t in m.MODEL_TYPES}
-EMBEDDED = "dist_gpt"  # the key of config.json that holds dist_gpt's own settings
 # Settings that do not change the network a config describes, or that the tensors themselves
 # decide (a bias dist_gpt lacks is a zero tensor in the file, checked when the tensors are read).
 NOT_COMPARED = {"bias", "qkv_bias", "zero_init", "init_std", "dropout", "activation_checkpointing"}
@@ -36,6 +35,7 @@ def resolved(cfg: GPTConfig) -> dict:
 
 
 def read_hf_config(directory: str | Path) -> dict:
+    require_config(directory)
     hf = read_config(Path(directory))
     if hf is None:
         raise CheckpointError(f"{directory} is not a Hugging Face model directory (no config.json with a "
@@ -73,6 +73,7 @@ def read_model(directory: str | Path) -> tuple[GPTConfig, dict[str, torch.Tensor
     where = str(directory / "config.json")
     cfg = model_config(hf, where)
     arch = ARCHS[hf["model_type"]]
+    check_weights(directory, hf)
     weights = WeightFiles(directory)
     links = arch.links(cfg, hf, weights.files)
     used = {name for link in links for name in link.theirs}
@@ -80,8 +81,9 @@ def read_model(directory: str | Path) -> tuple[GPTConfig, dict[str, torch.Tensor
              and not (cfg.tie_embeddings and n == "lm_head.weight")]
     if extra:
         more = f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""
-        raise CheckpointError(f"{directory}: tensor {extra[0]}{more} is not part of a {hf['model_type']} model as "
-                              "dist_gpt computes it: the weights belong to another architecture")
+        raise CheckpointError(f"{weights.files[extra[0]]}: tensor {extra[0]!r}{more} is not part of a "
+                              f"{hf['model_type']} model as dist_gpt computes it: the file is damaged, or the weights "
+                              "belong to another architecture; download or copy the model again")
     state = to_ours(links, weights.get, weights.__contains__, cfg, str(directory))
     return cfg, state, hf
 
@@ -106,14 +108,18 @@ def export_model(cfg: GPTConfig, state: dict[str, torch.Tensor]) -> tuple[dict, 
     return hf, to_theirs(ARCHS[hf["model_type"]].links(cfg, hf, None), state)
 
 
-def init_model_config(run: GPTConfig, init_from: str | None, data=None) -> GPTConfig:
+def init_model_config(run: GPTConfig, init_from: str | None, data=None, unchecked_ids: bool = False) -> GPTConfig:
     """train.init_from: the run's model section when it starts from a Hugging Face model directory.
 
     Every key comes from the directory's config.json except the training-only ones, which stay the
     run's: block_size (at most the file's context when positions are learned: the position table is
     cropped, as nanoGPT's crop_block_size), dropout, activation_checkpointing, zero_init, init_std.
     With the run's dataset `data`, its tokenizer must be the directory's (the ids must mean the same
-    tokens). Any other init_from (a dist_gpt run, checkpoint or export) returns `run` unchanged."""
+    tokens); a directory with no tokenizer to compare is refused unless `unchecked_ids`
+    (train.init_from_unchecked_ids). Any other init_from (a dist_gpt run, checkpoint or export)
+    returns `run` unchanged."""
+    if init_from:
+        require_config(init_from)
     if not init_from or read_config(Path(init_from)) is None:
         return run
     hf = read_hf_config(init_from)
@@ -122,27 +128,44 @@ def init_model_config(run: GPTConfig, init_from: str | None, data=None) -> GPTCo
         raise ConfigError(f"model.block_size={run.block_size} is longer than the {cfg.block_size} learned positions "
                           f"of --init-from {init_from}: pass --model.block_size={cfg.block_size} or less")
     if data is not None:
-        _check_tokenizer(Path(init_from), hf, cfg, data)
+        _check_tokenizer(Path(init_from), hf, cfg, data, unchecked_ids)
     return dataclasses.replace(cfg, block_size=run.block_size, dropout=run.dropout, zero_init=run.zero_init,
                                init_std=run.init_std, activation_checkpointing=run.activation_checkpointing)
 
 
-def _check_tokenizer(directory: Path, hf: dict, cfg: GPTConfig, data) -> None:
+def _check_tokenizer(directory: Path, hf: dict, cfg: GPTConfig, data, unchecked_ids: bool = False) -> None:
     """The dataset must be tokenized as the model was: the tokenizer a dist_gpt export records, or
     the directory's tokenizer.json (which `tools.prepare --tokenizer DIR/tokenizer.json` copies byte
-    for byte, so their SHA-256 fingerprints agree)."""
+    for byte, so their SHA-256 fingerprints agree). With neither there is nothing to compare the
+    dataset's ids with: refused unless `unchecked_ids`."""
     import hashlib
 
     fix = f"prepare it with --tokenizer {directory / 'tokenizer.json'}"
     expected = ((hf.get(EMBEDDED) or {}).get("dataset") or {}).get("tokenizer_fingerprint")
     if expected is None and (directory / "tokenizer.json").is_file():
         expected = hashlib.sha256((directory / "tokenizer.json").read_bytes()).hexdigest()
+    if expected is None and not unchecked_ids:
+        raise ConfigError(_no_tokenizer(directory))
     if expected is not None and data.tokenizer_fingerprint != expected:
         raise ConfigError(f"the dataset {getattr(data, 'path', '')} was not tokenized with --init-from {directory}'s "
                           f"tokenizer (fingerprint {data.tokenizer_fingerprint[:12]} != {expected[:12]}): {fix}")
     if data.vocab_size > cfg.vocab_size:
         raise ConfigError(f"the dataset has {data.vocab_size} token ids but --init-from {directory} only "
                           f"{cfg.vocab_size}: {fix}")
+
+
+def _no_tokenizer(directory: Path) -> str:
+    """Why --init-from DIR is refused when DIR has no tokenizer.json, and the ways out."""
+    unchecked = "or pass --init-from-unchecked-ids to start anyway"
+    if (directory / "vocab.json").is_file() and (directory / "merges.txt").is_file():
+        return (f"--init-from {directory} has vocab.json + merges.txt but no tokenizer.json, which is what dist_gpt "
+                "reads, so the dataset's token ids cannot be checked against the model's: write it once with "
+                f"python -c \"from transformers import AutoTokenizer as T; T.from_pretrained('{directory}')"
+                f".save_pretrained('{directory}')\" and prepare the dataset with --tokenizer "
+                f"{directory / 'tokenizer.json'}, {unchecked}")
+    return (f"--init-from {directory} has no tokenizer.json, so the dataset's token ids cannot be checked against "
+            f"the model's: copy the model's tokenizer.json into it and prepare the dataset with --tokenizer "
+            f"{directory / 'tokenizer.json'}, {unchecked}")
 
 
 def init_state_dict(init_from: str, cfg: GPTConfig) -> dict[str, torch.Tensor]:

@@ -1,9 +1,11 @@
 """Write a dist_gpt model as a Hugging Face model directory (`python -m dist_gpt.export --format hf`).
 
     DIR/config.json            the HF architecture's keys, plus dist_gpt's own settings under "dist_gpt"
+                               (with the CRC32 of model.safetensors, which dist_gpt checks on reading)
     DIR/model.safetensors      the weights under the architecture's names (float32, as trained)
     DIR/tokenizer.json         the dataset's tokenizer as an HF tokenizer (dist_gpt/hf/tokenizer.py)
-    DIR/tokenizer_config.json  PreTrainedTokenizerFast, end-of-text as bos/eos, no added BOS
+    DIR/tokenizer_config.json  PreTrainedTokenizerFast, end-of-text as bos/eos (byte, char: a declared
+                               bos, for lm-eval), no added BOS
 
 `AutoModelForCausalLM.from_pretrained(DIR)` and `AutoTokenizer.from_pretrained(DIR)` load it with
 no network and no trust_remote_code; `--init-from DIR`, `dist_gpt.sample --model DIR` and
@@ -18,7 +20,7 @@ from .convert import EMBEDDED, export_model
 from .files import write_model_dir
 from .tokenizer import tokenizer_files
 
-FORMAT = "1"
+FORMAT = "2"  # 2 records the CRC32 of model.safetensors (files.WEIGHTS_CRC32); "1" is still read
 
 
 def write_export(loaded, spec: dict | None, tokenizer_json: str | None, out: str | Path, force: bool) -> list[Path]:

@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import tempfile
+import zlib
 from pathlib import Path
 
 import torch
@@ -22,6 +23,10 @@ CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
 PICKLED = ("pytorch_model.bin", "pytorch_model.bin.index.json", "tf_model.h5", "flax_model.msgpack")
+EMBEDDED = "dist_gpt"  # the key of config.json that holds dist_gpt's own settings
+# Under EMBEDDED: {file name: CRC32 of its bytes} of the weights an export wrote (format 2 on);
+# transformers ignores config keys it does not know, so the file stays a plain HF directory.
+WEIGHTS_CRC32 = "weights_crc32"
 
 
 def read_config(directory: Path) -> dict | None:
@@ -47,6 +52,56 @@ def config_int(hf: dict, key: str, where: str) -> int:
 
 def is_model_dir(path: str | Path) -> bool:
     return Path(path).is_dir() and read_config(Path(path)) is not None
+
+
+def require_config(directory: str | Path) -> None:
+    """A directory with Hugging Face weights but no config.json: a CheckpointError naming the missing file
+    (without it the directory would be taken for a dist_gpt run, and refused for the wrong reason)."""
+    directory = Path(directory)
+    weights = [name for name in (WEIGHTS, INDEX, *PICKLED) if (directory / name).is_file()]
+    if weights == [WEIGHTS] and _is_single_file_export(directory / WEIGHTS):
+        return  # dist_gpt's own one-file export that happens to be named model.safetensors: not an HF directory
+    if directory.is_dir() and not (directory / CONFIG).exists() and weights:
+        raise CheckpointError(f"{directory / CONFIG} is missing: {directory} holds Hugging Face weights but not the "
+                              "config.json that describes them; copy the model's config.json into it")
+
+
+def _is_single_file_export(file: Path) -> bool:
+    """Whether a .safetensors file's header says dist_gpt.export wrote it (format safetensors)."""
+    try:
+        with open(file, "rb") as f:
+            header = json.loads(f.read(min(int.from_bytes(f.read(8), "little"), 100 << 20)))
+        return "dist_gpt.format" in (header.get("__metadata__") or {})
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def file_crc32(file: Path) -> int:
+    """CRC32 of a file's bytes, read 16 MiB at a time."""
+    crc = 0
+    with open(file, "rb") as f:
+        while chunk := f.read(16 << 20):
+            crc = zlib.crc32(chunk, crc)
+    return crc
+
+
+def check_weights(directory: Path, hf: dict) -> None:
+    """The weights of a directory dist_gpt exported (format 2 on) against the CRC32s its config.json
+    records; a CheckpointError naming the damaged file. Other directories carry nothing to check."""
+    embedded = hf.get(EMBEDDED)
+    if not isinstance(embedded, dict) or str(embedded.get("format", "1")) == "1":
+        return  # not written by dist_gpt, or by a dist_gpt before the checksums
+    recorded = embedded.get(WEIGHTS_CRC32)
+    if not isinstance(recorded, dict) or not recorded:
+        raise CheckpointError(f"{directory / CONFIG} is damaged: its \"{EMBEDDED}\" entry has no {WEIGHTS_CRC32}: "
+                              "export the model again")
+    for name, crc in sorted(recorded.items()):
+        file = directory / name
+        if not file.is_file():
+            raise CheckpointError(f"{file} is missing: export the model again")
+        if file_crc32(file) != crc:
+            raise CheckpointError(f"{file} is damaged: its bytes do not match the CRC32 recorded in {CONFIG} at "
+                                  "export; export the model again")
 
 
 class WeightFiles:
@@ -123,9 +178,11 @@ def write_model_dir(out: Path, config: dict, tensors: dict[str, torch.Tensor], f
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        (staging / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(staging / WEIGHTS),
                   metadata={"format": "pt"})
+        if isinstance(config.get(EMBEDDED), dict):  # dist_gpt's export: record what check_weights verifies
+            config = config | {EMBEDDED: config[EMBEDDED] | {WEIGHTS_CRC32: {WEIGHTS: file_crc32(staging / WEIGHTS)}}}
+        (staging / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         for name, text in files.items():
             (staging / name).write_bytes(text.encode("utf-8"))  # bytes: no newline translation
         written = sorted(p.name for p in staging.iterdir())

@@ -11,6 +11,9 @@ does) and decodes every text as the dataset's tokenizer does:
     gpt2      tiktoken's encoding converted to GPT-2's HF tokenizer (vocab.json + merges.txt as one
               tokenizer.json): needs tiktoken's files for "gpt2" on this machine (its cache)
 
+A tokenizer without end-of-text (byte, char) declares a bos token all the same, one whose text
+encodes to its own id (`prefix_token`): lm-eval's `hf` model cannot score a model without one.
+
 One difference for tokenizer.json tokenizers: dist_gpt encodes the text "<|endoftext|>" as text,
 while an HF tokenizer encodes it as the special token. Prepared datasets never contain it as text
 unless the corpus did.
@@ -118,7 +121,30 @@ def tokenizer_files(spec: dict, tokenizer_json: str | None, eot_id: int | None, 
               "clean_up_tokenization_spaces": False, "add_bos_token": False, "add_eos_token": False}
     if eot_token is not None:
         config |= {"bos_token": eot_token, "eos_token": eot_token}
+    elif (prefix := prefix_token(spec, text)) is not None:
+        config |= {"bos_token": prefix}  # never eos: lm-eval would stop generations at it
     return {"tokenizer.json": text, "tokenizer_config.json": json.dumps(config, indent=2, sort_keys=True) + "\n"}
+
+
+def prefix_token(spec: dict, tokenizer_json: str) -> str | None:
+    """The token declared as bos for a tokenizer without end-of-text, so that lm-eval's `hf` model,
+    which needs a bos or eos id (its `prefix_token_id`), can score the export.
+
+    lm-eval conditions on that id only where a context is empty (and before the first window of
+    `loglikelihood_rolling`); dist_gpt's own scorer refuses an empty context without end-of-text, so
+    no score it computes depends on the choice. transformers makes a declared bos a special added
+    token, matched in raw text before the model's own splitting; so the token chosen is one whose
+    text already encodes to exactly its id, and encoding stays as dist_gpt's:
+    byte: "~" (id 126, the highest byte that is one printable character of its own); char: the
+    vocabulary's last character (the highest code point); a tokenizer.json: its first special added
+    token (already special, so declaring it changes nothing), or None when it has none."""
+    kind = spec.get("kind")
+    if kind == "byte":
+        return "~"
+    if kind == "char":
+        return spec["chars"][-1] if spec.get("chars") else None
+    added = json.loads(tokenizer_json).get("added_tokens") or []
+    return next((t.get("content") for t in added if t.get("special") and t.get("content")), None)
 
 
 def _token_of(tokenizer_json: str, token_id: int) -> str | None:
