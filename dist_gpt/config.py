@@ -34,6 +34,7 @@ from .errors import ConfigError
 from .metrics import LogConfig
 from .model import GPTConfig
 from .optim import OptimConfig
+from .profiler import parse_window
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -60,12 +61,14 @@ class TrainConfig:
     nan_max_rollbacks: int = field(default=3, metadata={"help": "rollbacks allowed before the run stops (nan_policy=rollback)"})
     timeout_s: float = field(default=600.0, metadata={"help": "collective timeout: a rank that stops answering fails the job after this many seconds"})
     threads: int | None = field(default=None, metadata={"help": "CPU threads per rank (default: the cores this rank may use / ranks on the node)"})
+    profile: str | None = field(default=None, metadata={"help": "START:STOP: record a torch.profiler trace of steps START to STOP-1 on every rank into <run_dir>/profile/ (open it in https://ui.perfetto.dev; on CUDA also the memory timeline); unset = no profiler"})
 
     def __post_init__(self) -> None:
         _choice("train.recipe", self.recipe, ("classic", "modern"))
         _choice("train.precision", self.precision, ("auto", "fp32", "bf16", "fp16"))
         _choice("train.device", self.device, ("auto", "cpu", "cuda"))
         _choice("train.nan_policy", self.nan_policy, ("skip", "rollback", "stop"))
+        parse_window(self.profile)
         for key in ("steps", "global_batch", "micro_batch"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"train.{key} must be at least 1, got {getattr(self, key)}")

@@ -47,12 +47,14 @@ def run(argv: list[str], stop: faults.StopSignals) -> int:
             describe_run(cfg, env, trainer.model, trainer.batches.ds, trainer.log)
             return train(trainer, cfg.run_dir)
         finally:
+            trainer.profiler.close()  # a window the run did not reach the end of: what it recorded
             trainer.log.close()  # TensorBoard's writer flushed before the process group goes
 
 
 def train(t: Trainer, run_dir) -> int:
     """The training loop: evaluate and checkpoint when they are due, step, until the last step or a stop."""
     while t.state.step < t.total_steps and not t.guard.stopped_by:
+        t.profiler.at(t.state.step)  # starts or ends the train.profile window
         # 1. evaluate and checkpoint when due (both collective: every rank takes part)
         t.evaluator.maybe_run(t.state.step)
         t.checkpointer.maybe_save(t.state.step)

@@ -15,13 +15,17 @@ these objects and this step. Each component is handed the few things it uses whe
     checkpointer  owns every stateful object above; saves when due, restores, rolls back (checkpoint/)
     guard         FaultGuard: heartbeat, stop signals, NaN policy, fault injection (faults.py)
     log           metrics on rank 0, a no-op elsewhere (metrics.py)
+    profiler      a torch.profiler trace of the steps train.profile names (profiler.py)
+
+The step's phases carry `record_function` labels (data, forward, backward, agree, optimizer; the
+evaluator and checkpointer add evaluate and checkpoint) that a trace shows by name.
 """
 
 from __future__ import annotations
 
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -36,6 +40,7 @@ from .metrics import NullLogger, Throughput, make_logger
 from .model import GPT
 from .optim import LRSchedule, build_optimizers, clip_grad_norm
 from .precision import Precision
+from .profiler import StepProfiler, parse_window
 from .resume import ConfigIdentity, DatasetIdentity, RunState
 from .runinfo import make_run_dir, resolve_model_config
 from .weights import init_from
@@ -61,6 +66,7 @@ class Trainer:
     seed: int = 0                  # train.seed: dropout masks are a function of (seed, step, rank)
     grad_clip: float = 0.0
     total_steps: int = 0
+    profiler: StepProfiler = field(default_factory=lambda: StepProfiler(None, Path("."), 0, torch.device("cpu")))
 
     def __post_init__(self) -> None:
         # Per-run constants, looked up once instead of at every step.
@@ -83,8 +89,7 @@ class Trainer:
         with record_function("data"):
             position, micro = self._next_batch()
         self.data_time = time.perf_counter() - t0
-        with record_function("forward_backward"):
-            loss = forward_backward(self.train_model, micro, self.autocast, self.precision.scaler)
+        loss = forward_backward(self.train_model, micro, self.autocast, self.precision.scaler)
         with record_function("agree"):
             verdict = self.guard.after_loss(loss, position)
         if verdict is not Verdict.PROCEED:
@@ -118,9 +123,10 @@ def forward_backward(model, micro: list, autocast, scaler) -> torch.Tensor:
     for i, (x, y, *doc) in enumerate(micro):  # x, y (and doc, under model.doc_mask): (micro_batch, block_size) int64
         sync = dist.no_grad_sync(model) if i < n - 1 else nullcontext()
         with sync:
-            with autocast:
+            with record_function("forward"), autocast:
                 loss = model(x, y, *doc)
-            scaler.scale(loss / n).backward()
+            with record_function("backward"):
+                scaler.scale(loss / n).backward()
         losses.append(loss.detach())
     return losses[0] if n == 1 else torch.stack(losses).mean()
 
@@ -199,7 +205,8 @@ def build(cfg, env: dist.DistEnv, stop: StopSignals, log: NullLogger | None = No
     return Trainer(model=model, train_model=train_model, optimizers=optimizers,
                    schedule=LRSchedule(cfg.optim, tc.steps), precision=precision, batches=batches, state=state,
                    evaluator=evaluator, checkpointer=checkpointer, guard=guard, log=log, rank=env.rank,
-                   world_size=env.world_size, seed=tc.seed, grad_clip=cfg.optim.grad_clip, total_steps=tc.steps)
+                   world_size=env.world_size, seed=tc.seed, grad_clip=cfg.optim.grad_clip, total_steps=tc.steps,
+                   profiler=StepProfiler(parse_window(tc.profile), cfg.run_dir, env.rank, env.device))
 
 
 def build_model(cfg, env: dist.DistEnv, precision: str) -> tuple[GPT, torch.nn.Module, torch.nn.Module]:
