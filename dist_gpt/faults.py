@@ -31,6 +31,7 @@ Fault injection for the tests, read from the environment (never set in normal us
     DIST_GPT_FAULT_KILL_AT=S:R       rank R SIGKILLs itself before step S, on torchrun's first attempt only
     DIST_GPT_FAULT_SIGNAL_AT=S:NAME  rank 0 sends itself signal NAME before step S (first attempt only)
     DIST_GPT_FAULT_HANG_AT=S:R       rank R stops answering (sleeps) before step S
+    DIST_GPT_FAULT_OOM_AT=S:R        rank R raises torch.OutOfMemoryError at the start of step S (first attempt only)
     DIST_GPT_FAULT_PAUSE_AT=P,...    hold the process at each point P until the test releases it (see
                                      `pause`; needs DIST_GPT_FAULT_PAUSE_DIR): `start` (the trainer's stop
                                      handlers are in), `shard` (prepare renamed a complete shard), or a
@@ -286,6 +287,7 @@ class FaultInjector:
         self.kill = self._parse("DIST_GPT_FAULT_KILL_AT")
         self.signal = self._parse("DIST_GPT_FAULT_SIGNAL_AT")
         self.hang = self._parse("DIST_GPT_FAULT_HANG_AT")
+        self.oom = self._parse("DIST_GPT_FAULT_OOM_AT")
 
     @staticmethod
     def _parse(name: str) -> tuple[int, str] | None:
@@ -304,6 +306,10 @@ class FaultInjector:
             time.sleep(24 * 3600)
         if self.signal and self.signal[0] == step and self.rank == 0 and _first_attempt():
             os.kill(os.getpid(), getattr(signal, self.signal[1]))
+        if self.oom and self.oom[0] == step and int(self.oom[1]) == self.rank and _first_attempt():
+            import torch
+
+            raise torch.OutOfMemoryError(f"CUDA out of memory (DIST_GPT_FAULT_OOM_AT={step}:{self.rank})")
 
     def corrupt_loss(self, loss, position: int):
         if self.nan_at is not None and position == self.nan_at:

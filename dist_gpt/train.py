@@ -24,6 +24,7 @@ from . import config as config_mod  # noqa: E402
 from . import dist  # noqa: E402
 from . import runlock  # noqa: E402
 from .faults import Verdict  # noqa: E402
+from .oom import MemoryWatch  # noqa: E402
 from .runinfo import describe_run, write_final  # noqa: E402
 from .trainer import Trainer, build  # noqa: E402
 
@@ -35,17 +36,20 @@ def main(argv: list[str] | None = None) -> None:
 
 def run(argv: list[str], stop: faults.StopSignals) -> int:
     """Parse, start the process group, build, train. Returns the exit status: 0 done (or stopped by a
-    signal, with a checkpoint and a requeue marker), 3 stopped by the NaN policy."""
+    signal, with a checkpoint and a requeue marker), 3 stopped by the NaN policy; out of memory raises
+    OutOfMemory (one line, exit status 5)."""
     cfg = config_mod.parse(argv, world=dist.launch_world())
     if cfg is None:  # --help
         return 0
     env = dist.init(cfg.train.device, cfg.train.timeout_s, cfg.train.threads, cfg.parallel.data)
     with faults.named_collective_failures(env, cfg.train.timeout_s), \
             runlock.held(cfg.run_dir, env, cfg.checkpoint.take_lock):  # one job per run directory
+        memory = MemoryWatch(cfg, env, argv)  # out of memory: one line; CUDA snapshots
         trainer = build(cfg, env, stop)
         try:
             describe_run(cfg, env, trainer.model, trainer.batches.ds, trainer.log)
-            return train(trainer, cfg.run_dir)
+            with memory.watching(trainer):
+                return train(trainer, cfg.run_dir)
         finally:
             trainer.profiler.close()  # a window the run did not reach the end of: what it recorded
             trainer.log.close()  # TensorBoard's writer flushed before the process group goes

@@ -1,12 +1,15 @@
-"""Operating a long run: profiles of a window of steps, out-of-memory reports (#26)."""
+"""Operating a long run: profiles of a window of steps, out-of-memory reports and snapshots (#26)."""
 
 from __future__ import annotations
 
 import json
+import pickle
+import re
 
 import pytest
 import torch
 
+from conftest import EXACT, run_train
 from dist_gpt import config
 from dist_gpt.dist import DistEnv
 from dist_gpt.errors import ConfigError
@@ -55,3 +58,35 @@ def test_a_profile_window_traces_every_phase_and_nothing_outside_it(tiny_data, t
 def test_a_bad_profile_window_is_one_line_naming_the_option(value):
     with pytest.raises(ConfigError, match=r"^train\.profile=.*--train\.profile=\d+:\d+"):
         config.parse(["--preset", "debug", f"--train.profile={value}"])
+
+
+def _train_args(tiny_data, run_dir, *extra: str) -> list[str]:
+    return [*EXACT, f"--data.path={tiny_data}", f"--train.run_dir={run_dir}", "--eval.at_start=false", *extra]
+
+
+def test_out_of_memory_in_a_step_is_one_line_with_what_would_fit(tiny_data, tmp_path):
+    out = run_train(_train_args(tiny_data, tmp_path, "--train.steps=3"), env={"DIST_GPT_FAULT_OOM_AT": "1:0"},
+                    check=False)
+    assert out.returncode == 5, out.stderr[-3000:]
+    assert "Traceback" not in out.stderr
+    (line,) = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+    assert line.startswith("error: rank 0 ran out of memory at step 1 (micro-batch 2 x 32 tokens): "
+                           "allocated n/a, reserved n/a, peak ")
+    # the debug preset: global batch 8 of micro-batches of 2 on one rank, no activation checkpointing
+    assert re.search(r"options that may fit \(estimated per rank\): --train\.micro_batch=1 \([\d.]+ MiB\), "
+                     r"--model\.activation_checkpointing=true \([\d.]+ MiB\); ", line)
+    assert line.endswith(f"check them with: python -m dist_gpt.train {' '.join(_train_args(tiny_data, tmp_path))} "
+                         "--train.steps=3 --dry-run --dry-run-world=1")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_cuda_memory_snapshot_at_the_end_and_on_out_of_memory(tiny_data, tmp_path):
+    args = _train_args(tiny_data, tmp_path, "--train.steps=2", "--train.device=cuda", "--train.memory_snapshot=true")
+    run_train(args)
+    end = tmp_path / "memory" / "rank0-step2.pickle"
+    assert pickle.loads(end.read_bytes())["segments"]  # the allocator's segments at the end of the run
+    out = run_train([*args, "--train.steps=4"], env={"DIST_GPT_FAULT_OOM_AT": "2:0"}, check=False)
+    assert out.returncode == 5 and "Traceback" not in out.stderr
+    snapshot = tmp_path / "memory" / "rank0-oom.pickle"
+    assert f"memory snapshot: {snapshot}" in out.stderr and pickle.loads(snapshot.read_bytes())["segments"]
+    assert re.search(r"allocated [\d.]+ GiB, reserved [\d.]+ GiB, peak [\d.]+ GiB of [\d.]+ GiB", out.stderr)
