@@ -62,7 +62,7 @@ class TrainConfig:
     timeout_s: float = field(default=600.0, metadata={"help": "collective timeout: a rank that stops answering fails the job after this many seconds"})
     threads: int | None = field(default=None, metadata={"help": "CPU threads per rank (default: the cores this rank may use / ranks on the node)"})
     memory_snapshot: bool = field(default=False, metadata={"help": "CUDA: record the allocator's history and dump a memory snapshot to <run_dir>/memory/rank<r>-oom.pickle on out of memory (rank<r>-step<S>.pickle at the end otherwise; open at https://pytorch.org/memory_viz); costs some speed"})
-    profile: str | None = field(default=None, metadata={"help": "START:STOP: record a torch.profiler trace of steps START to STOP-1 on every rank into <run_dir>/profile/ (open it in https://ui.perfetto.dev; on CUDA also the memory timeline); unset = no profiler"})
+    profile: str | None = field(default=None, metadata={"help": "START:STOP: record a torch.profiler trace of steps START to STOP-1 on every rank into <run_dir>/profile/ (open it in https://ui.perfetto.dev; on CUDA also the allocator's memory timeline for https://pytorch.org/memory_viz); unset = no profiler"})
 
     def __post_init__(self) -> None:
         _choice("train.recipe", self.recipe, ("classic", "modern"))

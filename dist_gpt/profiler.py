@@ -7,8 +7,10 @@ The steps are numbered like checkpoints: step S is the one that starts after S s
 `10:15` records the five steps 10, 11, 12, 13 and 14 (and any evaluation or checkpoint due at steps
 10 to 14, which run at the start of their step). Each rank writes
 `<run_dir>/profile/steps<START>-<STOP>/rank<r>.pt.trace.json`, a Chrome trace that Perfetto
-(https://ui.perfetto.dev, "Open trace file") opens; on CUDA also `rank<r>.memory.json`, the memory
-timeline (time stamps in microseconds and bytes per category, `torch.profiler.profile.export_memory_timeline`).
+(https://ui.perfetto.dev, "Open trace file") opens; on CUDA also `rank<r>.memory.pickle`, the CUDA
+allocator's history over the window (`torch.cuda.memory._record_memory_history`, which PyTorch
+recommends over the profiler's deprecated `export_memory_timeline`): https://pytorch.org/memory_viz
+shows it as a memory timeline, each allocation with its stack.
 
 The trainer labels its phases with `record_function`: data, forward, backward, agree (the stop/NaN
 agreement), optimizer, evaluate and checkpoint. Outside the window no profiler exists: the labels
@@ -48,8 +50,10 @@ class StepProfiler:
     """Starts a torch.profiler.profile when the run reaches START, writes the trace at STOP (or when
     the run ends first); does nothing, and holds no profiler, at any other time."""
 
-    def __init__(self, window: tuple[int, int] | None, run_dir: Path, rank: int, device: torch.device) -> None:
+    def __init__(self, window: tuple[int, int] | None, run_dir: Path, rank: int, device: torch.device,
+                 keep_history: bool = False) -> None:
         self.window, self.rank, self.device = window, rank, device
+        self.keep_history = keep_history  # train.memory_snapshot records the allocator's history all along
         self.out = Path(run_dir) / "profile" / (f"steps{window[0]}-{window[1]}" if window else "")
         self.prof: torch.profiler.profile | None = None
         self.done = window is None
@@ -68,10 +72,10 @@ class StepProfiler:
         from torch.profiler import ProfilerActivity
 
         cuda = self.device.type == "cuda"
+        if cuda:
+            torch.cuda.memory._record_memory_history(max_entries=100_000)
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-        # the memory timeline needs shapes, memory events and stacks; only asked for where it is written
-        self.prof = torch.profiler.profile(activities=activities, record_shapes=cuda, profile_memory=cuda,
-                                           with_stack=cuda)
+        self.prof = torch.profiler.profile(activities=activities)
         self.prof.__enter__()
 
     def close(self) -> Path | None:
@@ -84,7 +88,9 @@ class StepProfiler:
         trace = _free(self.out / f"rank{self.rank}.pt.trace.json")
         prof.export_chrome_trace(str(trace))
         if self.device.type == "cuda":
-            prof.export_memory_timeline(str(_free(self.out / f"rank{self.rank}.memory.json")), device=str(self.device))
+            torch.cuda.memory._dump_snapshot(str(_free(self.out / f"rank{self.rank}.memory.pickle")))
+            if not self.keep_history:
+                torch.cuda.memory._record_memory_history(enabled=None)
         return trace
 
 

@@ -206,7 +206,8 @@ def build(cfg, env: dist.DistEnv, stop: StopSignals, log: NullLogger | None = No
                    schedule=LRSchedule(cfg.optim, tc.steps), precision=precision, batches=batches, state=state,
                    evaluator=evaluator, checkpointer=checkpointer, guard=guard, log=log, rank=env.rank,
                    world_size=env.world_size, seed=tc.seed, grad_clip=cfg.optim.grad_clip, total_steps=tc.steps,
-                   profiler=StepProfiler(parse_window(tc.profile), cfg.run_dir, env.rank, env.device))
+                   profiler=StepProfiler(parse_window(tc.profile), cfg.run_dir, env.rank, env.device,
+                                         keep_history=tc.memory_snapshot))
 
 
 def build_model(cfg, env: dist.DistEnv, precision: str) -> tuple[GPT, torch.nn.Module, torch.nn.Module]:

@@ -54,6 +54,14 @@ def test_a_profile_window_traces_every_phase_and_nothing_outside_it(tiny_data, t
     assert sum(e["name"] == "optimizer" for e in events if e.get("cat") == "user_annotation") == 2
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_cuda_profile_holds_the_memory_timeline(tiny_data, tmp_path):
+    run_train(_train_args(tiny_data, tmp_path, "--train.steps=2", "--train.device=cuda", "--train.profile=1:2"))
+    folder = tmp_path / "profile" / "steps1-2"
+    assert json.loads((folder / "rank0.pt.trace.json").read_text())["traceEvents"]
+    assert pickle.loads((folder / "rank0.memory.pickle").read_bytes())["segments"]
+
+
 @pytest.mark.parametrize("value", ["5:5", "6:2", "3", "a:b", "-1:4"])
 def test_a_bad_profile_window_is_one_line_naming_the_option(value):
     with pytest.raises(ConfigError, match=r"^train\.profile=.*--train\.profile=\d+:\d+"):
