@@ -37,12 +37,20 @@ class LogConfig:
     interval: int = field(default=10, metadata={"help": "print a console line (and log train scalars) every this many steps"})
     tensorboard: bool = field(default=True, metadata={"help": "write TensorBoard events into the run directory (tensorboard --logdir runs)"})
     peak_tflops: float | None = field(default=None, metadata={"help": "peak TFLOP/s of one device for MFU; unset = looked up from the GPU's name (n/a if unknown)"})
+    wandb: bool = field(default=False, metadata={"help": "also log the same scalars, samples and config to Weights & Biases (pip install 'dist_gpt[wandb]'; WANDB_MODE=offline works without network); the run id is derived from the run directory, so a resumed job continues the same W&B run"})
+    wandb_project: str = field(default="dist_gpt", metadata={"help": "the W&B project of log.wandb (WANDB_ENTITY picks the entity)"})
 
     def __post_init__(self) -> None:
         if self.interval < 1:
             raise ConfigError(f"log.interval={self.interval} must be >= 1")
         if self.peak_tflops is not None and not self.peak_tflops > 0:
             raise ConfigError(f"log.peak_tflops={self.peak_tflops} must be > 0 (or unset)")
+        if self.wandb:
+            try:
+                import wandb  # noqa: F401  (checked here, where the option is, before any rank starts work)
+            except ImportError:
+                raise ConfigError("log.wandb=true needs the wandb package: pip install 'dist_gpt[wandb]' "
+                                  "(or drop --log.wandb)") from None
 
 
 # Dense (no 2:4 sparsity) peak TFLOP/s per device, from the vendors' datasheets and whitepapers:
@@ -296,6 +304,11 @@ class MetricsLogger(NullLogger):
 
             # flush every 10 s so `tensorboard --logdir` shows a short CPU run while it trains
             self.writer = SummaryWriter(log_dir=str(self.tb_dir), flush_secs=10)
+        self.wandb = None
+        if cfg.wandb and is_main:
+            from .wandb_sink import WandbSink
+
+            self.wandb = WandbSink(run_dir, cfg.wandb_project)
         self._eta_origin: tuple[float, int] | None = None  # (time, step) of the first console line
         self._last_step = 0  # hparams metrics are logged at the latest step seen
         self._described: set[str] = set()  # scalar tags written with their description
@@ -341,6 +354,8 @@ class MetricsLogger(NullLogger):
         if self.writer is not None:
             for tag, value in values.items():
                 self._add_scalar(tag, value, step)
+        if self.wandb is not None:
+            self.wandb.scalars(step, values)
 
     def _add_scalar(self, tag: str, value: float, step: int) -> None:
         """A scalar; the first of a described tag carries its display name and description (TensorBoard
@@ -373,12 +388,16 @@ class MetricsLogger(NullLogger):
         as a code block, keeping newlines and spacing (the stored string carries the indent)."""
         if self.writer is not None:
             self.writer.add_text(tag, "\n".join("    " + line for line in text.split("\n")), step)
+        if self.wandb is not None:
+            self.wandb.text(step, tag, text)
 
     def hparams(self, config: dict, metrics: dict | None = None) -> None:
         """The run's (nested) config as hparams, against the metrics the HPARAMS tab compares runs by:
         `HPARAM_METRICS` (logged by `eval`) and `metrics` ({'hparam/x': 1.4}), logged now. Written into
         this run's own event file."""
         metrics = metrics or {}
+        if self.wandb is not None:
+            self.wandb.config(config)
         if self.writer is None:
             return
         for summary in hparams_summaries(_flatten(config), [*HPARAM_METRICS, *metrics]):
@@ -398,6 +417,9 @@ class MetricsLogger(NullLogger):
         if self.writer is not None:
             self.writer.close()
             self.writer = None
+        if self.wandb is not None:
+            self.wandb.close()
+            self.wandb = None
 
 
 def make_logger(run_dir: str | Path, cfg: LogConfig, is_main: bool, total_steps: int,

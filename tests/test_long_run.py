@@ -1,21 +1,26 @@
-"""Operating a long run: profiles of a window of steps, out-of-memory reports and snapshots (#26)."""
+"""Operating a long run: profiles of a window of steps, out-of-memory reports and snapshots, Weights &
+Biases in offline mode (#26)."""
 
 from __future__ import annotations
 
 import json
 import pickle
 import re
+import struct
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import EXACT, run_train
+from conftest import EXACT, require, run_train
 from dist_gpt import config
 from dist_gpt.dist import DistEnv
 from dist_gpt.errors import ConfigError
 from dist_gpt.faults import StopSignals
 from dist_gpt.train import train
 from dist_gpt.trainer import build
+from dist_gpt.wandb_sink import run_id
 
 LABELS = {"data", "forward", "backward", "agree", "optimizer", "evaluate", "checkpoint"}
 
@@ -98,3 +103,73 @@ def test_a_cuda_memory_snapshot_at_the_end_and_on_out_of_memory(tiny_data, tmp_p
     snapshot = tmp_path / "memory" / "rank0-oom.pickle"
     assert f"memory snapshot: {snapshot}" in out.stderr and pickle.loads(snapshot.read_bytes())["segments"]
     assert re.search(r"allocated [\d.]+ GiB, reserved [\d.]+ GiB, peak [\d.]+ GiB of [\d.]+ GiB", out.stderr)
+
+
+def wandb_records(path: Path):
+    """The protobuf records of an offline W&B run file (run-<id>.wandb): a ':W&B' header of 7 bytes,
+    then LevelDB's log format (32 KiB blocks of records, each with a 7-byte header: CRC32, length,
+    type FULL=1 / FIRST=2 / MIDDLE=3 / LAST=4). wandb 0.31 has no Python reader of its own."""
+    from wandb.proto import wandb_internal_pb2
+
+    data, pos, block, parts = path.read_bytes(), 7, 32768, b""
+    assert data[:4] == b":W&B"
+    while pos + 7 <= len(data):
+        left = block - pos % block
+        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        if left < 7 or (kind == 0 and length == 0):  # a block's zero-filled tail
+            pos += left
+            continue
+        parts, pos = parts + data[pos + 7:pos + 7 + length], pos + 7 + length
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(parts)
+            parts = b""
+            yield record
+
+
+def _key(item) -> str:
+    return item.key or "/".join(item.nested_key)  # wandb writes a key either way
+
+
+def wandb_run(folder: Path) -> tuple[str, dict[int, dict], dict]:
+    """(run id, step -> logged values, config) of one offline W&B run directory."""
+    (path,) = folder.glob("run-*.wandb")
+    run_id, history, config = None, {}, {}
+    for record in wandb_records(path):
+        kind = record.WhichOneof("record_type")
+        if kind == "run":
+            run_id = record.run.run_id
+        elif kind == "config":
+            config.update({_key(item): json.loads(item.value_json) for item in record.config.update})
+        elif kind == "history":
+            values = {_key(item): json.loads(item.value_json) for item in record.history.item}
+            if "_step" in values:  # (not in the bookkeeping record that ends a run)
+                history.setdefault(int(values["_step"]), {}).update(values)
+    return run_id, history, config
+
+
+@pytest.mark.slow  # two runs (30-70 s on 2 shared cores)
+def test_wandb_offline_holds_the_scalars_and_a_resume_keeps_the_run_id(tiny_data, tmp_path):
+    require("wandb")
+    env = {"WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    args = _train_args(tiny_data, tmp_path, "--log.wandb=true", "--eval.interval=2", "--checkpoint.interval=2")
+    run_train([*args, "--train.steps=2"], env=env)
+    run_train([*args, "--train.steps=3"], env=env)
+    first, second = sorted((tmp_path / "wandb").glob("offline-run-*"), key=lambda p: p.name)
+    (id1, history1, config1), (id2, history2, _) = wandb_run(first), wandb_run(second)
+    assert id1 == id2 == run_id(tmp_path) and first.name.endswith(id1)
+    expected = {}
+    for line in (tmp_path / "metrics.jsonl").read_text().splitlines():  # the same scalars as TensorBoard gets
+        rec = json.loads(line)
+        expected.setdefault(rec.pop("step"), {}).update({k: v for k, v in rec.items() if k != "time"})
+    logged = {**history1, **history2}
+    assert sorted(logged) == sorted(expected) == [1, 2, 3]
+    for step, values in expected.items():
+        assert {k: logged[step][k] for k in values} == values
+    assert config1["train"]["steps"] == 2 and config1["model"]["n_layer"] == 2
+
+
+def test_log_wandb_without_the_package_is_one_line(monkeypatch):
+    monkeypatch.setitem(sys.modules, "wandb", None)  # what `import wandb` meets where it is not installed
+    with pytest.raises(ConfigError, match=r"^log\.wandb=true needs the wandb package: pip install 'dist_gpt\[wandb\]'"):
+        config.parse(["--preset", "debug", "--log.wandb=true"])
