@@ -32,6 +32,8 @@ Fault injection for the tests, read from the environment (never set in normal us
     DIST_GPT_FAULT_SIGNAL_AT=S:NAME  rank 0 sends itself signal NAME before step S (first attempt only)
     DIST_GPT_FAULT_HANG_AT=S:R       rank R stops answering (sleeps) before step S
     DIST_GPT_FAULT_OOM_AT=S:R        rank R raises torch.OutOfMemoryError at the start of step S (first attempt only)
+    DIST_GPT_FAULT_SLOW=R:MS         rank R spends MS more milliseconds of CPU time computing each step (a busy
+                                     loop, not a sleep: stragglers.py measures compute as CPU time)
     DIST_GPT_FAULT_PAUSE_AT=P,...    hold the process at each point P until the test releases it (see
                                      `pause`; needs DIST_GPT_FAULT_PAUSE_DIR): `start` (the trainer's stop
                                      handlers are in), `shard` (prepare renamed a complete shard), or a
@@ -288,6 +290,8 @@ class FaultInjector:
         self.signal = self._parse("DIST_GPT_FAULT_SIGNAL_AT")
         self.hang = self._parse("DIST_GPT_FAULT_HANG_AT")
         self.oom = self._parse("DIST_GPT_FAULT_OOM_AT")
+        slow = self._parse("DIST_GPT_FAULT_SLOW")
+        self.slow_s = int(slow[1]) / 1000 if slow and slow[0] == rank else 0.0
 
     @staticmethod
     def _parse(name: str) -> tuple[int, str] | None:
@@ -310,6 +314,13 @@ class FaultInjector:
             import torch
 
             raise torch.OutOfMemoryError(f"CUDA out of memory (DIST_GPT_FAULT_OOM_AT={step}:{self.rank})")
+
+    def slow(self) -> None:
+        """DIST_GPT_FAULT_SLOW: burn this thread's CPU time, the way a slower device or a throttled core would."""
+        if self.slow_s:
+            end = time.thread_time() + self.slow_s
+            while time.thread_time() < end:
+                pass
 
     def corrupt_loss(self, loss, position: int):
         if self.nan_at is not None and position == self.nan_at:

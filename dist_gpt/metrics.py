@@ -197,6 +197,10 @@ SCALARS: dict[str, tuple[str, str]] = {
     "perf/step_time_ms": ("perf/step_time_ms", "milliseconds of the logged step"),
     "perf/data_wait_share": ("perf/data_wait_share", "share of the step spent waiting for data (0 to 1)"),
     "perf/peak_mem_gib": ("perf/peak_mem_gib", "peak memory of rank 0 in GiB (CUDA: allocated tensors; CPU: resident set)"),
+    "ranks/compute_ms_median": ("ranks/compute_ms_median", "median over the ranks of each rank's compute ms per step over the log interval (CPU: its training thread's CPU time; CUDA: its forward's GPU time; collective waits excluded)"),
+    "ranks/compute_ms_max": ("ranks/compute_ms_max", "the slowest rank's compute ms per step over the log interval"),
+    "ranks/slowest": ("ranks/slowest", "the rank id with the largest compute time over the log interval"),
+    "perf/data_wait_share_max": ("perf/data_wait_share_max", "the largest share of the log interval any rank spent waiting for data (0 to 1)"),
 }
 # The metrics the HPARAMS tab compares runs by; it shows each one's last value, so val/loss is the
 # final validation loss of a finished run.
@@ -258,6 +262,16 @@ def _flatten(config: dict, prefix: str = "") -> dict:
     return flat
 
 
+def _rank_fields(ranks: dict | None, world_size: int) -> dict:
+    """The console's view of the ranks (several ranks only): `compute 10.2/14.9ms r3 | data max 2%`, the
+    median and slowest rank's compute ms per step, then the largest data-wait share of any rank."""
+    if not ranks or world_size < 2:
+        return {}
+    return {"compute": f"{ranks['ranks/compute_ms_median']:.1f}/{ranks['ranks/compute_ms_max']:.1f}ms "
+                       f"r{ranks['ranks/slowest']}",
+            "data max": f"{100 * ranks['perf/data_wait_share_max']:.0f}%"}
+
+
 class NullLogger:
     """What ranks other than 0 get: every method of MetricsLogger, doing nothing -- except `due`,
     which answers the same on every rank because callers may run a collective when it is True."""
@@ -313,9 +327,11 @@ class MetricsLogger(NullLogger):
         self._last_step = 0  # hparams metrics are logged at the latest step seen
         self._described: set[str] = set()  # scalar tags written with their description
 
-    def step(self, step: int, *, loss: float, lr: float, grad_norm: float, step_time: float, data_time: float) -> None:
+    def step(self, step: int, *, loss: float, lr: float, grad_norm: float, step_time: float, data_time: float,
+             ranks: dict | None = None) -> None:
         """The training scalars and console line of one logged step: `step_time` and `data_time` are
-        seconds of this step, the latter spent waiting for data; tokens/s counts every rank's tokens."""
+        seconds of this step, the latter spent waiting for data; tokens/s counts every rank's tokens.
+        `ranks`: every rank's compute time and data wait over the log interval (stragglers.RankClock)."""
         if not self.is_main:
             return
         tokens_per_s = self.throughput.tokens_per_step / step_time if step_time > 0 else 0.0
@@ -325,12 +341,14 @@ class MetricsLogger(NullLogger):
             "train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm,
             "perf/tokens_per_s": tokens_per_s, "perf/mfu": util, "perf/step_time_ms": 1000 * step_time,
             "perf/data_wait_share": data_time / step_time if step_time > 0 else None, "perf/peak_mem_gib": mem,
+            **(ranks or {}),
         })
         self.console(step, {
             "loss": f"{loss:.4f}", "lr": lr, "gnorm": grad_norm, "tok/s": tokens_per_s,
             "mfu": None if util is None else f"{100 * util:.1f}%", "ms/step": 1000 * step_time,
             "data": f"{100 * data_time / step_time:.0f}%" if step_time > 0 else None,
             "mem": None if mem is None else f"{mem:.2f}GiB",
+            **_rank_fields(ranks, self.throughput.num_devices),
         })
 
     def eval(self, step: int, *, loss: float, bpb: float, blocks: int, best: float) -> None:

@@ -16,6 +16,7 @@ these objects and this step. Each component is handed the few things it uses whe
     guard         FaultGuard: heartbeat, stop signals, NaN policy, fault injection (faults.py)
     log           metrics on rank 0, a no-op elsewhere (metrics.py)
     profiler      a torch.profiler trace of the steps train.profile names (profiler.py)
+    clock         this rank's compute and data-wait time, gathered on log steps (stragglers.py)
 
 The step's phases carry `record_function` labels (data, forward, backward, agree, optimizer; the
 evaluator and checkpointer add evaluate and checkpoint) that a trace shows by name.
@@ -43,6 +44,7 @@ from .precision import Precision
 from .profiler import StepProfiler, parse_window
 from .resume import ConfigIdentity, DatasetIdentity, RunState
 from .runinfo import make_run_dir, resolve_model_config
+from .stragglers import RankClock
 from .weights import init_from
 
 
@@ -67,6 +69,7 @@ class Trainer:
     grad_clip: float = 0.0
     total_steps: int = 0
     profiler: StepProfiler = field(default_factory=lambda: StepProfiler(None, Path("."), 0, torch.device("cpu")))
+    clock: RankClock | None = None  # this rank's compute and data-wait time (stragglers.py); built in build()
 
     def __post_init__(self) -> None:
         # Per-run constants, looked up once instead of at every step.
@@ -85,24 +88,30 @@ class Trainer:
         self.schedule.apply(self.optimizers, step)
         if self.dropout:  # resumable: the masks are a function of (seed, step, rank), not of RNG state
             torch.manual_seed(dropout_seed(self.seed, step, self.rank))
-        t0 = time.perf_counter()
+        t0, mark = time.perf_counter(), self.clock.begin()  # this rank's compute: all but the agreement
         with record_function("data"):
             position, micro = self._next_batch()
         self.data_time = time.perf_counter() - t0
+        self.guard.inject.slow()  # test-only: DIST_GPT_FAULT_SLOW makes one rank a straggler
         loss = forward_backward(self.train_model, micro, self.autocast, self.precision.scaler)
+        self.clock.end(mark)
         with record_function("agree"):
             verdict = self.guard.after_loss(loss, position)
         if verdict is not Verdict.PROCEED:
             zero_grads(self.optimizers)
             return verdict
+        mark = self.clock.begin()
         with record_function("optimizer"):
             grad_norm = optimizer_step(self.params, self.optimizers, self.precision.scaler, self.grad_clip)
+        self.clock.end(mark)
+        self.clock.step_done(self.data_time)
         self.state.step += 1
         self.state.tokens += self.tokens_per_step
         if self.log.due(self.state.step):  # the only read-back of the loss besides the agreement
             self.train_loss = (dist.all_reduce_sum(loss.detach().clone()) / self.world_size).item()
             self.log.step(self.state.step, loss=self.train_loss, lr=self.optimizers[0].param_groups[0]["lr"],
-                          grad_norm=float(grad_norm), step_time=time.perf_counter() - t0, data_time=self.data_time)
+                          grad_norm=float(grad_norm), step_time=time.perf_counter() - t0, data_time=self.data_time,
+                          ranks=self.clock.report())
         return verdict
 
     def _next_batch(self) -> tuple[int, list]:
@@ -207,7 +216,8 @@ def build(cfg, env: dist.DistEnv, stop: StopSignals, log: NullLogger | None = No
                    evaluator=evaluator, checkpointer=checkpointer, guard=guard, log=log, rank=env.rank,
                    world_size=env.world_size, seed=tc.seed, grad_clip=cfg.optim.grad_clip, total_steps=tc.steps,
                    profiler=StepProfiler(parse_window(tc.profile), cfg.run_dir, env.rank, env.device,
-                                         keep_history=tc.memory_snapshot))
+                                         keep_history=tc.memory_snapshot),
+                   clock=RankClock(env, train_model, tc.straggler_ratio, tc.straggler_intervals, log))
 
 
 def build_model(cfg, env: dist.DistEnv, precision: str) -> tuple[GPT, torch.nn.Module, torch.nn.Module]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import pickle
 import re
+import socket
 import struct
 import sys
 from pathlib import Path
@@ -71,6 +72,31 @@ def test_a_cuda_profile_holds_the_memory_timeline(tiny_data, tmp_path):
 def test_a_bad_profile_window_is_one_line_naming_the_option(value):
     with pytest.raises(ConfigError, match=r"^train\.profile=.*--train\.profile=\d+:\d+"):
         config.parse(["--preset", "debug", f"--train.profile={value}"])
+
+
+@pytest.mark.parametrize("option", ["straggler_ratio=1", "straggler_ratio=0.5", "straggler_intervals=0"])
+def test_a_bad_straggler_setting_is_one_line_naming_the_option(option):
+    key = option.split("=")[0]
+    with pytest.raises(ConfigError, match=rf"^train\.{key}=.*e\.g\. --train\.{key}="):
+        config.parse(["--preset", "debug", f"--train.{option}"])
+
+
+@pytest.mark.slow  # a 2-rank run (20-40 s on 2 shared cores)
+def test_a_slow_rank_is_named_with_its_host_and_both_times(tiny_data, tmp_path):
+    """Rank 1 computes 200 ms more CPU time per step than the ~10-25 ms of a debug step: far past the
+    ratio 1.3 whatever the machine's load, since compute is measured in CPU time (stragglers.py)."""
+    out = run_train(_train_args(tiny_data, tmp_path, "--train.steps=4", "--eval.interval=0",
+                                "--checkpoint.interval=0", "--train.straggler_intervals=3"),
+                    nproc=2, env={"DIST_GPT_FAULT_SLOW": "1:200"})
+    warnings = [line for line in out.stdout.splitlines() if line.startswith("warning: straggler")]
+    host = socket.gethostname()
+    assert len(warnings) == 2  # at log steps 3 and 4: three and four intervals in a row
+    for line in warnings:
+        match = re.match(rf"warning: straggler: rank 1 on host {re.escape(host)} computed ([\d.]+) ms per step, "
+                         r"[\d.]+ x the other ranks' median ([\d.]+) ms, for [34] log intervals", line)
+        assert match and float(match.group(1)) >= 200 > float(match.group(2))
+    slowest = [json.loads(line).get("ranks/slowest") for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r for r in slowest if r is not None] == [1, 1, 1, 1]
 
 
 def _train_args(tiny_data, run_dir, *extra: str) -> list[str]:
