@@ -23,8 +23,9 @@ with its host, in a warning (repeated each further interval it stays slow). The 
 Cost per step on CPU: four `time.thread_time()` calls (a system call, 8 us each on the 2-core AMD
 EPYC, timeit over 200,000 calls), 32 us against a debug-preset step of about 10 ms of CPU time.
 A debug step's CPU time varies by up to 1.5x between equal ranks from one step to the next on a
-loaded machine, so log intervals of several steps (log.interval) average it out; with log.interval=5
-the 2-rank test never saw a ratio near 1.3.
+loaded machine, so log intervals of several steps (log.interval) average it out: the five 5-step
+intervals of a 2-rank debug run (the preset's settings, load average above 16) gave slowest/other
+ratios of 1.00 to 1.13.
 """
 
 from __future__ import annotations
@@ -51,9 +52,9 @@ class RankClock:
         if self.store is not None:  # read by rank 0 only when it names a straggler
             self.store.set(_HOST_KEY.format(self.rank), socket.gethostname())
         self.events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
-        if self.cuda:
-            model.register_forward_pre_hook(lambda *_: self._event_start())
-            model.register_forward_hook(lambda *_: self._event_end())
+        if self.cuda:  # training forwards only: evaluation may run the same module
+            model.register_forward_pre_hook(lambda m, _: self._event_start() if _training(m) else None)
+            model.register_forward_hook(lambda m, _, __: self._event_end() if _training(m) else None)
         self._reset()
         self.streak = 0  # consecutive log intervals the same rank was slow
         self.slow_rank = -1
@@ -119,3 +120,7 @@ class RankClock:
             return self.store.get(_HOST_KEY.format(rank)).decode()
         except Exception:  # the store's host is gone: the rank alone still helps
             return "unknown"
+
+
+def _training(module: torch.nn.Module) -> bool:
+    return module.training and torch.is_grad_enabled()
