@@ -17,6 +17,7 @@ these objects and this step. Each component is handed the few things it uses whe
     log           metrics on rank 0, a no-op elsewhere (metrics.py)
     profiler      a torch.profiler trace of the steps train.profile names (profiler.py)
     clock         this rank's compute and data-wait time, gathered on log steps (stragglers.py)
+    watchdog      a step that makes no progress: stacks on file, one line, exit 6 (watchdog.py)
 
 The step's phases carry `record_function` labels (data, forward, backward, agree, optimizer; the
 evaluator and checkpointer add evaluate and checkpoint) that a trace shows by name.
@@ -45,6 +46,7 @@ from .profiler import StepProfiler, parse_window
 from .resume import ConfigIdentity, DatasetIdentity, RunState
 from .runinfo import make_run_dir, resolve_model_config
 from .stragglers import RankClock
+from .watchdog import HangWatchdog
 from .weights import init_from
 
 
@@ -70,6 +72,7 @@ class Trainer:
     total_steps: int = 0
     profiler: StepProfiler = field(default_factory=lambda: StepProfiler(None, Path("."), 0, torch.device("cpu")))
     clock: RankClock | None = None  # this rank's compute and data-wait time (stragglers.py); built in build()
+    watchdog: HangWatchdog = field(default_factory=lambda: HangWatchdog(0, Path("."), 0))  # train.hang_timeout_s
 
     def __post_init__(self) -> None:
         # Per-run constants, looked up once instead of at every step.
@@ -217,7 +220,8 @@ def build(cfg, env: dist.DistEnv, stop: StopSignals, log: NullLogger | None = No
                    world_size=env.world_size, seed=tc.seed, grad_clip=cfg.optim.grad_clip, total_steps=tc.steps,
                    profiler=StepProfiler(parse_window(tc.profile), cfg.run_dir, env.rank, env.device,
                                          keep_history=tc.memory_snapshot),
-                   clock=RankClock(env, train_model, tc.straggler_ratio, tc.straggler_intervals, log))
+                   clock=RankClock(env, train_model, tc.straggler_ratio, tc.straggler_intervals, log),
+                   watchdog=HangWatchdog(tc.hang_timeout_s, cfg.run_dir, env.rank))
 
 
 def build_model(cfg, env: dist.DistEnv, precision: str) -> tuple[GPT, torch.nn.Module, torch.nn.Module]:

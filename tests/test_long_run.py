@@ -4,6 +4,7 @@ Biases in offline mode (#26)."""
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import re
 import socket
@@ -14,9 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import EXACT, require, run_train
+from conftest import EXACT, final, require, run_train
 from dist_gpt import config
-from dist_gpt.dist import DistEnv
+from dist_gpt.dist import FLIGHT_RECORDER, DistEnv, set_flight_recorder_env
 from dist_gpt.errors import ConfigError
 from dist_gpt.faults import StopSignals
 from dist_gpt.train import train
@@ -199,3 +200,32 @@ def test_log_wandb_without_the_package_is_one_line(monkeypatch):
     monkeypatch.setitem(sys.modules, "wandb", None)  # what `import wandb` meets where it is not installed
     with pytest.raises(ConfigError, match=r"^log\.wandb=true needs the wandb package: pip install 'dist_gpt\[wandb\]'"):
         config.parse(["--preset", "debug", "--log.wandb=true"])
+
+
+@pytest.mark.slow  # a hang of train.hang_timeout_s, then a resume
+def test_a_hung_step_leaves_every_stack_one_line_and_a_resumable_run(tiny_data, tmp_path):
+    """30 s: far above a debug step on a loaded machine (under 8 s), so only the held step trips it."""
+    args = _train_args(tiny_data, tmp_path, "--train.steps=5", "--checkpoint.interval=2", "--eval.interval=0",
+                       "--train.hang_timeout_s=30")
+    out = run_train(args, env={"DIST_GPT_FAULT_HANG_AT": "3:0"}, check=False)
+    stacks = tmp_path / "hang" / "rank0.txt"
+    assert out.returncode == 6 and "Traceback" not in out.stderr
+    (line,) = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+    assert line == (f"error: rank 0: step 3 made no progress for 30 s (train.hang_timeout_s); every thread's Python "
+                    f"stack is in {stacks}; run the same command again to resume from the last checkpoint")
+    text = stacks.read_text()
+    assert "in before_step" in text and "dist_gpt/train.py" in text  # the held main thread, where it is held
+    assert text.count("Thread 0x") + text.count("Current thread 0x") >= 2  # every thread, not just one
+    resumed = run_train(args).stdout
+    assert "resumed from" in resumed and "step_0000002" in resumed and final(tmp_path)["step"] == 5
+
+
+def test_the_flight_recorder_is_on_unless_the_user_set_it(monkeypatch, tmp_path):
+    names = {name for row in FLIGHT_RECORDER for name in row[:2] if name}
+    environ = {k: v for k, v in os.environ.items() if k not in names}
+    environ["TORCH_NCCL_TRACE_BUFFER_SIZE"] = "500"  # the user's, under the older name
+    monkeypatch.setattr(os, "environ", environ)  # this test's environment, dropped after it
+    assert set_flight_recorder_env(tmp_path / "flight") == {
+        "TORCH_NCCL_DUMP_ON_TIMEOUT": "1", "TORCH_FR_DUMP_TEMP_FILE": str(tmp_path / "flight" / "rank_")}
+    assert os.environ["TORCH_FR_DUMP_TEMP_FILE"] == str(tmp_path / "flight" / "rank_")
+    assert "TORCH_FR_BUFFER_SIZE" not in os.environ and os.environ["TORCH_NCCL_TRACE_BUFFER_SIZE"] == "500"
