@@ -30,15 +30,14 @@ ratios of 1.00 to 1.13.
 
 from __future__ import annotations
 
-import socket
 import statistics
 import time
 
 import torch
 
 from . import dist
+from .faults import HOST_KEY
 
-_HOST_KEY = "dist_gpt/host/{}"
 
 
 class RankClock:
@@ -48,9 +47,7 @@ class RankClock:
         self.rank, self.world_size, self.device = env.rank, env.world_size, env.device
         self.ratio, self.intervals, self.log = ratio, intervals, log
         self.cuda = env.device.type == "cuda"
-        self.store = dist.default_store() if env.distributed else None
-        if self.store is not None:  # read by rank 0 only when it names a straggler
-            self.store.set(_HOST_KEY.format(self.rank), socket.gethostname())
+        self.store = dist.default_store() if env.distributed else None  # each rank's host (faults.Heartbeat)
         self.events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
         if self.cuda:  # training forwards only: evaluation may run the same module
             model.register_forward_pre_hook(lambda m, _: self._event_start() if _training(m) else None)
@@ -117,7 +114,7 @@ class RankClock:
 
     def _host(self, rank: int) -> str:
         try:
-            return self.store.get(_HOST_KEY.format(rank)).decode()
+            return self.store.get(HOST_KEY.format(rank)).decode()
         except Exception:  # the store's host is gone: the rank alone still helps
             return "unknown"
 

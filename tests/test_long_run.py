@@ -3,19 +3,23 @@ Biases in offline mode (#26)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pickle
 import re
+import signal
 import socket
 import struct
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import EXACT, final, require, run_train
+from conftest import REPO, EXACT, _env, final, pause_env, release, require, run_train, wait_paused
 from dist_gpt import config
 from dist_gpt.dist import FLIGHT_RECORDER, DistEnv, set_flight_recorder_env
 from dist_gpt.errors import ConfigError
@@ -229,3 +233,41 @@ def test_the_flight_recorder_is_on_unless_the_user_set_it(monkeypatch, tmp_path)
         "TORCH_NCCL_DUMP_ON_TIMEOUT": "1", "TORCH_FR_DUMP_TEMP_FILE": str(tmp_path / "flight" / "rank_")}
     assert os.environ["TORCH_FR_DUMP_TEMP_FILE"] == str(tmp_path / "flight" / "rank_")
     assert "TORCH_FR_BUFFER_SIZE" not in os.environ and os.environ["TORCH_NCCL_TRACE_BUFFER_SIZE"] == "500"
+
+
+def _rank_of(pid: int) -> int:
+    environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return int(next(v for v in environ if v.startswith(b"RANK=")).split(b"=", 1)[1])
+
+
+@pytest.mark.slow  # a 2-rank run that waits out a 15 s collective timeout
+def test_a_stopped_rank_is_named_with_its_host_by_the_survivor(tiny_data, tmp_path):
+    """Rank 1 is SIGSTOPped where every rank is held before step 3, so its (step, phase) record equals
+    rank 0's: only its beat, which stops with it, tells them apart."""
+    pauses = tmp_path / "pauses"
+    args = _train_args(tiny_data, tmp_path / "run", "--train.steps=6", "--eval.interval=0",
+                       "--checkpoint.interval=0", "--train.timeout_s=15")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+           "dist_gpt.train", *args]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=_env(pause_env(pauses, 3)), cwd=REPO)
+    stopped = None
+    try:
+        wait_paused(pauses, 3, 2, alive=lambda: proc.poll() is None)
+        pids = {_rank_of(int(p.name.rsplit("-", 1)[1])): int(p.name.rsplit("-", 1)[1]) for p in pauses.glob("paused-3-*")}
+        stopped = pids[1]
+        os.kill(stopped, signal.SIGSTOP)
+        release(pauses, 3)
+        while proc.poll() is None and Path(f"/proc/{pids[0]}").exists():  # rank 0 waits out its timeout
+            time.sleep(0.2)
+        os.kill(stopped, signal.SIGKILL)  # torchrun's SIGTERM would wait for a stopped process to go on
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        if stopped is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(stopped, signal.SIGKILL)
+    (line,) = [line for line in err.splitlines() if line.startswith("error: rank 0:")]
+    assert line.startswith(f"error: rank 0: rank 1 on host {socket.gethostname()} (last heard in the "), line
+    assert "stopped beating" in line and "train.timeout_s=15" in line
