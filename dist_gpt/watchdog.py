@@ -46,6 +46,7 @@ class HangWatchdog:
         self.step = -1
         self.armed = False   # after the first step (compilation)
         self.pauses = 0      # evaluation and saves in progress
+        self.closed = False
         if timeout_s > 0:
             threading.Thread(target=self._watch, name="dist_gpt-hang-watchdog", daemon=True).start()
 
@@ -68,11 +69,11 @@ class HangWatchdog:
             self.last = time.monotonic()
 
     def close(self) -> None:
-        self.armed = False
+        self.armed, self.closed = False, True  # the thread ends within a second
 
     def _watch(self) -> None:
         interval = min(1.0, self.timeout_s / 10)
-        while True:
+        while not self.closed:
             time.sleep(interval)
             if self.armed and not self.pauses and time.monotonic() - self.last > self.timeout_s:
                 self._fire()
