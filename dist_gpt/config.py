@@ -35,6 +35,7 @@ from .errors import ConfigError
 from .metrics import LogConfig
 from .model import GPTConfig
 from .optim import OptimConfig
+from .profiler import parse_window
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -62,12 +63,27 @@ class TrainConfig:
     nan_max_rollbacks: int = field(default=3, metadata={"help": "rollbacks allowed before the run stops (nan_policy=rollback)"})
     timeout_s: float = field(default=600.0, metadata={"help": "collective timeout: a rank that stops answering fails the job after this many seconds"})
     threads: int | None = field(default=None, metadata={"help": "CPU threads per rank (default: the cores this rank may use / ranks on the node)"})
+    hang_timeout_s: float = field(default=900.0, metadata={"help": "a rank whose own step makes no progress for this many seconds writes every thread's Python stack to <run_dir>/hang/rank<r>.txt and exits 6 (0 = off; paused for the first step, evaluation and saves; keep it above train.timeout_s so a peer's silence is named first)"})
+    straggler_ratio: float = field(default=1.3, metadata={"help": "warn when a rank's compute time per step (CPU time of its training thread; CUDA: its forward's GPU time) is at least this many times the other ranks' median (> 1)"})
+    straggler_intervals: int = field(default=3, metadata={"help": "... for this many consecutive log intervals (log.interval steps each)"})
+    memory_snapshot: bool = field(default=False, metadata={"help": "CUDA: record the allocator's history and dump a memory snapshot to <run_dir>/memory/rank<r>-oom.pickle on out of memory (rank<r>-step<S>.pickle at the end otherwise; open at https://pytorch.org/memory_viz); costs some speed"})
+    profile: str | None = field(default=None, metadata={"help": "START:STOP: record a torch.profiler trace of steps START to STOP-1 on every rank into <run_dir>/profile/ (open it in https://ui.perfetto.dev; on CUDA also the allocator's memory timeline for https://pytorch.org/memory_viz); unset = no profiler"})
 
     def __post_init__(self) -> None:
         _choice("train.recipe", self.recipe, ("classic", "modern"))
         _choice("train.precision", self.precision, ("auto", "fp32", "bf16", "fp16"))
         _choice("train.device", self.device, ("auto", "cpu", "cuda"))
         _choice("train.nan_policy", self.nan_policy, ("skip", "rollback", "stop"))
+        parse_window(self.profile)
+        if self.hang_timeout_s < 0:
+            raise ConfigError(f"train.hang_timeout_s={self.hang_timeout_s:g} must be >= 0 (0 turns the hang "
+                              "watchdog off; e.g. --train.hang_timeout_s=900)")
+        if not self.straggler_ratio > 1:
+            raise ConfigError(f"train.straggler_ratio={self.straggler_ratio:g} must be > 1 (a rank this many times "
+                              "slower than the others is named; e.g. --train.straggler_ratio=1.3)")
+        if self.straggler_intervals < 1:
+            raise ConfigError(f"train.straggler_intervals={self.straggler_intervals} must be at least 1 (the log "
+                              "intervals a rank must stay slow before it is named; e.g. --train.straggler_intervals=3)")
         for key in ("steps", "global_batch", "micro_batch"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"train.{key} must be at least 1, got {getattr(self, key)}")

@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -99,7 +100,8 @@ def _keep_freed_memory(largest: int) -> None:
     mallopt(M_TRIM_THRESHOLD, 2**31 - 1)
 
 
-def init(device: str = "auto", timeout_s: float = 600.0, threads: int | None = None, layout: str = "ddp") -> DistEnv:
+def init(device: str = "auto", timeout_s: float = 600.0, threads: int | None = None, layout: str = "ddp",
+         flight_dir: str | Path | None = None) -> DistEnv:
     """Detect the launcher, pick device and backend (nccl on CUDA, gloo on CPU), start the group.
 
     On a CPU, freed memory is kept for the next step (`_keep_freed_memory`): blocks up to 32 MiB
@@ -121,10 +123,33 @@ def init(device: str = "auto", timeout_s: float = 600.0, threads: int | None = N
     env = DistEnv(rank, local_rank, world, local_world, dev, None)
     if world > 1:
         env.backend = "nccl" if dev.type == "cuda" else "gloo"
+        if flight_dir is not None:  # read when the NCCL process group is created, so set before it
+            set_flight_recorder_env(flight_dir)
         dist.init_process_group(backend=env.backend, rank=rank, world_size=world,
                                 timeout=datetime.timedelta(seconds=timeout_s),
                                 device_id=dev if dev.type == "cuda" else None)
     return env
+
+
+# NCCL's flight recorder: a ring buffer of each rank's recent collectives, dumped on a timeout.
+FLIGHT_RECORDER = (  # (variable, its older name, dist_gpt's value; None: the dump folder's file prefix)
+    ("TORCH_FR_BUFFER_SIZE", "TORCH_NCCL_TRACE_BUFFER_SIZE", "2000"),
+    ("TORCH_NCCL_DUMP_ON_TIMEOUT", None, "1"),
+    ("TORCH_FR_DUMP_TEMP_FILE", "TORCH_NCCL_DEBUG_INFO_TEMP_FILE", None),
+)
+
+
+def set_flight_recorder_env(folder: str | Path) -> dict[str, str]:
+    """Turn on NCCL's flight recorder (2,000 collectives per rank, dumped on a collective timeout to
+    `<folder>/rank_<r>`), leaving alone each variable the user set (under either of its names).
+    Returns what it set. gloo has no flight recorder: the variables are then inert."""
+    chosen = {}
+    for name, old_name, value in FLIGHT_RECORDER:
+        if name in os.environ or (old_name and old_name in os.environ):
+            continue
+        chosen[name] = value if value is not None else str(Path(folder) / "rank_")
+    os.environ.update(chosen)
+    return chosen
 
 
 # ---------------------------------------------------------------------------------------------

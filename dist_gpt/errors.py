@@ -21,3 +21,9 @@ class DataError(UserError):
 
 class CheckpointError(UserError):
     """A missing, incomplete, corrupt, unsafe or incompatible checkpoint."""
+
+
+class OutOfMemory(UserError):
+    """A step ran out of device memory; the message names the options that would fit (dist_gpt.oom)."""
+
+    exit_code = 5

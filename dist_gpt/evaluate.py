@@ -20,6 +20,7 @@ import math
 import sys
 
 import torch
+from torch.profiler import record_function
 
 from . import dist
 from .checkpoint.state import unwrap_model
@@ -104,6 +105,7 @@ class Evaluator:
     def loss_at(self, step: int) -> float | None:
         return self.last_loss if self.last_step == step else None
 
+    @record_function("evaluate")  # the label of a train.profile trace
     def run(self, step: int) -> float:
         loss, blocks = validation_loss(self.model, self.val, self.autocast)
         self.last_step, self.last_loss = step, loss

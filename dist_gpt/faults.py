@@ -18,9 +18,11 @@ Non-finite losses follow `train.nan_policy`: skip the step, roll back to the lat
 skip the offending global batch from then on, or stop (exit 3).
 
 The heartbeat. Each rank records in the rendezvous store how far it got, (step, phase): one small
-write before the step's forward/backward and one before the agreement. When a collective fails or
-times out (`train.timeout_s`), `named_collective_failures` turns the error into one line naming the
-rank(s) furthest behind. If the store itself goes away (plain `torchrun` whose agent was killed by
+write before the step's forward/backward and one before the agreement, and a daemon thread counts a
+beat up every 2 s (`BEAT_S`) with the rank's host beside it. When a collective fails or times out
+(`train.timeout_s`), `named_collective_failures` turns the error into one line naming the rank(s)
+whose beat stopped (a SIGSTOPped or frozen process: its record may equal the others'; reading the
+beats twice costs 5 s), else the rank(s) furthest behind. If the store itself goes away (plain `torchrun` whose agent was killed by
 a signal sent to its process group: torchrun starts every rank in a session of its own, so such a
 signal reaches the agent only) the heartbeat stops writing instead of failing the run, and the ranks,
 orphaned, see that their parent is no longer the agent that started them: that counts as a stop
@@ -31,6 +33,9 @@ Fault injection for the tests, read from the environment (never set in normal us
     DIST_GPT_FAULT_KILL_AT=S:R       rank R SIGKILLs itself before step S, on torchrun's first attempt only
     DIST_GPT_FAULT_SIGNAL_AT=S:NAME  rank 0 sends itself signal NAME before step S (first attempt only)
     DIST_GPT_FAULT_HANG_AT=S:R       rank R stops answering (sleeps) before step S
+    DIST_GPT_FAULT_OOM_AT=S:R        rank R raises torch.OutOfMemoryError at the start of step S (first attempt only)
+    DIST_GPT_FAULT_SLOW=R:MS         rank R spends MS more milliseconds of CPU time computing each step (a busy
+                                     loop, not a sleep: stragglers.py measures compute as CPU time)
     DIST_GPT_FAULT_PAUSE_AT=P,...    hold the process at each point P until the test releases it (see
                                      `pause`; needs DIST_GPT_FAULT_PAUSE_DIR): `start` (the trainer's stop
                                      handlers are in), `shard` (prepare renamed a complete shard), or a
@@ -91,7 +96,7 @@ class FaultGuard:
         self.policy, self.max_rollbacks = cfg.nan_policy, cfg.nan_max_rollbacks
         self.stop, self.state, self.rollback, self.log = stop, state, rollback, log
         self.is_main = env.is_main
-        self.heartbeat = Heartbeat(env)
+        self.heartbeat = Heartbeat(env).start_beating()
         self.inject = FaultInjector(env.rank, stop)
         self.stopped_by: str | None = None  # the agreed stop signal's name, once one arrived
         # torchrun's workers are its children; an orphaned worker is re-parented (to init or a subreaper)
@@ -166,6 +171,9 @@ def write_marker(run_dir: Path, signal_name: str, step: int, checkpoint: Path | 
 # A rank that stops answering
 
 _KEY = "dist_gpt/heartbeat/{}"
+_BEAT_KEY = "dist_gpt/beat/{}"
+HOST_KEY = "dist_gpt/host/{}"
+BEAT_S = 2.0  # a rank's beat advances this often while its process runs
 
 
 class Heartbeat:
@@ -182,6 +190,28 @@ class Heartbeat:
 
         self.rank, self.world_size = env.rank, env.world_size
         self.store = dist.default_store() if env.distributed else None
+
+    def start_beating(self) -> "Heartbeat":
+        """Record this rank's host, and count up in the store every BEAT_S seconds from a daemon thread
+        while the process runs: a rank stopped (SIGSTOP, a frozen node) stops counting, even when its
+        (step, phase) record equals the others'."""
+        if self.store is not None:
+            import socket
+            import threading
+
+            self.store.set(HOST_KEY.format(self.rank), socket.gethostname())
+            threading.Thread(target=self._beat_forever, name="dist_gpt-heartbeat", daemon=True).start()
+        return self
+
+    def _beat_forever(self) -> None:
+        count = 0
+        while self.store is not None:
+            count += 1
+            try:
+                self.store.set(_BEAT_KEY.format(self.rank), str(count))
+            except Exception:  # the store's host is gone: beat() says so once
+                return
+            time.sleep(BEAT_S)
 
     def beat(self, step: int, phase: int) -> None:
         if self.store is None:
@@ -207,12 +237,43 @@ class Heartbeat:
             pass
         return seen
 
+    def _read(self, key: str) -> dict[int, str]:
+        """{rank: value} of `key` for every rank that wrote it ({} when the store is gone)."""
+        from . import dist
+
+        store, out = dist.default_store(), {}
+        try:
+            store.set_timeout(datetime.timedelta(seconds=10))
+            for rank in range(self.world_size):
+                if store.check([key.format(rank)]):
+                    out[rank] = store.get(key.format(rank)).decode()
+        except Exception:
+            pass
+        return out
+
+    def stopped_beating(self) -> list[int]:
+        """The other ranks whose beat did not advance over 2.5 beat periods (waits that long)."""
+        before = self._read(_BEAT_KEY)
+        time.sleep(2.5 * BEAT_S)
+        after = self._read(_BEAT_KEY)
+        return [r for r in sorted(before) if r != self.rank and after.get(r) == before[r]]
+
     def describe(self, error: BaseException, timeout_s: float) -> str:
         """One line naming the rank(s) that stopped answering, from the heartbeat records."""
         text = str(error).strip()
         cause = text.splitlines()[0][-160:] if text else type(error).__name__
         seen = self.records()
         missing = [r for r in range(self.world_size) if r not in seen]
+        stopped = self.stopped_beating() if seen and not missing else []
+        if stopped:
+            hosts = self._read(HOST_KEY)
+            detail = ", ".join(f"rank {r} on host {hosts.get(r, 'unknown')} (last heard {self.PHASES[seen[r][1]]} "
+                               f"step {seen[r][0]})" for r in stopped)
+            why = (f"the collective timed out after train.timeout_s={timeout_s:g} s"
+                   if "timed out" in text.lower() else "a collective failed")
+            return (f"rank {self.rank}: {detail} stopped beating: its process is alive but not running (stopped "
+                    f"with SIGSTOP, a debugger, a frozen node?); {why} ({cause}). Check that rank's host; "
+                    "restarted, the run resumes from its last checkpoint")
         if seen and not missing:
             lowest = min(seen.values())
             behind = [r for r, record in seen.items() if record == lowest]
@@ -286,6 +347,9 @@ class FaultInjector:
         self.kill = self._parse("DIST_GPT_FAULT_KILL_AT")
         self.signal = self._parse("DIST_GPT_FAULT_SIGNAL_AT")
         self.hang = self._parse("DIST_GPT_FAULT_HANG_AT")
+        self.oom = self._parse("DIST_GPT_FAULT_OOM_AT")
+        slow = self._parse("DIST_GPT_FAULT_SLOW")
+        self.slow_s = int(slow[1]) / 1000 if slow and slow[0] == rank else 0.0
 
     @staticmethod
     def _parse(name: str) -> tuple[int, str] | None:
@@ -304,6 +368,17 @@ class FaultInjector:
             time.sleep(24 * 3600)
         if self.signal and self.signal[0] == step and self.rank == 0 and _first_attempt():
             os.kill(os.getpid(), getattr(signal, self.signal[1]))
+        if self.oom and self.oom[0] == step and int(self.oom[1]) == self.rank and _first_attempt():
+            import torch
+
+            raise torch.OutOfMemoryError(f"CUDA out of memory (DIST_GPT_FAULT_OOM_AT={step}:{self.rank})")
+
+    def slow(self) -> None:
+        """DIST_GPT_FAULT_SLOW: burn this thread's CPU time, the way a slower device or a throttled core would."""
+        if self.slow_s:
+            end = time.thread_time() + self.slow_s
+            while time.thread_time() < end:
+                pass
 
     def corrupt_loss(self, loss, position: int):
         if self.nan_at is not None and position == self.nan_at:

@@ -37,12 +37,20 @@ class LogConfig:
     interval: int = field(default=10, metadata={"help": "print a console line (and log train scalars) every this many steps"})
     tensorboard: bool = field(default=True, metadata={"help": "write TensorBoard events into the run directory (tensorboard --logdir runs)"})
     peak_tflops: float | None = field(default=None, metadata={"help": "peak TFLOP/s of one device for MFU; unset = looked up from the GPU's name (n/a if unknown)"})
+    wandb: bool = field(default=False, metadata={"help": "also log the same scalars, samples and config to Weights & Biases (pip install 'dist_gpt[wandb]'; WANDB_MODE=offline works without network); the run id is derived from the run directory, so a resumed job continues the same W&B run"})
+    wandb_project: str = field(default="dist_gpt", metadata={"help": "the W&B project of log.wandb (WANDB_ENTITY picks the entity)"})
 
     def __post_init__(self) -> None:
         if self.interval < 1:
             raise ConfigError(f"log.interval={self.interval} must be >= 1")
         if self.peak_tflops is not None and not self.peak_tflops > 0:
             raise ConfigError(f"log.peak_tflops={self.peak_tflops} must be > 0 (or unset)")
+        if self.wandb:
+            try:
+                import wandb  # noqa: F401  (checked here, where the option is, before any rank starts work)
+            except ImportError:
+                raise ConfigError("log.wandb=true needs the wandb package: pip install 'dist_gpt[wandb]' "
+                                  "(or drop --log.wandb)") from None
 
 
 # Dense (no 2:4 sparsity) peak TFLOP/s per device, from the vendors' datasheets and whitepapers:
@@ -189,6 +197,10 @@ SCALARS: dict[str, tuple[str, str]] = {
     "perf/step_time_ms": ("perf/step_time_ms", "milliseconds of the logged step"),
     "perf/data_wait_share": ("perf/data_wait_share", "share of the step spent waiting for data (0 to 1)"),
     "perf/peak_mem_gib": ("perf/peak_mem_gib", "peak memory of rank 0 in GiB (CUDA: allocated tensors; CPU: resident set)"),
+    "ranks/compute_ms_median": ("ranks/compute_ms_median", "median over the ranks of each rank's compute ms per step over the log interval (CPU: its training thread's CPU time; CUDA: its forward's GPU time; collective waits excluded)"),
+    "ranks/compute_ms_max": ("ranks/compute_ms_max", "the slowest rank's compute ms per step over the log interval"),
+    "ranks/slowest": ("ranks/slowest", "the rank id with the largest compute time over the log interval"),
+    "perf/data_wait_share_max": ("perf/data_wait_share_max", "the largest share of the log interval any rank spent waiting for data (0 to 1)"),
 }
 # The metrics the HPARAMS tab compares runs by; it shows each one's last value, so val/loss is the
 # final validation loss of a finished run.
@@ -250,6 +262,16 @@ def _flatten(config: dict, prefix: str = "") -> dict:
     return flat
 
 
+def _rank_fields(ranks: dict | None, world_size: int) -> dict:
+    """The console's view of the ranks (several ranks only): `compute 10.2/14.9ms r3 | data max 2%`, the
+    median and slowest rank's compute ms per step, then the largest data-wait share of any rank."""
+    if not ranks or world_size < 2:
+        return {}
+    return {"compute": f"{ranks['ranks/compute_ms_median']:.1f}/{ranks['ranks/compute_ms_max']:.1f}ms "
+                       f"r{ranks['ranks/slowest']}",
+            "data max": f"{100 * ranks['perf/data_wait_share_max']:.0f}%"}
+
+
 class NullLogger:
     """What ranks other than 0 get: every method of MetricsLogger, doing nothing -- except `due`,
     which answers the same on every rank because callers may run a collective when it is True."""
@@ -296,13 +318,20 @@ class MetricsLogger(NullLogger):
 
             # flush every 10 s so `tensorboard --logdir` shows a short CPU run while it trains
             self.writer = SummaryWriter(log_dir=str(self.tb_dir), flush_secs=10)
+        self.wandb = None
+        if cfg.wandb and is_main:
+            from .wandb_sink import WandbSink
+
+            self.wandb = WandbSink(run_dir, cfg.wandb_project)
         self._eta_origin: tuple[float, int] | None = None  # (time, step) of the first console line
         self._last_step = 0  # hparams metrics are logged at the latest step seen
         self._described: set[str] = set()  # scalar tags written with their description
 
-    def step(self, step: int, *, loss: float, lr: float, grad_norm: float, step_time: float, data_time: float) -> None:
+    def step(self, step: int, *, loss: float, lr: float, grad_norm: float, step_time: float, data_time: float,
+             ranks: dict | None = None) -> None:
         """The training scalars and console line of one logged step: `step_time` and `data_time` are
-        seconds of this step, the latter spent waiting for data; tokens/s counts every rank's tokens."""
+        seconds of this step, the latter spent waiting for data; tokens/s counts every rank's tokens.
+        `ranks`: every rank's compute time and data wait over the log interval (stragglers.RankClock)."""
         if not self.is_main:
             return
         tokens_per_s = self.throughput.tokens_per_step / step_time if step_time > 0 else 0.0
@@ -312,12 +341,14 @@ class MetricsLogger(NullLogger):
             "train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm,
             "perf/tokens_per_s": tokens_per_s, "perf/mfu": util, "perf/step_time_ms": 1000 * step_time,
             "perf/data_wait_share": data_time / step_time if step_time > 0 else None, "perf/peak_mem_gib": mem,
+            **(ranks or {}),
         })
         self.console(step, {
             "loss": f"{loss:.4f}", "lr": lr, "gnorm": grad_norm, "tok/s": tokens_per_s,
             "mfu": None if util is None else f"{100 * util:.1f}%", "ms/step": 1000 * step_time,
             "data": f"{100 * data_time / step_time:.0f}%" if step_time > 0 else None,
             "mem": None if mem is None else f"{mem:.2f}GiB",
+            **_rank_fields(ranks, self.throughput.num_devices),
         })
 
     def eval(self, step: int, *, loss: float, bpb: float, blocks: int, best: float) -> None:
@@ -341,6 +372,8 @@ class MetricsLogger(NullLogger):
         if self.writer is not None:
             for tag, value in values.items():
                 self._add_scalar(tag, value, step)
+        if self.wandb is not None:
+            self.wandb.scalars(step, values)
 
     def _add_scalar(self, tag: str, value: float, step: int) -> None:
         """A scalar; the first of a described tag carries its display name and description (TensorBoard
@@ -373,12 +406,16 @@ class MetricsLogger(NullLogger):
         as a code block, keeping newlines and spacing (the stored string carries the indent)."""
         if self.writer is not None:
             self.writer.add_text(tag, "\n".join("    " + line for line in text.split("\n")), step)
+        if self.wandb is not None:
+            self.wandb.text(step, tag, text)
 
     def hparams(self, config: dict, metrics: dict | None = None) -> None:
         """The run's (nested) config as hparams, against the metrics the HPARAMS tab compares runs by:
         `HPARAM_METRICS` (logged by `eval`) and `metrics` ({'hparam/x': 1.4}), logged now. Written into
         this run's own event file."""
         metrics = metrics or {}
+        if self.wandb is not None:
+            self.wandb.config(config)
         if self.writer is None:
             return
         for summary in hparams_summaries(_flatten(config), [*HPARAM_METRICS, *metrics]):
@@ -398,6 +435,9 @@ class MetricsLogger(NullLogger):
         if self.writer is not None:
             self.writer.close()
             self.writer = None
+        if self.wandb is not None:
+            self.wandb.close()
+            self.wandb = None
 
 
 def make_logger(run_dir: str | Path, cfg: LogConfig, is_main: bool, total_steps: int,

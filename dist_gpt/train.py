@@ -24,6 +24,7 @@ from . import config as config_mod  # noqa: E402
 from . import dist  # noqa: E402
 from . import runlock  # noqa: E402
 from .faults import Verdict  # noqa: E402
+from .oom import MemoryWatch  # noqa: E402
 from .runinfo import describe_run, write_final  # noqa: E402
 from .trainer import Trainer, build  # noqa: E402
 
@@ -35,31 +36,45 @@ def main(argv: list[str] | None = None) -> None:
 
 def run(argv: list[str], stop: faults.StopSignals) -> int:
     """Parse, start the process group, build, train. Returns the exit status: 0 done (or stopped by a
-    signal, with a checkpoint and a requeue marker), 3 stopped by the NaN policy."""
+    signal, with a checkpoint and a requeue marker), 3 stopped by the NaN policy; out of memory raises
+    OutOfMemory (one line, exit status 5)."""
     cfg = config_mod.parse(argv, world=dist.launch_world())
     if cfg is None:  # --help
         return 0
-    env = dist.init(cfg.train.device, cfg.train.timeout_s, cfg.train.threads, cfg.parallel.data)
+    env = dist.init(cfg.train.device, cfg.train.timeout_s, cfg.train.threads, cfg.parallel.data,
+                    flight_dir=cfg.run_dir / "flight")
     with faults.named_collective_failures(env, cfg.train.timeout_s), \
             runlock.held(cfg.run_dir, env, cfg.checkpoint.take_lock):  # one job per run directory
+        memory = MemoryWatch(cfg, env, argv)  # out of memory: one line; CUDA snapshots
         trainer = build(cfg, env, stop)
+        if env.distributed:
+            (cfg.run_dir / "flight").mkdir(exist_ok=True)  # where NCCL's flight recorder dumps on a timeout
         try:
             describe_run(cfg, env, trainer.model, trainer.batches.ds, trainer.log)
-            return train(trainer, cfg.run_dir)
+            with memory.watching(trainer):
+                return train(trainer, cfg.run_dir)
         finally:
+            trainer.watchdog.close()
+            trainer.profiler.close()  # a window the run did not reach the end of: what it recorded
             trainer.log.close()  # TensorBoard's writer flushed before the process group goes
 
 
 def train(t: Trainer, run_dir) -> int:
     """The training loop: evaluate and checkpoint when they are due, step, until the last step or a stop."""
     while t.state.step < t.total_steps and not t.guard.stopped_by:
+        t.profiler.at(t.state.step)  # starts or ends the train.profile window
         # 1. evaluate and checkpoint when due (both collective: every rank takes part)
-        t.evaluator.maybe_run(t.state.step)
-        t.checkpointer.maybe_save(t.state.step)
+        with t.watchdog.paused():  # long by nature: the hang watchdog times steps only
+            t.evaluator.maybe_run(t.state.step)
+            t.checkpointer.maybe_save(t.state.step)
         # 2. one optimizer step; the fault guard may skip it, roll it back or stop the run
-        if t.step() is Verdict.STOP:
+        t.watchdog.started(t.state.step)
+        verdict = t.step()
+        t.watchdog.ended()
+        if verdict is Verdict.STOP:
             return 3
 
+    t.watchdog.close()
     # 3. a stop signal: every rank saves, rank 0 leaves the requeue marker for the launchers
     if t.guard.stopped_by:
         path = t.checkpointer.save(t.state.step)

@@ -15,13 +15,19 @@ these objects and this step. Each component is handed the few things it uses whe
     checkpointer  owns every stateful object above; saves when due, restores, rolls back (checkpoint/)
     guard         FaultGuard: heartbeat, stop signals, NaN policy, fault injection (faults.py)
     log           metrics on rank 0, a no-op elsewhere (metrics.py)
+    profiler      a torch.profiler trace of the steps train.profile names (profiler.py)
+    clock         this rank's compute and data-wait time, gathered on log steps (stragglers.py)
+    watchdog      a step that makes no progress: stacks on file, one line, exit 6 (watchdog.py)
+
+The step's phases carry `record_function` labels (data, forward, backward, agree, optimizer; the
+evaluator and checkpointer add evaluate and checkpoint) that a trace shows by name.
 """
 
 from __future__ import annotations
 
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -36,8 +42,11 @@ from .metrics import NullLogger, Throughput, make_logger
 from .model import GPT
 from .optim import LRSchedule, build_optimizers, clip_grad_norm
 from .precision import Precision
+from .profiler import StepProfiler, parse_window
 from .resume import ConfigIdentity, DatasetIdentity, RunState
 from .runinfo import make_run_dir, resolve_model_config
+from .stragglers import RankClock
+from .watchdog import HangWatchdog
 from .weights import init_from
 
 
@@ -61,6 +70,9 @@ class Trainer:
     seed: int = 0                  # train.seed: dropout masks are a function of (seed, step, rank)
     grad_clip: float = 0.0
     total_steps: int = 0
+    profiler: StepProfiler = field(default_factory=lambda: StepProfiler(None, Path("."), 0, torch.device("cpu")))
+    clock: RankClock | None = None  # this rank's compute and data-wait time (stragglers.py); built in build()
+    watchdog: HangWatchdog = field(default_factory=lambda: HangWatchdog(0, Path("."), 0))  # train.hang_timeout_s
 
     def __post_init__(self) -> None:
         # Per-run constants, looked up once instead of at every step.
@@ -79,25 +91,30 @@ class Trainer:
         self.schedule.apply(self.optimizers, step)
         if self.dropout:  # resumable: the masks are a function of (seed, step, rank), not of RNG state
             torch.manual_seed(dropout_seed(self.seed, step, self.rank))
-        t0 = time.perf_counter()
+        t0, mark = time.perf_counter(), self.clock.begin()  # this rank's compute: all but the agreement
         with record_function("data"):
             position, micro = self._next_batch()
         self.data_time = time.perf_counter() - t0
-        with record_function("forward_backward"):
-            loss = forward_backward(self.train_model, micro, self.autocast, self.precision.scaler)
+        self.guard.inject.slow()  # test-only: DIST_GPT_FAULT_SLOW makes one rank a straggler
+        loss = forward_backward(self.train_model, micro, self.autocast, self.precision.scaler)
+        self.clock.end(mark)
         with record_function("agree"):
             verdict = self.guard.after_loss(loss, position)
         if verdict is not Verdict.PROCEED:
             zero_grads(self.optimizers)
             return verdict
+        mark = self.clock.begin()
         with record_function("optimizer"):
             grad_norm = optimizer_step(self.params, self.optimizers, self.precision.scaler, self.grad_clip)
+        self.clock.end(mark)
+        self.clock.step_done(self.data_time)
         self.state.step += 1
         self.state.tokens += self.tokens_per_step
         if self.log.due(self.state.step):  # the only read-back of the loss besides the agreement
             self.train_loss = (dist.all_reduce_sum(loss.detach().clone()) / self.world_size).item()
             self.log.step(self.state.step, loss=self.train_loss, lr=self.optimizers[0].param_groups[0]["lr"],
-                          grad_norm=float(grad_norm), step_time=time.perf_counter() - t0, data_time=self.data_time)
+                          grad_norm=float(grad_norm), step_time=time.perf_counter() - t0, data_time=self.data_time,
+                          ranks=self.clock.report())
         return verdict
 
     def _next_batch(self) -> tuple[int, list]:
@@ -118,9 +135,10 @@ def forward_backward(model, micro: list, autocast, scaler) -> torch.Tensor:
     for i, (x, y, *doc) in enumerate(micro):  # x, y (and doc, under model.doc_mask): (micro_batch, block_size) int64
         sync = dist.no_grad_sync(model) if i < n - 1 else nullcontext()
         with sync:
-            with autocast:
+            with record_function("forward"), autocast:
                 loss = model(x, y, *doc)
-            scaler.scale(loss / n).backward()
+            with record_function("backward"):
+                scaler.scale(loss / n).backward()
         losses.append(loss.detach())
     return losses[0] if n == 1 else torch.stack(losses).mean()
 
@@ -199,7 +217,11 @@ def build(cfg, env: dist.DistEnv, stop: StopSignals, log: NullLogger | None = No
     return Trainer(model=model, train_model=train_model, optimizers=optimizers,
                    schedule=LRSchedule(cfg.optim, tc.steps), precision=precision, batches=batches, state=state,
                    evaluator=evaluator, checkpointer=checkpointer, guard=guard, log=log, rank=env.rank,
-                   world_size=env.world_size, seed=tc.seed, grad_clip=cfg.optim.grad_clip, total_steps=tc.steps)
+                   world_size=env.world_size, seed=tc.seed, grad_clip=cfg.optim.grad_clip, total_steps=tc.steps,
+                   profiler=StepProfiler(parse_window(tc.profile), cfg.run_dir, env.rank, env.device,
+                                         keep_history=tc.memory_snapshot),
+                   clock=RankClock(env, train_model, tc.straggler_ratio, tc.straggler_intervals, log),
+                   watchdog=HangWatchdog(tc.hang_timeout_s, cfg.run_dir, env.rank))
 
 
 def build_model(cfg, env: dist.DistEnv, precision: str) -> tuple[GPT, torch.nn.Module, torch.nn.Module]:

@@ -30,6 +30,15 @@ def test_debug_preset_end_to_end_on_two_ranks_with_tensorboard(tiny_data, tmp_pa
     assert any(t.startswith("sample") for t in tags["tensors"])
     # Only rank 0 logs: one console line per log interval, not two.
     assert sum("step    5" in line or "step 5/" in line for line in out.stdout.splitlines()) <= 1
+    # Stragglers (#26): every log step gathers the ranks' compute times; two equal ranks never warn
+    for tag in ("ranks/compute_ms_median", "ranks/compute_ms_max", "ranks/slowest", "perf/data_wait_share_max"):
+        assert tag in tags["scalars"], f"{tag} missing from {tags['scalars']}"
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    ranks = [r for r in records if "ranks/slowest" in r]
+    assert [r["step"] for r in ranks] == [1, 5, 10, 15, 20]
+    assert all(0 < r["ranks/compute_ms_median"] <= r["ranks/compute_ms_max"] and r["ranks/slowest"] in (0, 1)
+               and 0 <= r["perf/data_wait_share_max"] <= 1 for r in ranks)
+    assert "straggler" not in out.stdout + out.stderr
 
 
 def test_one_and_two_ranks_agree_with_the_same_global_batch(tiny_data, tmp_path):

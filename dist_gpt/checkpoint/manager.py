@@ -44,6 +44,7 @@ from typing import Any
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.profiler import record_function
 
 from ..errors import CheckpointError, UserError
 from .config import CheckpointConfig
@@ -113,6 +114,7 @@ class Checkpointer:
         return None
 
     # -- save ---------------------------------------------------------------------------------
+    @record_function("checkpoint")  # the label of a train.profile trace
     def save(self, step: int) -> Path:
         """Write a checkpoint of every state at `step`; every rank calls it.
 
