@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from .metrics import format_value
+from .metrics import format_params, format_value
 from .model import GPT, GPTConfig
 
 GIB = 2**30
@@ -197,8 +197,7 @@ def dry_run_report(cfg, world: int, local_world: int, device_gib: float | None) 
     tokens = cfg.train.global_batch * cfg.model.block_size
     lines = [f"dry run: preset {cfg.preset}, recipe {cfg.train.recipe}, {world} ranks ({local_world} per node), "
              f"{device}, {precision}",
-             f"  parameters {format_value(float(model.num_params(non_embedding=False)))} "
-             f"({format_value(float(model.num_params()))} without embeddings), "
+             f"  {format_params(model)}, "
              f"{format_value(model.flops_per_token())} FLOP per token (training), {tokens:,} tokens per step "
              f"({cfg.train.micro_batch} micro x {cfg.train.grad_accum(world)} accum x {world} ranks x "
              f"{cfg.model.block_size})",
