@@ -310,6 +310,28 @@ def wrap(model: nn.Module, env: DistEnv) -> nn.Module:
                gradient_as_bucket_view=True, bucket_cap_mb=25)
 
 
+def settle_buckets(model: nn.Module, first_step) -> None:
+    """Give DDP its final gradient-bucket layout before the first real step, in every process.
+
+    DDP reduces a process's first synchronised backward in one bucket in parameter order and then
+    rebuilds its buckets in the order the gradients became ready. gloo's ring all-reduce sums each
+    element over the ranks in an order set by its place in the bucket, so with 3 or more ranks
+    (a + b = b + a hides it on 2) a resumed process, whose first step is the uninterrupted run's k-th,
+    summed in another order and drifted in the last bits. `first_step()` runs one forward/backward of
+    the training micro-batch's shape (its gradients are dropped, the random state restored); the
+    rebuild happens at the next forward, so every real step of every process uses the rebuilt layout.
+    """
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    if not isinstance(model, DDP):
+        return
+    devices = [model.device] if model.device_type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        first_step()
+    for p in model.parameters():
+        p.grad = None
+
+
 def replica_group(env: DistEnv, cfg: ParallelConfig):
     """The group across which plain (unsharded) parameters are replicated: the whole world under ddp
     on several ranks, else None (FSDP2's DTensor parameters carry their own mesh). Muon divides its

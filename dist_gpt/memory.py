@@ -15,25 +15,33 @@
 
 Parameters are counted from the model built on the meta device, exactly. Activations are measured,
 not guessed: a probe runs the real forward on the CPU at the run's widths but one and two blocks,
-a few tokens and a tiny vocabulary, counts the bytes autograd saves (saved-tensor hooks, each
-storage once) and extrapolates in layers and tokens, adding the vocabulary's own share (the logits
-and their log-softmax). The probe runs the CPU's kernels: a GPU's attention keeps bf16 copies where
-the CPU keeps fp32 ones, so on a GPU the activation figure errs high.
+a few tokens and two tiny vocabularies, counts the bytes autograd saves (saved-tensor hooks, each
+storage once) and extrapolates linearly in layers, tokens and vocabulary. The vocabulary's share is
+measured too: a training forward keeps one fp32 (tokens, V) tensor, the log-softmax of the logits
+(the fp32 logits themselves are not kept; a soft-cap keeps its tanh as well), plus under bf16 a bf16
+copy of the (V, C) head weight. A run planned for a GPU in bf16 is probed under CUDA's autocast
+policy emulated on the CPU (`CudaAutocast`: matmuls and attention in bf16, pow/softmax/norms/losses
+in fp32), with the attention kernel's inputs kept in bf16 as on a GPU, not in fp32 as the CPU path
+does; what a GPU's own kernels save beyond their inputs and outputs is not emulated.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 
-from .metrics import format_value
+from .metrics import format_params, format_value
 from .model import GPT, GPTConfig
 
 GIB = 2**30
 _PROBE_VOCAB = 64
+_PROBE_VOCAB_WIDE = 128  # the second vocabulary: the difference is the vocabulary's share
 
 
 @dataclass(frozen=True)
@@ -93,29 +101,35 @@ def estimate(cfg, layout: str, world: int, local_world: int, checkpointing: bool
 
 class ActivationProbe:
     """Bytes autograd saves in one forward of `model_cfg` in `precision` (fp32 | bf16 autocast),
-    measured on small probes and extrapolated (see the module docstring)."""
+    measured on small probes and extrapolated (see the module docstring). `gpu`: probe under CUDA's
+    autocast policy (bf16 only; fp32 is the same everywhere)."""
 
     def __init__(self, model_cfg: GPTConfig, precision: str, gpu: bool = False):
         self.cfg, self.precision, self.gpu = model_cfg, precision, gpu
         tokens = (8, 16)
-        one = [saved_bytes(self._probe(1), precision, 1, t) for t in tokens]
-        two = [saved_bytes(self._probe(2), precision, 1, t) for t in tokens]
+        one = [self._measure(1, _PROBE_VOCAB, t) for t in tokens]
+        two = [self._measure(2, _PROBE_VOCAB, t) for t in tokens]
+        wide = [self._measure(1, _PROBE_VOCAB_WIDE, t) for t in tokens]
         # bytes = layers * (per_token * n + per_layer) + rest_per_token * n + rest
+        #         + (V - probe V) * (vocab_per_token * n + vocab_const)
         layer = [b - a for a, b in zip(one, two)]
         self.per_token = (layer[1] - layer[0]) / (tokens[1] - tokens[0])
         self.per_layer = layer[0] - self.per_token * tokens[0]
         rest = [a - s for a, s in zip(one, layer)]
         self.rest_per_token = (rest[1] - rest[0]) / (tokens[1] - tokens[0])
         self.rest = rest[0] - self.rest_per_token * tokens[0]
+        vocab = [(w - a) / (_PROBE_VOCAB_WIDE - _PROBE_VOCAB) for a, w in zip(one, wide)]  # bytes per vocabulary entry
+        self.vocab_per_token = (vocab[1] - vocab[0]) / (tokens[1] - tokens[0])  # 4: the fp32 log-softmax
+        self.vocab_const = vocab[0] - self.vocab_per_token * tokens[0]         # bf16: the head weight's copy
 
-    def _probe(self, layers: int) -> GPTConfig:
-        return dataclasses.replace(self.cfg, n_layer=layers, vocab_size=_PROBE_VOCAB, dropout=0.0,
-                                   activation_checkpointing=False)
+    def _measure(self, layers: int, vocab: int, tokens: int) -> int:
+        probe = dataclasses.replace(self.cfg, n_layer=layers, vocab_size=vocab, dropout=0.0,
+                                    activation_checkpointing=False)
+        return saved_bytes(probe, self.precision, 1, tokens, gpu=self.gpu)
 
     def bytes(self, micro_batch: int, block_size: int, vocab_size: int, checkpointing: bool) -> int:
         n = micro_batch * block_size
-        # the vocabulary's share: the logits (fp32) and their log-softmax, per token
-        vocab = 2 * 4 * (vocab_size - _PROBE_VOCAB) * n
+        vocab = (vocab_size - _PROBE_VOCAB) * (self.vocab_per_token * n + self.vocab_const)
         rest = self.rest_per_token * n + self.rest + vocab
         if not checkpointing:
             return int(self.cfg.n_layer * (self.per_token * n + self.per_layer) + rest)
@@ -123,9 +137,31 @@ class ActivationProbe:
         return int(self.cfg.n_layer * 4 * self.cfg.n_embd * n + self.per_token * n + self.per_layer + rest)
 
 
-def saved_bytes(model_cfg: GPTConfig, precision: str, batch: int, tokens: int) -> int:
+class CudaAutocast(TorchFunctionMode):
+    """bf16 autocast as CUDA applies it, emulated on the CPU for the operations the model calls: the
+    inputs of matmuls and attention cast to bf16, those of CUDA's fp32 list (pow, so square too,
+    softmax, norms, losses) to fp32, everything else left in its dtype. A cast of a parameter is a new
+    tensor, as autocast's cached copy is. Used without torch.autocast."""
+
+    LOW = {F.linear, torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.mm, torch.bmm,
+           torch.addmm, torch.baddbmm, F.scaled_dot_product_attention}
+    FP32 = {torch.pow, torch.Tensor.pow, torch.Tensor.__pow__, torch.square, torch.Tensor.square, torch.exp,
+            torch.Tensor.exp, torch.rsqrt, torch.Tensor.rsqrt, F.softmax, F.log_softmax, torch.Tensor.softmax,
+            torch.Tensor.log_softmax, F.layer_norm, F.rms_norm, F.cross_entropy, F.softplus, torch.logsumexp}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        dtype = torch.bfloat16 if func in self.LOW else torch.float32 if func in self.FP32 else None
+        if dtype is not None:
+            cast = lambda t: t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t  # noqa: E731
+            args, kwargs = [cast(a) for a in args], {k: cast(v) for k, v in kwargs.items()}
+        return func(*args, **kwargs)
+
+
+def saved_bytes(model_cfg: GPTConfig, precision: str, batch: int, tokens: int, gpu: bool = False) -> int:
     """Bytes of the tensors autograd saves in one training forward of a real model on the CPU (each
-    storage once, parameters excluded): the measurement the estimate extrapolates from."""
+    storage once, parameters excluded): the measurement the estimate extrapolates from. `gpu` with
+    bf16: under `CudaAutocast` instead of the CPU's autocast."""
     torch.manual_seed(0)
     model = GPT(model_cfg)
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
@@ -138,7 +174,8 @@ def saved_bytes(model_cfg: GPTConfig, precision: str, batch: int, tokens: int) -
         return t
 
     idx = torch.randint(0, model_cfg.vocab_size, (batch, tokens))
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
+    bf16 = precision == "bf16"
+    autocast = (CudaAutocast() if gpu else torch.autocast("cpu", dtype=torch.bfloat16)) if bf16 else nullcontext()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast:
         model(idx, idx)
     return sum(saved.values())
@@ -160,8 +197,7 @@ def dry_run_report(cfg, world: int, local_world: int, device_gib: float | None) 
     tokens = cfg.train.global_batch * cfg.model.block_size
     lines = [f"dry run: preset {cfg.preset}, recipe {cfg.train.recipe}, {world} ranks ({local_world} per node), "
              f"{device}, {precision}",
-             f"  parameters {format_value(float(model.num_params(non_embedding=False)))} "
-             f"({format_value(float(model.num_params()))} without embeddings), "
+             f"  {format_params(model)}, "
              f"{format_value(model.flops_per_token())} FLOP per token (training), {tokens:,} tokens per step "
              f"({cfg.train.micro_batch} micro x {cfg.train.grad_accum(world)} accum x {world} ranks x "
              f"{cfg.model.block_size})",
@@ -175,6 +211,7 @@ def dry_run_report(cfg, world: int, local_world: int, device_gib: float | None) 
         fits = ("  yes" if e.total <= device_gib * GIB else "  no") if device_gib else ""
         lines.append(f"  {name:<22} {e.params / scale:8.2f} {e.grads / scale:8.2f} {e.optimizer / scale:8.2f} "
                      f"{e.gathered / scale:9.2f} {e.activations / scale:12.2f} {e.total / scale:9.2f}{fits}")
-    lines.append("  (activations measured with the CPU's kernels; leave headroom for the allocator and the "
+    policy = " under CUDA's autocast policy (emulated)" if probe.gpu and probe.precision == "bf16" else ""
+    lines.append(f"  (activations measured with the CPU's kernels{policy}; leave headroom for the allocator and the "
                  "communication buffers)")
     return "\n".join(lines)

@@ -4,7 +4,8 @@ Only rank 0 logs: `make_logger(...)` returns a `MetricsLogger` there and a `Null
 methods, does nothing) on every other rank, so the training loop never branches on rank.
 TensorBoard events go into the run directory itself, so `tensorboard --logdir runs` names each run
 by its directory (a run begun by an earlier version keeps its `tensorboard/` subdirectory). Each
-scalar carries its unit in its description (and the losses in their display names); the HPARAMS
+scalar carries its unit in its description (and the losses in their display names; tags made at
+run time are described by pattern, `SCALAR_PATTERNS`); the HPARAMS
 tab compares runs by their validation losses (`HPARAM_METRICS`). Every scalar is also appended
 to `<run_dir>/metrics.jsonl` (`{"step": 10, "time": ..., "train/loss": 2.3, ...}` per line; a
 resumed run appends, so a step can repeat: the last line for a step wins).
@@ -183,6 +184,13 @@ def format_value(value) -> str:
     return f"{value:.2e}" if abs(value) < 1e-3 else f"{value:.4g}"
 
 
+def format_params(model) -> str:
+    """'12.13M parameters (11.60M without embeddings)': every parameter (a shared one once), and those
+    outside the lookup tables that the FLOP count uses -- what the start-up line and --dry-run print."""
+    total, matmul = model.num_params(non_embedding=False), model.num_params()
+    return f"{total / 1e6:.2f}M parameters ({matmul / 1e6:.2f}M without embeddings)"
+
+
 # What each scalar is and its unit: TensorBoard shows the description beside the chart, and the losses'
 # units in their display names. The tags themselves are those of metrics.jsonl.
 SCALARS: dict[str, tuple[str, str]] = {
@@ -202,6 +210,34 @@ SCALARS: dict[str, tuple[str, str]] = {
     "ranks/slowest": ("ranks/slowest", "the rank id with the largest compute time over the log interval"),
     "perf/data_wait_share_max": ("perf/data_wait_share_max", "the largest share of the log interval any rank spent waiting for data (0 to 1)"),
 }
+# Tags made at run time, described by pattern (first match wins): (regex, display name, description),
+# formatted with the pattern's named groups. The display names of losses carry their units.
+SCALAR_PATTERNS: list[tuple[str, str, str]] = [
+    (r"val/(?P<name>[^/]+)/acc", "{tag}", "accuracy on the multiple-choice task {name} (0 to 1): share of items "
+     "whose most likely ending (summed log-likelihood) is the right one"),
+    (r"val/(?P<name>[^/]+)/acc_norm", "{tag}", "accuracy on the multiple-choice task {name} (0 to 1), each "
+     "ending's log-likelihood divided by its length in characters"),
+    (r"val/(?P<name>[^/]+)/loss", "{tag} (nats/token)", "mean cross-entropy over the validation blocks of "
+     "{name}, in nats per token"),
+    (r"val/(?P<name>[^/]+)/bpb", "{tag} (bits/byte)", "bits per byte of {name}'s validation text"),
+    (r"data/(?P<name>[^/]+)/tokens", "{tag}", "training tokens drawn from the source {name} so far"),
+    (r"ranks/(?P<what>.+)_ms_(?P<stat>max|min|mean)", "{tag} (ms)", "the {stat} over the ranks of each "
+     "rank's {what} time in the logged step, in milliseconds"),
+    (r"hparam/(?P<name>.+)", "{tag}", "{name}: a result of the run, compared across runs in the HPARAMS tab"),
+]
+
+
+def describe(tag: str) -> tuple[str, str]:
+    """(display name, description) of a scalar tag: from SCALARS, else SCALAR_PATTERNS, else a note
+    that it has none (never the tag itself)."""
+    if tag in SCALARS:
+        return SCALARS[tag]
+    for pattern, display, description in SCALAR_PATTERNS:
+        if match := re.fullmatch(pattern, tag):
+            return display.format(tag=tag, **match.groupdict()), description.format(**match.groupdict())
+    return tag, "a scalar without a description yet: add one to SCALAR_PATTERNS in dist_gpt/metrics.py"
+
+
 # The metrics the HPARAMS tab compares runs by; it shows each one's last value, so val/loss is the
 # final validation loss of a finished run.
 HPARAM_METRICS = ("val/loss", "val/best_loss", "val/bpb")
@@ -237,8 +273,8 @@ def hparams_summaries(hparams: dict, metric_tags) -> list:
         else:
             start.hparams[name].string_value, kind = str(value), "DATA_TYPE_STRING"
         infos.append(api_pb2.HParamInfo(name=name, type=api_pb2.DataType.Value(kind)))
-    metrics = [api_pb2.MetricInfo(name=api_pb2.MetricName(tag=tag), display_name=SCALARS.get(tag, (tag, ""))[0],
-                                  description=SCALARS.get(tag, (tag, ""))[1],
+    metrics = [api_pb2.MetricInfo(name=api_pb2.MetricName(tag=tag), display_name=describe(tag)[0],
+                                  description=describe(tag)[1],
                                   dataset_type=api_pb2.DATASET_VALIDATION if tag.startswith("val/") else api_pb2.DATASET_UNKNOWN)
                for tag in metric_tags]
     experiment = HParamsPluginData(version=metadata.PLUGIN_DATA_VERSION,
@@ -376,15 +412,21 @@ class MetricsLogger(NullLogger):
             self.wandb.scalars(step, values)
 
     def _add_scalar(self, tag: str, value: float, step: int) -> None:
-        """A scalar; the first of a described tag carries its display name and description (TensorBoard
-        keeps a tag's first metadata)."""
-        if tag in self._described or tag not in SCALARS:
-            self.writer.add_scalar(tag, value, step)
-            return
-        self._described.add(tag)
-        summary = _plugin_summary(tag, "scalars", b"", *SCALARS[tag])
-        summary.value[0].simple_value = value
-        self.writer.file_writer.add_summary(summary, step)
+        """A scalar. The first of each tag is preceded by the same point as a tensor summary carrying
+        its display name and description (`describe`): TensorBoard keeps a tag's first metadata, and
+        its fast loader (the default) drops the metadata of plain `simple_value` scalars. The points
+        themselves stay `simple_value`s, as SummaryWriter writes them."""
+        if tag not in self._described:
+            from tensorboard.compat.proto.summary_pb2 import DATA_CLASS_SCALAR
+            from tensorboard.compat.proto.tensor_pb2 import TensorProto
+            from tensorboard.compat.proto.types_pb2 import DT_FLOAT
+
+            self._described.add(tag)
+            summary = _plugin_summary(tag, "scalars", b"", *describe(tag))
+            summary.value[0].metadata.data_class = DATA_CLASS_SCALAR
+            summary.value[0].tensor.CopyFrom(TensorProto(dtype=DT_FLOAT, float_val=[value]))
+            self.writer.file_writer.add_summary(summary, step)
+        self.writer.add_scalar(tag, value, step)
 
     def console(self, step: int, values: dict) -> None:
         """`step 120/2000 | loss 2.341 | lr 6.00e-04 | ... | eta 3m12s`, with `step` the number of

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from .errors import ConfigError
+from .metrics import format_params
 
 
 def git_sha() -> str | None:
@@ -111,7 +112,7 @@ def describe_run(cfg, env, model, data, log) -> None:
     if env.is_main:
         _write_json(cfg.run_dir / "config.json", cfg.to_dict())
         _write_json(cfg.run_dir / "run.json", info)
-    log.print(f"dist_gpt: preset {cfg.preset}, recipe {cfg.train.recipe}, {model.num_params() / 1e6:.2f}M params, "
+    log.print(f"dist_gpt: preset {cfg.preset}, recipe {cfg.train.recipe}, {format_params(model)}, "
               f"world {env.world_size} × {env.device.type} ({env.backend or 'no process group'}), "
               f"{torch.get_num_threads()} threads/rank, layout {layout_name(cfg.parallel, env)}")
     log.print(f"batch: {cfg.train.global_batch} seqs × {cfg.model.block_size} tokens = {tokens_per_step:,} tokens/step "

@@ -214,6 +214,7 @@ def build(cfg, env: dist.DistEnv, stop: StopSignals, log: NullLogger | None = No
         val_loss=evaluator.loss_at)
     guard = FaultGuard(tc, env, stop, state, checkpointer.rollback, log)
     restore(checkpointer, model, tc.init_from, state, batches, log)
+    dist.settle_buckets(train_model, lambda: first_backward(train_model, cfg, env.device, precision))
     return Trainer(model=model, train_model=train_model, optimizers=optimizers,
                    schedule=LRSchedule(cfg.optim, tc.steps), precision=precision, batches=batches, state=state,
                    evaluator=evaluator, checkpointer=checkpointer, guard=guard, log=log, rank=env.rank,
@@ -222,6 +223,16 @@ def build(cfg, env: dist.DistEnv, stop: StopSignals, log: NullLogger | None = No
                                          keep_history=tc.memory_snapshot),
                    clock=RankClock(env, train_model, tc.straggler_ratio, tc.straggler_intervals, log),
                    watchdog=HangWatchdog(tc.hang_timeout_s, cfg.run_dir, env.rank))
+
+
+def first_backward(model: torch.nn.Module, cfg, device: torch.device, precision: Precision) -> None:
+    """One forward/backward of a training micro-batch's shape (zeros; one document), for
+    dist.settle_buckets: the same shapes and autocast as a real step, so a compiled model compiles once."""
+    x = torch.zeros(cfg.train.micro_batch, cfg.model.block_size, dtype=torch.long, device=device)
+    doc = [torch.zeros_like(x)] if cfg.model.doc_mask else []
+    with precision.autocast():
+        loss = model(x, x, *doc)
+    loss.backward()
 
 
 def build_model(cfg, env: dist.DistEnv, precision: str) -> tuple[GPT, torch.nn.Module, torch.nn.Module]:

@@ -166,9 +166,28 @@ def test_parquet_column_and_split_errors(tmp_path, capsys):
     assert _prepare(tmp_path / "p.parquet", "--text-field", "n", "--out", tmp_path / "ds") == 2
     assert "column 'n' holds int64, not strings" in capsys.readouterr().err
     assert _prepare(tmp_path / "p.parquet", "--text-field", "body", "--val-split", "0", "--out", tmp_path / "ds") == 0
-    (tmp_path / "d.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(_jsonl(_docs(50, 1))))
-    assert _prepare(tmp_path / "d.jsonl.zst", "--val-split", "5", "--out", tmp_path / "ds2") == 2
-    assert "give a fraction" in capsys.readouterr().err
+
+
+def test_val_split_count_on_compressed_jsonl_holds_back_exactly_that_many(tmp_path, capsys):
+    """--val-split N (a count of documents) on .jsonl.zst / .jsonl.gz: prepare counts their documents
+    in an extra decompression pass and picks exactly N, the same ones as from the plain .jsonl (it was
+    refused). The last line lacks its newline, and it still counts."""
+    docs = _docs(50, 1)
+    raw = _jsonl(docs).rstrip(b"\n")
+    (tmp_path / "d.jsonl").write_bytes(raw)
+    (tmp_path / "d.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(raw))
+    (tmp_path / "d.jsonl.gz").write_bytes(gzip.compress(raw))
+    val = {}
+    for name in ("d.jsonl", "d.jsonl.zst", "d.jsonl.gz"):
+        out = tmp_path / f"ds-{name}"
+        assert _prepare(tmp_path / name, "--val-split", "5", "--chunk-mb", "0.0625", "--out", out) == 0, \
+            capsys.readouterr().err
+        m = json.loads((out / "manifest.json").read_text())
+        assert (m["splits"]["val"]["documents"], m["splits"]["train"]["documents"]) == (5, 45), name
+        val[name] = decode_slice(out, "val", 0, Dataset.open(out).num_tokens("val"))
+    assert val["d.jsonl.zst"] == val["d.jsonl"] == val["d.jsonl.gz"]
+    assert _prepare(tmp_path / "d.jsonl.zst", "--val-split", "50", "--out", tmp_path / "all") == 2
+    assert "the corpus has only 50 documents" in capsys.readouterr().err
 
 
 def test_missing_optional_dependency_says_what_to_install(tmp_path, capsys, monkeypatch):

@@ -11,7 +11,7 @@ import dist_gpt.metrics as metrics
 from dist_gpt.errors import ConfigError
 from dist_gpt.dist import DistEnv
 from dist_gpt.metrics import (LogConfig, MetricsLogger, NullLogger, Throughput, device_peak_flops, format_duration,
-                              format_value, make_logger, mfu, peak_flops_for_name, resolve_peak_flops)
+                              describe, format_params, format_value, make_logger, mfu, peak_flops_for_name, resolve_peak_flops)
 
 
 def _events(tb_dir):
@@ -234,3 +234,78 @@ def test_tensorboard_shows_runs_by_name_units_and_hparams_metrics(tmp_path):
     finally:
         server.terminate()
         server.wait(timeout=60)
+
+
+def test_run_time_tags_are_described_by_pattern():
+    """Tags made at run time get a description from SCALAR_PATTERNS, never their own name."""
+    for tag, words in (("val/hellaswag/acc", "hellaswag"), ("val/hellaswag/acc_norm", "length"),
+                       ("hparam/val_loss", "HPARAMS"), ("val/web/loss", "nats per token"),
+                       ("data/web/tokens", "source web"), ("ranks/compute_ms_max", "max over the ranks"),
+                       ("something/new", "SCALAR_PATTERNS")):
+        display, description = describe(tag)
+        assert words in description and description != tag and display.startswith(tag), (tag, description)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_every_scalar_of_a_run_has_a_description_in_tensorboard(tiny_data, tmp_path):
+    """A run with eval.tasks on, asked of TensorBoard's own /data/plugin/scalars/tags endpoint with
+    tensorboard's default (fast, Rust) loader, which drops the metadata of plain simple_value scalars:
+    every tag has a non-empty description that is not the tag itself."""
+    import subprocess
+    import sys
+    import urllib.error
+
+    from conftest import ASSETS, run_train
+
+    run = tmp_path / "runs" / "r"
+    run_train(["--preset", "debug", f"--data.path={tiny_data}", f"--train.run_dir={run}", "--train.steps=2",
+               "--model.block_size=256", "--eval.max_blocks=2", "--train.global_batch=2", "--train.micro_batch=2",
+               "--log.interval=1", "--eval.interval=2", f"--eval.tasks={ASSETS / 'mc_task' / 'mc_task.jsonl'}",
+               "--eval.sample_tokens=0", "--checkpoint.interval=0"])
+    port = _free_port()
+    server = subprocess.Popen([sys.executable, "-m", "tensorboard.main", "--logdir", str(tmp_path / "runs"),
+                               "--host", "127.0.0.1", "--port", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        tags = {}
+        for _ in range(120):  # until it serves and has read the run (bounded; each wait also sees an exit)
+            try:
+                tags = _get(f"http://127.0.0.1:{port}/data/plugin/scalars/tags").get("r", {})
+            except (urllib.error.URLError, ConnectionError):
+                pass
+            if "val/mc_task/acc_norm" in tags and "train/loss" in tags:
+                break
+            try:
+                raise AssertionError(f"tensorboard ended (exit {server.wait(timeout=1)})")
+            except subprocess.TimeoutExpired:
+                pass
+        assert {"train/loss", "val/loss", "val/mc_task/acc", "val/mc_task/acc_norm", "perf/tokens_per_s"} <= set(tags)
+        for tag, meta in tags.items():
+            assert meta["description"] and meta["description"] != f"<p>{tag}</p>", (tag, meta)
+            assert meta["displayName"], (tag, meta)
+        assert tags["val/loss"]["displayName"] == "val/loss (nats/token)"
+        assert "mc_task" in tags["val/mc_task/acc"]["description"]
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+
+
+def test_parameter_count_says_what_it_counts():
+    """An untied model (an imported Llama's layout): the start-up line gives every parameter, and
+    separately those without the embedding tables -- not the latter alone (was 11.60M of 12,128,768)."""
+    from dist_gpt import config
+    from dist_gpt.model import GPT
+
+    cfg = config.build("debug", overrides={"model.tie_embeddings": False, "model.vocab_size": 256})
+    model = GPT(cfg.model)
+    total = sum(p.numel() for p in model.parameters())
+    table = model.tok_emb.weight.numel()
+    assert format_params(model) == f"{total / 1e6:.2f}M parameters ({(total - table) / 1e6:.2f}M without embeddings)"

@@ -342,9 +342,6 @@ def _splitter(opts: PrepareOptions, num_docs: int | None):
         raise ConfigError(f"--val-split {v}: a fraction in [0, 1) or a whole number of documents")
     if num_docs is not None:
         return encode.DocSplitter(num_docs, _val_docs(v, num_docs), opts.seed)
-    if v >= 1:
-        raise ConfigError(f"--val-split {v} counts documents, but compressed .jsonl inputs are read once and "
-                          "their documents are counted only then; give a fraction (e.g. 0.01)")
     return encode.HashSplitter(v, opts.seed) if v > 0 else None
 
 
@@ -401,7 +398,7 @@ def _payload_bytes(directory: Path) -> int:
 
 def _build(opts: PrepareOptions, staging: Path, files, source: dict, request: dict) -> None:
     t0 = time.perf_counter()
-    doc_counts = [count_docs(f, opts.jsonl_field) for f in files]
+    doc_counts = _count_documents(opts, files)
     num_docs = None if None in doc_counts else sum(doc_counts)
     explicit = any(f.split for f in files)
     single = not explicit and num_docs == 1
@@ -459,6 +456,20 @@ def _build(opts: PrepareOptions, staging: Path, files, source: dict, request: di
         _say(opts, f"{split}: {e['num_tokens']:,} tokens in {len(e['shards'])} shards, {e['documents']:,} documents")
     if manifest["splits"]["val"]["num_tokens"] == 0:
         _say(opts, "warning: the val split is empty (evaluation needs one: use --val-split or --val)")
+
+
+def _count_documents(opts: PrepareOptions, files: list[InputFile]) -> list[int | None]:
+    """Each file's documents. `--val-split N` (a count) needs them before encoding, so compressed
+    .jsonl files are then decompressed once more just to count their lines (with a progress bar);
+    a fraction does not, and they are read once."""
+    count = opts.val_split >= 1
+    compressed = sum(f.size for f in files if f.compression and f.kind == "jsonl") if count else 0
+    if not compressed:
+        return [count_docs(f, opts.jsonl_field) for f in files]
+    _say(opts, f"--val-split {opts.val_split:g} counts documents: reading the compressed .jsonl once more "
+               "to count them")
+    with _progress(opts, compressed, "count documents") as bar:
+        return [count_docs(f, opts.jsonl_field, read_compressed=True, progress=bar.update) for f in files]
 
 
 def _split_tail(writer: DatasetWriter, fraction: float, records: list[tuple[int, int]]) -> None:
@@ -534,8 +545,9 @@ def parse_args(argv: list[str]) -> PrepareOptions:
     p.add_argument("--text-field", "--jsonl-field", dest="jsonl_field", default=d.jsonl_field,
                    help=f"the text field of .jsonl lines and the text column of .parquet files (default {d.jsonl_field})")
     p.add_argument("--val-split", type=float, default=d.val_split,
-                   help="validation documents: a fraction (< 1) or a count (>= 1); one-document corpora: "
-                        f"the last fraction of tokens (default {d.val_split})")
+                   help="validation documents: a fraction (< 1) or a count (>= 1; compressed .jsonl is then "
+                        "decompressed once more to count its documents); one-document corpora: the last "
+                        f"fraction of tokens (default {d.val_split})")
     p.add_argument("--seed", type=int, default=d.seed, help="chooses the validation documents (default 0)")
     p.add_argument("--shard-tokens", type=int, default=d.shard_tokens, help=f"tokens per shard (default {d.shard_tokens:,})")
     p.add_argument("--workers", type=int, help="encoding processes (default: one per core; byte: 0 = in-process)")

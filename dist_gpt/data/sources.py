@@ -135,17 +135,21 @@ def stdlib_inputs() -> list[InputFile]:
     return files
 
 
-def count_docs(f: InputFile, field: str = "text") -> int | None:
+def count_docs(f: InputFile, field: str = "text", read_compressed: bool = False, progress=None) -> int | None:
     """Documents in a file: 1 for text, one per line (its last line may lack a newline) for jsonl,
-    one per row for parquet (from its footer); None for compressed jsonl, whose lines are counted
-    only while it is read (it is read once)."""
+    one per row for parquet (from its footer). Compressed jsonl: None (its lines are counted while it
+    is encoded, in one pass), unless `read_compressed`: then it is decompressed once more just to
+    count them (`progress(n)` gets the compressed bytes read)."""
     if f.kind == "text":
         return 1
     if f.kind == "parquet":
         from dist_gpt.data.streams import parquet_rows
         return parquet_rows(f, field)
     if f.compression:
-        return None
+        if not read_compressed:
+            return None
+        from dist_gpt.data.streams import count_compressed_lines
+        return count_compressed_lines(f, progress)
     lines, last = 0, b"\n"
     with open(f.path, "rb") as fh:
         while block := fh.read(1 << 24):

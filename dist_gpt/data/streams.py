@@ -27,7 +27,7 @@ from __future__ import annotations
 import gzip
 import importlib
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from dist_gpt.data.sources import BOUNDARY_WINDOW, InputFile, Unit, char_start, find_cut
 from dist_gpt.errors import DataError
@@ -83,6 +83,30 @@ def _read_errors(f: InputFile) -> tuple:
     return errors
 
 
+def _damaged(f: InputFile, e: Exception) -> DataError:
+    what = "gzip" if f.compression == "gz" else "zstd"
+    return DataError(f"{f.path}: not a readable {what} file, corrupt or truncated ({e}); "
+                     "re-download or re-compress it")
+
+
+def count_compressed_lines(f: InputFile, progress: Callable[[int], object] | None = None) -> int:
+    """Documents of a compressed .jsonl file, counted as `_decompressed_units` counts them (its lines;
+    a last line without a newline counts), in one extra decompression pass; `progress(n)` gets the
+    compressed bytes read."""
+    lines, last, done = 0, b"\n", 0
+    try:
+        with open(f.path, "rb") as raw:
+            for block in _decompressed_blocks(f, raw):
+                lines += block.count(b"\n")
+                last = block[-1:]
+                if progress is not None and raw.tell() > done:
+                    progress(raw.tell() - done)
+                    done = raw.tell()
+    except _read_errors(f) as e:
+        raise _damaged(f, e) from None
+    return lines + (last != b"\n")
+
+
 def _decompressed_units(f: InputFile, index: int, first_doc: int, chunk: int) -> Iterator[Unit]:
     """Cut the decompressed stream where a plain file of the same kind is cut (sources.find_cut)."""
     errors = _read_errors(f)
@@ -119,9 +143,7 @@ def _decompressed_units(f: InputFile, index: int, first_doc: int, chunk: int) ->
                 if last:
                     return
     except errors as e:
-        what = "gzip" if f.compression == "gz" else "zstd"
-        raise DataError(f"{f.path}: not a readable {what} file, corrupt or truncated ({e}); "
-                        "re-download or re-compress it") from None
+        raise _damaged(f, e) from None
 
 
 # ---------------------------------------------------------------- parquet
