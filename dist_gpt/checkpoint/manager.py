@@ -277,6 +277,9 @@ class Checkpointer:
     def _named(self, path: Path) -> Path:
         if not path.exists():
             raise CheckpointError(f"--resume {path}: no such checkpoint; pass a checkpoint directory, auto or none")
+        if not path.is_dir():
+            raise CheckpointError(f"--resume {path} is a file, not a checkpoint: pass a checkpoint directory "
+                                  "(runs/NAME/checkpoints/step_...), a run directory, auto or none")
         try:
             return resolve_checkpoint(path)
         except CheckpointError:
