@@ -384,7 +384,7 @@ def parse(argv: list[str] | None = None, world: tuple[int, int] = (1, 1)) -> Con
     if cl.dry_run_world:
         world = (cl.dry_run_world, min(cl.dry_run_world, world[1] if world[0] > 1 else cl.dry_run_world))
     cfg.train.grad_accum(world[0])
-    cfg.parallel.mesh_shape(*world)
+    cfg.parallel.check_launch(*world)
     if cl.dry_run:
         from .memory import dry_run_report
 

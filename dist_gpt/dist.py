@@ -139,7 +139,7 @@ class ParallelConfig:
     the ranks. Applied by `parallelize`; a checkpoint saved under any layout resumes under any other."""
 
     data: str = field(default="ddp", metadata={"help": "ddp (every rank holds the whole model, optimizer state and gradients) | fsdp (all three sharded over every rank: FSDP2 fully_shard) | hsdp (sharded within groups of parallel.shard_size ranks, replicated across the groups)"})
-    shard_size: int | None = field(default=None, metadata={"help": "hsdp: ranks per shard group; must divide the world size (default: the ranks of one node)"})
+    shard_size: int | None = field(default=None, metadata={"help": "hsdp only: ranks per shard group; must divide the world size (default: the ranks of one node); refused with fsdp, which shards over every rank; ddp ignores it (--dry-run uses it for its hsdp row)"})
     reshard_after_forward: bool = field(default=True, metadata={"help": "fsdp/hsdp: free each block's gathered parameters after its forward and gather them again in backward (less memory, more communication)"})
 
     def __post_init__(self) -> None:
@@ -147,6 +147,17 @@ class ParallelConfig:
             raise ConfigError(f"parallel.data must be one of {' | '.join(LAYOUTS)}, got {self.data!r}")
         if self.shard_size is not None and self.shard_size < 1:
             raise ConfigError(f"parallel.shard_size must be at least 1 (or none), got {self.shard_size}")
+
+    def check_launch(self, world_size: int, local_world_size: int) -> None:
+        """Refuse a layout that cannot run on this launch (a ConfigError naming the option).
+
+        fsdp with a shard size is refused rather than run: fsdp always shards over the whole world,
+        so the user asked for something (groups of S ranks: hsdp) that fsdp would silently not do."""
+        if self.data == "fsdp" and self.shard_size is not None:
+            raise ConfigError(f"parallel.shard_size={self.shard_size} applies to hsdp only: fsdp shards over every "
+                              f"rank ({world_size}); drop --parallel.shard_size, or pass --parallel.data=hsdp for "
+                              "shard groups of that size")
+        self.mesh_shape(world_size, local_world_size)
 
     def mesh_shape(self, world_size: int, local_world_size: int) -> tuple[int, ...]:
         """(shard,) for fsdp, (replicate, shard) for hsdp, () for ddp; a ConfigError when the shard size

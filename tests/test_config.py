@@ -127,3 +127,14 @@ def test_batch_split_is_checked_against_the_launch_world_size():
         config.parse(["--preset", "debug", "--train.global_batch=9", "--train.micro_batch=2"], world=(3, 3))
     cfg = config.parse(["--preset", "debug", "--train.global_batch=9", "--train.micro_batch=3"], world=(3, 3))
     assert cfg.train.grad_accum(3) == 1
+
+
+def test_fsdp_with_a_shard_size_is_refused():
+    """--parallel.data=fsdp --parallel.shard_size=5 on 3 ranks used to run with no note (fsdp shards over all)."""
+    with pytest.raises(ConfigError, match=r"^parallel.shard_size=5 applies to hsdp only: fsdp shards over every rank "
+                                          r"\(3\); drop --parallel.shard_size"):
+        config.parse(["--preset", "debug", "--train.global_batch=6", "--train.micro_batch=2",
+                      "--parallel.data=fsdp", "--parallel.shard_size=5"], world=(3, 3))
+    cfg = config.parse(["--preset", "debug", "--train.global_batch=6", "--train.micro_batch=2",
+                        "--parallel.data=hsdp", "--parallel.shard_size=3"], world=(3, 3))
+    assert cfg.parallel.mesh_shape(3, 3) == (1, 3)
