@@ -12,7 +12,8 @@ rank see the same request at the same step boundary; the step still completes, t
 saves one checkpoint on every rank and rank 0 leaves `requeue.json` in the run directory. The
 ranks then exit 0: torchrun turns a failed worker into a restart or exit status 1, so the request
 to requeue must not ride on the exit status. The launchers (slurm/train.sh, launch/submit.py)
-requeue the job when they find the marker.
+requeue the job when they find the marker. A run that completes (final.json written) removes the
+marker an earlier stop left, whatever launched it.
 
 Non-finite losses follow `train.nan_policy`: skip the step, roll back to the latest checkpoint and
 skip the offending global batch from then on, or stop (exit 3).
@@ -150,6 +151,13 @@ class FaultGuard:
                            "(torchrun --signals-to-handle=...,SIGUSR1,SIGUSR2 forwards those signals instead)")
         else:
             self.log.print(f"{self.stopped_by}: saved {checkpoint} at step {step}; requeue marker written")
+
+
+    def remove_marker(self, run_dir: Path) -> None:
+        """After the run completed (final.json written): rank 0 removes a requeue.json left by an
+        earlier stop of this run, on every launch path, so nothing requeues a finished run."""
+        if self.is_main:
+            (Path(run_dir) / MARKER).unlink(missing_ok=True)
 
 
 def write_marker(run_dir: Path, signal_name: str, step: int, checkpoint: Path | None) -> Path:

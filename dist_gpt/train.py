@@ -67,11 +67,13 @@ def train(t: Trainer, run_dir) -> int:
         t.guard.leave_marker(run_dir, t.state.step, path)
         return 0
 
-    # 4. the end: final evaluation, checkpoint, summary
+    # 4. the end: final evaluation, checkpoint, summary; a requeue marker left by an earlier stop is
+    #    for the run now finished, so it goes (a launcher that finds one would resubmit a finished job)
     t.evaluator.maybe_run(t.state.step, final=True)
     path = t.checkpointer.save(t.state.step)
     t.checkpointer.wait()
     write_final(run_dir, t.state, t.evaluator, path, t.train_loss, t.log)
+    t.guard.remove_marker(run_dir)
     return 0
 
 

@@ -79,6 +79,8 @@ def test_stop_signals_checkpoint_and_leave_the_requeue_marker(tiny_data, tmp_pat
     run_train(_args(tiny_data, run), nproc=2)
     got = losses(run)
     assert [got[s] for s in range(1, STEPS + 1)] == [reference[s] for s in range(1, STEPS + 1)]
+    # The run is finished: its marker must not make a launcher resubmit it (plain torchrun path).
+    assert (run / "final.json").exists() and not (run / "requeue.json").exists()
 
 
 def test_resume_none_refuses_a_used_run_directory(tiny_data, tmp_path):
