@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .errors import ConfigError, UserError
+from .errors import ConfigError, Refusal
 
 
 @dataclass
@@ -376,21 +376,71 @@ def run_main(run, argv: list[str]) -> None:
 
 
 def exit_code(run, argv: list[str]) -> int:
-    """`run(argv)`'s exit code; a UserError becomes its one-line message and exit code 2, a lost peer
-    (faults.PeerLost) its message and 4 (the tests call entry points in-process through this).
-
-    A ConfigError raised before the process group exists comes from the command line, which every
-    rank of a launch shares: only the launch's rank 0 prints it, so it appears once, first.
-    """
-    from .faults import PeerLost
-
+    """`run(argv)`'s exit code; a `Refusal` (UserError: 2, faults.PeerLost: 4, ...) goes through
+    `refuse` (the tests call entry points in-process through this)."""
     try:
         return run(argv)
-    except (UserError, PeerLost) as e:
-        same_everywhere = isinstance(e, ConfigError) and not (dist.is_available() and dist.is_initialized())
-        if not same_everywhere or launch_rank() == 0:
-            print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
+    except Refusal as e:
+        return refuse(e)
+
+
+def refuse(error: Refusal) -> int:
+    """The one path of every refusal: its line `error: <message>` on stderr, printed by one rank of
+    the launch, and written to torchrun's error file so that torchrun's summary quotes it as the root
+    cause. Returns the exit status (`error.exit_code`).
+
+    Raise a `Refusal` under `run_main` and this is done for you; code that cannot raise into it (a
+    watchdog thread) calls `refuse(error)` itself and exits with what it returns. Never collective:
+    peers may be anywhere (in another collective, hung, gone), so nothing here waits for them.
+    """
+    message = f"error: {error}"
+    if _first_to_report(error, message):
+        print(message, file=sys.stderr, flush=True)
+    record_for_torchrun(message)
+    return error.exit_code
+
+
+def _first_to_report(error: Refusal, message: str) -> bool:
+    """Whether this rank prints the refusal: one rank per distinct message and launch.
+
+    Before the process group, a ConfigError comes from the command line every rank shares: the
+    launch's rank 0 prints it. With a process group, the first rank to count the message in the
+    rendezvous store prints it (a store `add` needs no peer, so it cannot hang on ranks that did not
+    hit the error); a message that names its own rank ("rank 1: ...") counts as the same refusal.
+    If the store's host is gone, every rank prints: twice is better than never.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return not isinstance(error, ConfigError) or launch_rank() == 0
+    import hashlib
+    import re
+
+    key = "dist_gpt/refusal/" + hashlib.sha256(re.sub(r"^error: rank \d+: ", "", message).encode()).hexdigest()
+    try:
+        store = default_store()
+        store.set_timeout(datetime.timedelta(seconds=10))
+        return store.add(key, 1) == 1
+    except Exception:  # the agent that hosts the store is gone
+        return True
+
+
+def record_for_torchrun(message: str) -> None:
+    """Write `message` where torchrun looks for a worker's root cause (TORCHELASTIC_ERROR_FILE, set by
+    torchrun for each worker), in the JSON of torch.distributed.elastic's ErrorHandler.record_exception:
+    the summary torchrun prints on failure then shows it as `traceback : error: ...` instead of
+    `error_file: <N/A>`. Nothing to do outside torchrun."""
+    import json
+    import time
+
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return
+    data = {"message": {"message": message,
+                        "extraInfo": {"py_callstack": message, "timestamp": str(int(time.time()))}}}
+    try:
+        with open(path, "w") as f:
+            json.dump(data, f)
+    except OSError:  # the agent's log directory is gone or full: the printed line still stands
+        pass
 
 
 def launch_rank() -> int:

@@ -4,7 +4,7 @@
 
     guard.before_step(step)                 heartbeat; test-only injection (kill, hang, signal)
     verdict = guard.after_loss(loss, position)   one all-reduce: stop signals + non-finite loss
-                                            -> PROCEED | SKIP | ROLLED_BACK | STOP
+                                            -> PROCEED | SKIP | ROLLED_BACK, or NonFiniteLoss
 
 Stop signals. SIGTERM, SIGUSR1 and SIGUSR2 (SLURM's warning before a time limit or preemption;
 submitit's default is USR2) only set a flag in the handler. The per-step all-reduce makes every
@@ -16,7 +16,8 @@ requeue the job when they find the marker. A run that completes (final.json writ
 marker an earlier stop left, whatever launched it.
 
 Non-finite losses follow `train.nan_policy`: skip the step, roll back to the latest checkpoint and
-skip the offending global batch from then on, or stop (exit 3).
+skip the offending global batch from then on, or stop: every rank raises `NonFiniteLoss`, a
+refusal (dist.refuse: one line, exit 3).
 
 The heartbeat. Each rank records in the rendezvous store how far it got, (step, phase): one small
 write before the step's forward/backward and one before the agreement. When a collective fails or
@@ -50,6 +51,8 @@ import sys
 import time
 from pathlib import Path
 
+from .errors import Refusal
+
 # No torch import at module level: the entry points install StopSignals before importing torch.
 
 STOP_SIGNALS = {signal.SIGTERM: 1, signal.SIGUSR1: 2, signal.SIGUSR2: 3}
@@ -78,7 +81,6 @@ class Verdict(enum.Enum):
     PROCEED = "proceed"          # take the optimizer step
     SKIP = "skip"                # drop this step's gradients (nan_policy=skip)
     ROLLED_BACK = "rolled back"  # the state was reloaded from the latest checkpoint
-    STOP = "stop"                # the run cannot continue (exit 3)
 
 
 class FaultGuard:
@@ -124,18 +126,15 @@ class FaultGuard:
             self.log.print(f"{where}: step skipped (train.nan_policy=skip)")
             return Verdict.SKIP
         if self.policy == "stop":
-            self.log.print(f"error: {where}; stopping (train.nan_policy=stop; try nan_policy=rollback or a lower optim.lr)")
-            return Verdict.STOP
+            raise NonFiniteLoss(f"{where}; stopping (train.nan_policy=stop; try nan_policy=rollback or a lower optim.lr)")
         if self.state.rollbacks >= self.max_rollbacks:
-            self.log.print(f"error: {where}: {self.state.rollbacks} rollbacks already; stopping "
-                           "(raise train.nan_max_rollbacks or lower optim.lr)")
-            return Verdict.STOP
+            raise NonFiniteLoss(f"{where}: {self.state.rollbacks} rollbacks already; stopping "
+                                "(raise train.nan_max_rollbacks or lower optim.lr)")
         bad, rollbacks = self.state.bad_positions + [position], self.state.rollbacks + 1
         path = self.rollback()  # reloads the run state too: what we learnt is put back below
         if path is None:
-            self.log.print(f"error: {where}: no checkpoint to roll back to; stopping "
-                           "(raise train.nan_max_rollbacks or lower optim.lr)")
-            return Verdict.STOP
+            raise NonFiniteLoss(f"{where}: no checkpoint to roll back to; stopping "
+                                "(raise train.nan_max_rollbacks or lower optim.lr)")
         self.state.bad_positions, self.state.rollbacks = bad, rollbacks
         self.log.print(f"{where}: rolled back to {path.name}, skipping that batch (rollback {rollbacks})")
         return Verdict.ROLLED_BACK
@@ -239,7 +238,13 @@ class Heartbeat:
                 "rank's log")
 
 
-class PeerLost(Exception):
+class NonFiniteLoss(Refusal):
+    """train.nan_policy stopped the run (exit status 3); every rank raises it at the same step."""
+
+    exit_code = 3
+
+
+class PeerLost(Refusal):
     """A collective failed or timed out because another rank went away (exit status 4)."""
 
     exit_code = 4

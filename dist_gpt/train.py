@@ -23,7 +23,6 @@ import sys  # noqa: E402  (after the handlers, on purpose)
 from . import config as config_mod  # noqa: E402
 from . import dist  # noqa: E402
 from . import runlock  # noqa: E402
-from .faults import Verdict  # noqa: E402
 from .runinfo import describe_run, write_final  # noqa: E402
 from .trainer import Trainer, build  # noqa: E402
 
@@ -35,7 +34,8 @@ def main(argv: list[str] | None = None) -> None:
 
 def run(argv: list[str], stop: faults.StopSignals) -> int:
     """Parse, start the process group, build, train. Returns the exit status: 0 done (or stopped by a
-    signal, with a checkpoint and a requeue marker), 3 stopped by the NaN policy."""
+    signal, with a checkpoint and a requeue marker); a refusal raises (faults.NonFiniteLoss: the NaN
+    policy stopped the run, exit 3; UserError: 2; see dist.refuse)."""
     cfg = config_mod.parse(argv, world=dist.launch_world())
     if cfg is None:  # --help
         return 0
@@ -57,8 +57,7 @@ def train(t: Trainer, run_dir) -> int:
         t.evaluator.maybe_run(t.state.step)
         t.checkpointer.maybe_save(t.state.step)
         # 2. one optimizer step; the fault guard may skip it, roll it back or stop the run
-        if t.step() is Verdict.STOP:
-            return 3
+        t.step()  # train.nan_policy=stop (or too many rollbacks) raises faults.NonFiniteLoss: exit 3
 
     # 3. a stop signal: every rank saves, rank 0 leaves the requeue marker for the launchers
     if t.guard.stopped_by:

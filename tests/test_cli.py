@@ -118,3 +118,28 @@ def test_sample_bad_argument_is_one_line(trained):
 def test_train_help_lists_options():
     out = run_train(["--help"])
     assert "--train.global_batch=" in out.stdout and "--checkpoint.resume=" in out.stdout
+
+
+def test_a_refusal_is_recorded_where_torchrun_reads_a_workers_root_cause(tmp_path, monkeypatch, capsys):
+    """dist.refuse writes the error file that torch's own ProcessFailure parses for torchrun's summary."""
+    from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
+
+    from dist_gpt.dist import exit_code
+    from dist_gpt.errors import DataError
+    from dist_gpt.faults import NonFiniteLoss
+
+    error_file = tmp_path / "error.json"
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(error_file))
+
+    def refused(argv):
+        raise DataError(f"{argv[0]}: damaged")
+
+    assert exit_code(refused, ["data/x"]) == 2
+    assert capsys.readouterr().err == "error: data/x: damaged\n"
+    failure = ProcessFailure(local_rank=0, pid=1, exitcode=2, error_file=str(error_file))
+    assert failure.message["extraInfo"]["py_callstack"] == "error: data/x: damaged"  # the summary's traceback line
+
+    def nan_stop(argv):
+        raise NonFiniteLoss("non-finite loss at step 2")
+
+    assert exit_code(nan_stop, []) == 3

@@ -289,6 +289,12 @@ def test_two_trainers_on_one_run_directory(tiny_data, tmp_path):
                                       f"pid {first.pid}, heartbeat ") + r"\d+" + re.escape(
             f" s ago; lock {run / 'lock.json'}): wait for it to end, use another --train.run_dir, or pass "
             "--checkpoint.take_lock=true if that job is gone"), line), line
+        # Under torchrun, every rank learns the refusal; one prints it, and torchrun's summary quotes it.
+        second = run_train(args, nproc=2, check=False)
+        errors = [ln for ln in second.stderr.splitlines() if ln.startswith("error:")]
+        assert second.returncode != 0 and len(errors) == 1, second.stderr[-3000:]
+        assert errors[0].startswith(f"error: run directory {run} is in use by another job"), errors
+        assert f"traceback : {errors[0]}" in second.stderr and "error_file: <N/A>" not in second.stderr
         assert sorted(p.name for p in run.iterdir()) == files  # nothing touched
         release(hold, 0)
         out, err = first.communicate(timeout=300)
