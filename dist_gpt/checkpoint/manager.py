@@ -130,6 +130,7 @@ class Checkpointer:
         tmp, final = self.root / tmp_dir_name(step), self.root / step_dir_name(step)
         self._agree(self._on_rank0(lambda: self._prepare(tmp, meta_text), f"could not create {tmp}"))
         writer = ChecksummedFileSystemWriter(tmp)
+        writer.keep_last = self.cfg.keep_last
         no_dist = not _distributed()
         try:
             if self.cfg.async_save:
@@ -181,7 +182,7 @@ class Checkpointer:
         try:
             work()
         except OSError as e:
-            full = disk_full(e, self.root)
+            full = disk_full(e, self.root, keep_last=self.cfg.keep_last)
             return str(full) if full else f"{what}: {e}; free space or fix permissions under {self.root}"
         return None
 
