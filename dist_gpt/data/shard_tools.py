@@ -23,7 +23,7 @@ from dist_gpt.data.tokenizers import check_spec_fingerprint, tokenizer_from_spec
 from dist_gpt.errors import DataError, UserError
 from dist_gpt.progress import progress_bar
 
-PREPARE_HINT = "build it with `python -m tools.prepare ... --out {path}`"
+PREPARE_HINT = "build it with `dist-gpt-prepare ... --out {path}`"
 
 
 def _rerun(manifest: dict) -> str:
