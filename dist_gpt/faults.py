@@ -94,11 +94,11 @@ class FaultGuard:
         self.policy, self.max_rollbacks = cfg.nan_policy, cfg.nan_max_rollbacks
         self.stop, self.state, self.rollback, self.log = stop, state, rollback, log
         self.is_main = env.is_main
-        self.heartbeat = Heartbeat(env)
         self.inject = FaultInjector(env.rank, stop)
         self.stopped_by: str | None = None  # the agreed stop signal's name, once one arrived
         # torchrun's workers are its children; an orphaned worker is re-parented (to init or a subreaper)
         self.agent_pid = os.getppid() if "TORCHELASTIC_RUN_ID" in os.environ else None
+        self.heartbeat = Heartbeat(env, self.agent_pid)
 
     def before_step(self, step: int) -> None:
         self.inject.before_step(step)
@@ -184,14 +184,22 @@ class Heartbeat:
 
     PHASES = ("in the forward/backward (gradient all-reduce) of", "in the stop/NaN agreement of")
 
-    def __init__(self, env) -> None:
+    def __init__(self, env, agent_pid: int | None = None) -> None:
         from . import dist
 
         self.rank, self.world_size = env.rank, env.world_size
         self.store = dist.default_store() if env.distributed else None
+        self.agent_pid = agent_pid  # torchrun's agent, which hosts the store (None: not under torchrun)
 
     def beat(self, step: int, phase: int) -> None:
         if self.store is None:
+            return
+        if self.agent_pid is not None and os.getppid() != self.agent_pid:
+            # The agent, and the store with it, is gone (this rank was re-parented): writing would fail
+            # anyway, and the store's client would print a 22-frame C++ stack before the error reached us.
+            self.store = None
+            print(f"warning: rank {self.rank}: torchrun's agent (pid {self.agent_pid}) is gone, and the rendezvous "
+                  "store with it; the heartbeat is off for the rest of this run", file=sys.stderr)
             return
         try:
             self.store.set(_KEY.format(self.rank), f"{step} {phase}")
