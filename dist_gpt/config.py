@@ -87,7 +87,8 @@ class TrainConfig:
         for key in ("steps", "global_batch", "micro_batch"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"train.{key} must be at least 1, got {getattr(self, key)}")
-        self.grad_accum(1)
+        # The batch split is checked by `parse` against the launch's world size (grad_accum(world)):
+        # checked here on one rank, 9 over micro-batches of 2 on 3 ranks was refused as "2 x 1".
 
     def grad_accum(self, world_size: int) -> int:
         """Micro-steps per optimizer step on `world_size` ranks: the global batch is the same on any
@@ -402,7 +403,7 @@ def parse(argv: list[str] | None = None, world: tuple[int, int] = (1, 1)) -> Con
     if cl.dry_run_world:
         world = (cl.dry_run_world, min(cl.dry_run_world, world[1] if world[0] > 1 else cl.dry_run_world))
     cfg.train.grad_accum(world[0])
-    cfg.parallel.mesh_shape(*world)
+    cfg.parallel.check_launch(*world)
     if cl.dry_run:
         from .memory import dry_run_report
 

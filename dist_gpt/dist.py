@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .errors import ConfigError, UserError
+from .errors import ConfigError, Refusal
 
 
 @dataclass
@@ -164,7 +164,7 @@ class ParallelConfig:
     the ranks. Applied by `parallelize`; a checkpoint saved under any layout resumes under any other."""
 
     data: str = field(default="ddp", metadata={"help": "ddp (every rank holds the whole model, optimizer state and gradients) | fsdp (all three sharded over every rank: FSDP2 fully_shard) | hsdp (sharded within groups of parallel.shard_size ranks, replicated across the groups)"})
-    shard_size: int | None = field(default=None, metadata={"help": "hsdp: ranks per shard group; must divide the world size (default: the ranks of one node)"})
+    shard_size: int | None = field(default=None, metadata={"help": "hsdp only: ranks per shard group; must divide the world size (default: the ranks of one node); refused with fsdp, which shards over every rank; ddp ignores it (--dry-run uses it for its hsdp row)"})
     reshard_after_forward: bool = field(default=True, metadata={"help": "fsdp/hsdp: free each block's gathered parameters after its forward and gather them again in backward (less memory, more communication)"})
 
     def __post_init__(self) -> None:
@@ -172,6 +172,17 @@ class ParallelConfig:
             raise ConfigError(f"parallel.data must be one of {' | '.join(LAYOUTS)}, got {self.data!r}")
         if self.shard_size is not None and self.shard_size < 1:
             raise ConfigError(f"parallel.shard_size must be at least 1 (or none), got {self.shard_size}")
+
+    def check_launch(self, world_size: int, local_world_size: int) -> None:
+        """Refuse a layout that cannot run on this launch (a ConfigError naming the option).
+
+        fsdp with a shard size is refused rather than run: fsdp always shards over the whole world,
+        so the user asked for something (groups of S ranks: hsdp) that fsdp would silently not do."""
+        if self.data == "fsdp" and self.shard_size is not None:
+            raise ConfigError(f"parallel.shard_size={self.shard_size} applies to hsdp only: fsdp shards over every "
+                              f"rank ({world_size}); drop --parallel.shard_size, or pass --parallel.data=hsdp for "
+                              "shard groups of that size")
+        self.mesh_shape(world_size, local_world_size)
 
     def mesh_shape(self, world_size: int, local_world_size: int) -> tuple[int, ...]:
         """(shard,) for fsdp, (replicate, shard) for hsdp, () for ddp; a ConfigError when the shard size
@@ -412,21 +423,71 @@ def run_main(run, argv: list[str]) -> None:
 
 
 def exit_code(run, argv: list[str]) -> int:
-    """`run(argv)`'s exit code; a UserError becomes its one-line message and exit code 2, a lost peer
-    (faults.PeerLost) its message and 4 (the tests call entry points in-process through this).
-
-    A ConfigError raised before the process group exists comes from the command line, which every
-    rank of a launch shares: only the launch's rank 0 prints it, so it appears once, first.
-    """
-    from .faults import PeerLost
-
+    """`run(argv)`'s exit code; a `Refusal` (UserError: 2, faults.PeerLost: 4, ...) goes through
+    `refuse` (the tests call entry points in-process through this)."""
     try:
         return run(argv)
-    except (UserError, PeerLost) as e:
-        same_everywhere = isinstance(e, ConfigError) and not (dist.is_available() and dist.is_initialized())
-        if not same_everywhere or launch_rank() == 0:
-            print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
+    except Refusal as e:
+        return refuse(e)
+
+
+def refuse(error: Refusal) -> int:
+    """The one path of every refusal: its line `error: <message>` on stderr, printed by one rank of
+    the launch, and written to torchrun's error file so that torchrun's summary quotes it as the root
+    cause. Returns the exit status (`error.exit_code`).
+
+    Raise a `Refusal` under `run_main` and this is done for you; code that cannot raise into it (a
+    watchdog thread) calls `refuse(error)` itself and exits with what it returns. Never collective:
+    peers may be anywhere (in another collective, hung, gone), so nothing here waits for them.
+    """
+    message = f"error: {error}"
+    if _first_to_report(error, message):
+        print(message, file=sys.stderr, flush=True)
+    record_for_torchrun(message)
+    return error.exit_code
+
+
+def _first_to_report(error: Refusal, message: str) -> bool:
+    """Whether this rank prints the refusal: one rank per distinct message and launch.
+
+    Before the process group, a ConfigError comes from the command line every rank shares: the
+    launch's rank 0 prints it. With a process group, the first rank to count the message in the
+    rendezvous store prints it (a store `add` needs no peer, so it cannot hang on ranks that did not
+    hit the error); a message that names its own rank ("rank 1: ...") counts as the same refusal.
+    If the store's host is gone, every rank prints: twice is better than never.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return not isinstance(error, ConfigError) or launch_rank() == 0
+    import hashlib
+    import re
+
+    key = "dist_gpt/refusal/" + hashlib.sha256(re.sub(r"^error: rank \d+: ", "", message).encode()).hexdigest()
+    try:
+        store = default_store()
+        store.set_timeout(datetime.timedelta(seconds=10))
+        return store.add(key, 1) == 1
+    except Exception:  # the agent that hosts the store is gone
+        return True
+
+
+def record_for_torchrun(message: str) -> None:
+    """Write `message` where torchrun looks for a worker's root cause (TORCHELASTIC_ERROR_FILE, set by
+    torchrun for each worker), in the JSON of torch.distributed.elastic's ErrorHandler.record_exception:
+    the summary torchrun prints on failure then shows it as `traceback : error: ...` instead of
+    `error_file: <N/A>`. Nothing to do outside torchrun."""
+    import json
+    import time
+
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return
+    data = {"message": {"message": message,
+                        "extraInfo": {"py_callstack": message, "timestamp": str(int(time.time()))}}}
+    try:
+        with open(path, "w") as f:
+            json.dump(data, f)
+    except OSError:  # the agent's log directory is gone or full: the printed line still stands
+        pass
 
 
 def launch_rank() -> int:

@@ -1,12 +1,23 @@
-"""Errors a user can cause. Each message is one line that names the file or option and the fix.
+"""Errors a user can cause, and every other refusal. Each message is one line that names the file or
+option and the fix.
 
-Entry points catch `UserError`, print `error: <message>` and exit with status 2, so a user never
-sees a traceback from deep inside torch for a mistake in their input.
+Entry points end through `dist.run_main`, which turns any `Refusal` into `error: <message>`,
+printed once per launch, recorded for torchrun, and the refusal's exit status (`dist.refuse`), so
+a user never sees a traceback from deep inside torch for a mistake in their input.
 """
 
 
-class UserError(Exception):
-    """Base class: a problem with the user's input (flag, file, dataset, checkpoint)."""
+class Refusal(Exception):
+    """Base class of every error an entry point ends with in one line (see `dist.refuse`).
+
+    A new kind of refusal (a hang, an out-of-memory) subclasses this, or UserError when the user's
+    input caused it, and sets its own `exit_code`."""
+
+    exit_code = 1
+
+
+class UserError(Refusal):
+    """A problem with the user's input (flag, file, dataset, checkpoint): exit status 2."""
 
     exit_code = 2
 
@@ -27,3 +38,10 @@ class OutOfMemory(UserError):
     """A step ran out of device memory; the message names the options that would fit (dist_gpt.oom)."""
 
     exit_code = 5
+
+
+class Hang(Refusal):
+    """A rank's own step made no progress for train.hang_timeout_s (dist_gpt/watchdog.py): its stacks
+    are on file, and the watchdog thread ends the process with this status."""
+
+    exit_code = 6

@@ -4,7 +4,7 @@
 
     guard.before_step(step)                 heartbeat; test-only injection (kill, hang, signal)
     verdict = guard.after_loss(loss, position)   one all-reduce: stop signals + non-finite loss
-                                            -> PROCEED | SKIP | ROLLED_BACK | STOP
+                                            -> PROCEED | SKIP | ROLLED_BACK, or NonFiniteLoss
 
 Stop signals. SIGTERM, SIGUSR1 and SIGUSR2 (SLURM's warning before a time limit or preemption;
 submitit's default is USR2) only set a flag in the handler. The per-step all-reduce makes every
@@ -12,10 +12,12 @@ rank see the same request at the same step boundary; the step still completes, t
 saves one checkpoint on every rank and rank 0 leaves `requeue.json` in the run directory. The
 ranks then exit 0: torchrun turns a failed worker into a restart or exit status 1, so the request
 to requeue must not ride on the exit status. The launchers (slurm/train.sh, launch/submit.py)
-requeue the job when they find the marker.
+requeue the job when they find the marker. A run that completes (final.json written) removes the
+marker an earlier stop left, whatever launched it.
 
 Non-finite losses follow `train.nan_policy`: skip the step, roll back to the latest checkpoint and
-skip the offending global batch from then on, or stop (exit 3).
+skip the offending global batch from then on, or stop: every rank raises `NonFiniteLoss`, a
+refusal (dist.refuse: one line, exit 3).
 
 The heartbeat. Each rank records in the rendezvous store how far it got, (step, phase): one small
 write before the step's forward/backward and one before the agreement, and a daemon thread counts a
@@ -54,6 +56,8 @@ import sys
 import time
 from pathlib import Path
 
+from .errors import Refusal
+
 # No torch import at module level: the entry points install StopSignals before importing torch.
 
 STOP_SIGNALS = {signal.SIGTERM: 1, signal.SIGUSR1: 2, signal.SIGUSR2: 3}
@@ -82,7 +86,6 @@ class Verdict(enum.Enum):
     PROCEED = "proceed"          # take the optimizer step
     SKIP = "skip"                # drop this step's gradients (nan_policy=skip)
     ROLLED_BACK = "rolled back"  # the state was reloaded from the latest checkpoint
-    STOP = "stop"                # the run cannot continue (exit 3)
 
 
 class FaultGuard:
@@ -96,11 +99,11 @@ class FaultGuard:
         self.policy, self.max_rollbacks = cfg.nan_policy, cfg.nan_max_rollbacks
         self.stop, self.state, self.rollback, self.log = stop, state, rollback, log
         self.is_main = env.is_main
-        self.heartbeat = Heartbeat(env).start_beating()
         self.inject = FaultInjector(env.rank, stop)
         self.stopped_by: str | None = None  # the agreed stop signal's name, once one arrived
         # torchrun's workers are its children; an orphaned worker is re-parented (to init or a subreaper)
         self.agent_pid = os.getppid() if "TORCHELASTIC_RUN_ID" in os.environ else None
+        self.heartbeat = Heartbeat(env, self.agent_pid).start_beating()
 
     def before_step(self, step: int) -> None:
         self.inject.before_step(step)
@@ -128,18 +131,15 @@ class FaultGuard:
             self.log.print(f"{where}: step skipped (train.nan_policy=skip)")
             return Verdict.SKIP
         if self.policy == "stop":
-            self.log.print(f"error: {where}; stopping (train.nan_policy=stop; try nan_policy=rollback or a lower optim.lr)")
-            return Verdict.STOP
+            raise NonFiniteLoss(f"{where}; stopping (train.nan_policy=stop; try nan_policy=rollback or a lower optim.lr)")
         if self.state.rollbacks >= self.max_rollbacks:
-            self.log.print(f"error: {where}: {self.state.rollbacks} rollbacks already; stopping "
-                           "(raise train.nan_max_rollbacks or lower optim.lr)")
-            return Verdict.STOP
+            raise NonFiniteLoss(f"{where}: {self.state.rollbacks} rollbacks already; stopping "
+                                "(raise train.nan_max_rollbacks or lower optim.lr)")
         bad, rollbacks = self.state.bad_positions + [position], self.state.rollbacks + 1
         path = self.rollback()  # reloads the run state too: what we learnt is put back below
         if path is None:
-            self.log.print(f"error: {where}: no checkpoint to roll back to; stopping "
-                           "(raise train.nan_max_rollbacks or lower optim.lr)")
-            return Verdict.STOP
+            raise NonFiniteLoss(f"{where}: no checkpoint to roll back to; stopping "
+                                "(raise train.nan_max_rollbacks or lower optim.lr)")
         self.state.bad_positions, self.state.rollbacks = bad, rollbacks
         self.log.print(f"{where}: rolled back to {path.name}, skipping that batch (rollback {rollbacks})")
         return Verdict.ROLLED_BACK
@@ -155,6 +155,13 @@ class FaultGuard:
                            "(torchrun --signals-to-handle=...,SIGUSR1,SIGUSR2 forwards those signals instead)")
         else:
             self.log.print(f"{self.stopped_by}: saved {checkpoint} at step {step}; requeue marker written")
+
+
+    def remove_marker(self, run_dir: Path) -> None:
+        """After the run completed (final.json written): rank 0 removes a requeue.json left by an
+        earlier stop of this run, on every launch path, so nothing requeues a finished run."""
+        if self.is_main:
+            (Path(run_dir) / MARKER).unlink(missing_ok=True)
 
 
 def write_marker(run_dir: Path, signal_name: str, step: int, checkpoint: Path | None) -> Path:
@@ -185,11 +192,12 @@ class Heartbeat:
 
     PHASES = ("in the forward/backward (gradient all-reduce) of", "in the stop/NaN agreement of")
 
-    def __init__(self, env) -> None:
+    def __init__(self, env, agent_pid: int | None = None) -> None:
         from . import dist
 
         self.rank, self.world_size = env.rank, env.world_size
         self.store = dist.default_store() if env.distributed else None
+        self.agent_pid = agent_pid  # torchrun's agent, which hosts the store (None: not under torchrun)
 
     def start_beating(self) -> "Heartbeat":
         """Record this rank's host, and count up in the store every BEAT_S seconds from a daemon thread
@@ -205,16 +213,25 @@ class Heartbeat:
 
     def _beat_forever(self) -> None:
         count = 0
-        while self.store is not None:
+        while (store := self.store) is not None:
+            if self.agent_pid is not None and os.getppid() != self.agent_pid:
+                return  # the agent, and its store, is gone: beat() says so once, without the client's C++ stack
             count += 1
             try:
-                self.store.set(_BEAT_KEY.format(self.rank), str(count))
+                store.set(_BEAT_KEY.format(self.rank), str(count))
             except Exception:  # the store's host is gone: beat() says so once
                 return
             time.sleep(BEAT_S)
 
     def beat(self, step: int, phase: int) -> None:
         if self.store is None:
+            return
+        if self.agent_pid is not None and os.getppid() != self.agent_pid:
+            # The agent, and the store with it, is gone (this rank was re-parented): writing would fail
+            # anyway, and the store's client would print a 22-frame C++ stack before the error reached us.
+            self.store = None
+            print(f"warning: rank {self.rank}: torchrun's agent (pid {self.agent_pid}) is gone, and the rendezvous "
+                  "store with it; the heartbeat is off for the rest of this run", file=sys.stderr)
             return
         try:
             self.store.set(_KEY.format(self.rank), f"{step} {phase}")
@@ -292,7 +309,13 @@ class Heartbeat:
                 "rank's log")
 
 
-class PeerLost(Exception):
+class NonFiniteLoss(Refusal):
+    """train.nan_policy stopped the run (exit status 3); every rank raises it at the same step."""
+
+    exit_code = 3
+
+
+class PeerLost(Refusal):
     """A collective failed or timed out because another rank went away (exit status 4)."""
 
     exit_code = 4

@@ -23,7 +23,6 @@ import sys  # noqa: E402  (after the handlers, on purpose)
 from . import config as config_mod  # noqa: E402
 from . import dist  # noqa: E402
 from . import runlock  # noqa: E402
-from .faults import Verdict  # noqa: E402
 from .oom import MemoryWatch  # noqa: E402
 from .runinfo import describe_run, write_final  # noqa: E402
 from .trainer import Trainer, build  # noqa: E402
@@ -36,8 +35,8 @@ def main(argv: list[str] | None = None) -> None:
 
 def run(argv: list[str], stop: faults.StopSignals) -> int:
     """Parse, start the process group, build, train. Returns the exit status: 0 done (or stopped by a
-    signal, with a checkpoint and a requeue marker), 3 stopped by the NaN policy; out of memory raises
-    OutOfMemory (one line, exit status 5)."""
+    signal, with a checkpoint and a requeue marker); a refusal raises (faults.NonFiniteLoss: the NaN
+    policy stopped the run, exit 3; UserError: 2; OutOfMemory: 5; see dist.refuse)."""
     cfg = config_mod.parse(argv, world=dist.launch_world())
     if cfg is None:  # --help
         return 0
@@ -69,10 +68,8 @@ def train(t: Trainer, run_dir) -> int:
             t.checkpointer.maybe_save(t.state.step)
         # 2. one optimizer step; the fault guard may skip it, roll it back or stop the run
         t.watchdog.started(t.state.step)
-        verdict = t.step()
+        t.step()  # train.nan_policy=stop (or too many rollbacks) raises faults.NonFiniteLoss: exit 3
         t.watchdog.ended()
-        if verdict is Verdict.STOP:
-            return 3
 
     t.watchdog.close()
     # 3. a stop signal: every rank saves, rank 0 leaves the requeue marker for the launchers
@@ -82,11 +79,13 @@ def train(t: Trainer, run_dir) -> int:
         t.guard.leave_marker(run_dir, t.state.step, path)
         return 0
 
-    # 4. the end: final evaluation, checkpoint, summary
+    # 4. the end: final evaluation, checkpoint, summary; a requeue marker left by an earlier stop is
+    #    for the run now finished, so it goes (a launcher that finds one would resubmit a finished job)
     t.evaluator.maybe_run(t.state.step, final=True)
     path = t.checkpointer.save(t.state.step)
     t.checkpointer.wait()
     write_final(run_dir, t.state, t.evaluator, path, t.train_loss, t.log)
+    t.guard.remove_marker(run_dir)
     return 0
 
 

@@ -1,7 +1,7 @@
 """One builder and one step: the objects a run is made of, and the training step they take.
 
     trainer = build(cfg, env, stop)   # every component, restored from a checkpoint when there is one
-    verdict = trainer.step()          # one optimizer step: PROCEED, or SKIP / ROLLED_BACK / STOP
+    verdict = trainer.step()          # one optimizer step: PROCEED, or SKIP / ROLLED_BACK (NonFiniteLoss: stop)
 
 The training loop (`dist_gpt.train`) and the benchmarks (`bench/train_bench.py`) drive exactly
 these objects and this step. Each component is handed the few things it uses when it is built:

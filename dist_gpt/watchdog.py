@@ -35,7 +35,10 @@ import threading
 import time
 from pathlib import Path
 
-EXIT_HANG = 6
+from . import dist
+from .errors import Hang
+
+EXIT_HANG = Hang.exit_code
 
 
 class HangWatchdog:
@@ -85,9 +88,10 @@ class HangWatchdog:
                     f"{self.timeout_s:g} s (train.hang_timeout_s); every thread's Python stack, most recent call first:\n\n")
             f.flush()
             faulthandler.dump_traceback(f, all_threads=True)
-        sys.stderr.write(f"error: rank {self.rank}: step {self.step} made no progress for {self.timeout_s:g} s "
-                         f"(train.hang_timeout_s); every thread's Python stack is in {self.path}; run the same "
-                         "command again to resume from the last checkpoint\n")
+        # the one refusal path (one line from one rank, quoted in torchrun's summary); never collective
+        code = dist.refuse(Hang(f"rank {self.rank}: step {self.step} made no progress for {self.timeout_s:g} s "
+                                f"(train.hang_timeout_s); every thread's Python stack is in {self.path}; run the same "
+                                "command again to resume from the last checkpoint"))
         sys.stderr.flush()
         sys.stdout.flush()
-        os._exit(EXIT_HANG)
+        os._exit(code)

@@ -183,3 +183,16 @@ def test_retention_on_disk_keeps_exactly_what_it_should(tmp_path):
     best = resolve_checkpoint(tmp_path, "best")
     assert best == tmp_path / "step_0000003" and ckpt.latest() == tmp_path / "step_0000010"
     assert json.loads((best / "DONE").read_text())["val_loss"] == 1.5
+
+
+def test_resume_from_a_file_is_one_line(tmp_path):
+    """--resume /etc/passwd used to end in NotADirectoryError from list_checkpoints ('/etc/passwd/checkpoints')."""
+    model, opt = build()
+    a_file = tmp_path / "passwd"
+    a_file.write_text("root:x:0:0\n")
+    ckpt, _ = make_checkpointer(tmp_path / "checkpoints", CheckpointConfig(resume=str(a_file)),
+                                {"s": ModelOptimizerState(model, [opt])})
+    with pytest.raises(CheckpointError, match=rf"^--resume {a_file} is a file, not a checkpoint: pass a checkpoint"):
+        ckpt.restore()
+    with pytest.raises(CheckpointError, match=rf"^{a_file} is a file, not a checkpoint"):
+        resolve_checkpoint(a_file)  # sample --run, export --checkpoint, evaluate --run

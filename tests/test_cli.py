@@ -118,3 +118,56 @@ def test_sample_bad_argument_is_one_line(trained):
 def test_train_help_lists_options():
     out = run_train(["--help"])
     assert "--train.global_batch=" in out.stdout and "--checkpoint.resume=" in out.stdout
+
+
+def test_a_refusal_is_recorded_where_torchrun_reads_a_workers_root_cause(tmp_path, monkeypatch, capsys):
+    """dist.refuse writes the error file that torch's own ProcessFailure parses for torchrun's summary."""
+    from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
+
+    from dist_gpt.dist import exit_code
+    from dist_gpt.errors import DataError
+    from dist_gpt.faults import NonFiniteLoss
+
+    error_file = tmp_path / "error.json"
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(error_file))
+
+    def refused(argv):
+        raise DataError(f"{argv[0]}: damaged")
+
+    assert exit_code(refused, ["data/x"]) == 2
+    assert capsys.readouterr().err == "error: data/x: damaged\n"
+    failure = ProcessFailure(local_rank=0, pid=1, exitcode=2, error_file=str(error_file))
+    assert failure.message["extraInfo"]["py_callstack"] == "error: data/x: damaged"  # the summary's traceback line
+
+    def nan_stop(argv):
+        raise NonFiniteLoss("non-finite loss at step 2")
+
+    assert exit_code(nan_stop, []) == 3
+
+
+def test_every_tool_is_a_console_script_that_works_from_any_directory(tmp_path):
+    """`python -m tools.X` works only from the repository root (tools/ is not installed): every tool has
+    a `dist-gpt-X` script whose code lives in the installed package. Run here as the script's wrapper
+    runs it (`sys.exit(main())`), from another directory, with the repository's package on the path
+    (not the tools/ folder's own code: the script's target must be inside dist_gpt)."""
+    import tomllib
+
+    scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+    tools = sorted(p.stem for p in (REPO / "tools").glob("*.py") if p.stem != "__init__")
+    assert tools == ["import_notebook", "prepare", "shards"]
+    for tool in tools:
+        target = scripts[f"dist-gpt-{tool.replace('_', '-')}"]
+        assert target.startswith("dist_gpt."), target  # setuptools installs dist_gpt* only
+
+    def script(name: str, *args: str) -> subprocess.CompletedProcess:
+        module, func = scripts[name].split(":")
+        return subprocess.run([sys.executable, "-c", f"import sys; from {module} import {func}; sys.exit({func}())",
+                               *args], cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300)
+
+    (tmp_path / "corpus.txt").write_text("a small corpus of text, for a dataset made from elsewhere.\n" * 200)
+    made = script("dist-gpt-prepare", "corpus.txt", "--tokenizer", "byte", "--out", "ds", "--quiet")
+    assert made.returncode == 0 and (tmp_path / "ds" / "manifest.json").is_file(), made.stderr
+    verified = script("dist-gpt-shards", "verify", "ds", "--quiet")
+    assert verified.returncode == 0, verified.stderr
+    helped = script("dist-gpt-import-notebook", "--help")
+    assert helped.returncode == 0 and helped.stdout.startswith("usage: dist-gpt-import-notebook"), helped.stderr

@@ -118,3 +118,23 @@ def test_cli_bad_flag_exits_2_with_one_line():
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 2
     assert out.stderr.strip().splitlines() == ["error: unknown option --train.stepz (did you mean --train.steps?) (see --help)"]
+
+
+def test_batch_split_is_checked_against_the_launch_world_size():
+    """global_batch=9, micro_batch=2 on 3 ranks was refused as `micro_batch × world size = 2 × 1`."""
+    with pytest.raises(ConfigError, match=r"train.global_batch=9 must be a multiple of train.micro_batch × world "
+                                          r"size = 2 × 3 on 3 ranks"):
+        config.parse(["--preset", "debug", "--train.global_batch=9", "--train.micro_batch=2"], world=(3, 3))
+    cfg = config.parse(["--preset", "debug", "--train.global_batch=9", "--train.micro_batch=3"], world=(3, 3))
+    assert cfg.train.grad_accum(3) == 1
+
+
+def test_fsdp_with_a_shard_size_is_refused():
+    """--parallel.data=fsdp --parallel.shard_size=5 on 3 ranks used to run with no note (fsdp shards over all)."""
+    with pytest.raises(ConfigError, match=r"^parallel.shard_size=5 applies to hsdp only: fsdp shards over every rank "
+                                          r"\(3\); drop --parallel.shard_size"):
+        config.parse(["--preset", "debug", "--train.global_batch=6", "--train.micro_batch=2",
+                      "--parallel.data=fsdp", "--parallel.shard_size=5"], world=(3, 3))
+    cfg = config.parse(["--preset", "debug", "--train.global_batch=6", "--train.micro_batch=2",
+                        "--parallel.data=hsdp", "--parallel.shard_size=3"], world=(3, 3))
+    assert cfg.parallel.mesh_shape(3, 3) == (1, 3)

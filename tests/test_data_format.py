@@ -95,7 +95,8 @@ def test_dataset_open_names_the_bad_shard_and_what_to_rerun(tmp_path):
     with pytest.raises(DataError, match=f"{shard}.*checksum"):
         Dataset.open(d, verify=True)  # ... but by data.verify=true
     (d / "manifest.json").unlink()
-    with pytest.raises(DataError, match="manifest.json is missing.*tools.prepare"):
+    with pytest.raises(DataError, match=r"manifest.json is missing \(shards without their manifest.*re-run the "
+                                        "prepare command that made the dataset, with --force$"):
         Dataset.open(d)
     with pytest.raises(DataError, match="does not exist"):
         Dataset.open(tmp_path / "nowhere")
@@ -189,3 +190,29 @@ def test_out_of_vocabulary_id_names_the_shard(tmp_path):
     with pytest.raises(DataError, match=f"^{shard}: token id 200 near token 0 is >= the vocabulary size 8 .*"
                                         f"tools.shards verify {d}"):
         ds.reader("train").read(np.array([0, 1, 2]), np.array([0, 0, 0]), out)
+
+
+def test_a_data_path_that_is_not_a_dataset_gets_the_hint_that_fits(tiny_data, tmp_path, monkeypatch):
+    """A shard file, a text file, a directory of text and nothing at all: each is named for what it is.
+    (A shard file was "dataset directory ... does not exist", and raw text was to be prepared into itself.)"""
+    monkeypatch.chdir(tmp_path)
+    shard = sorted(tiny_data.glob("train_*.bin"))[0]
+    with pytest.raises(DataError, match=rf"^{shard} is a file of the dataset {tiny_data}, not a dataset directory: "
+                                        rf"pass the dataset's directory, {tiny_data}$"):
+        Dataset.open(shard)
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "book.txt").write_text("raw text\n")
+    with pytest.raises(DataError, match=rf"^{corpus} is not a dataset \(no manifest.json\) but holds 1 other file\(s\), "
+                                        rf"e.g. book.txt: .*`dist-gpt-prepare {corpus} --out data/corpus`"):
+        Dataset.open(corpus)
+    with pytest.raises(DataError, match=rf"^{corpus / 'book.txt'} is a file, not a dataset directory: .*"
+                                        rf"`dist-gpt-prepare {corpus / 'book.txt'} --out data/book`"):
+        Dataset.open(corpus / "book.txt")
+    (tmp_path / "data" / "corpus").mkdir(parents=True)
+    (tmp_path / "data" / "corpus" / "notes.md").write_text("text already under data/\n")
+    with pytest.raises(DataError, match=r"`dist-gpt-prepare data/corpus --out data/corpus-tokens`"):
+        Dataset.open("data/corpus")  # never into itself
+    with pytest.raises(DataError, match=r"^dataset directory data/new does not exist; build the default dataset there "
+                                        r"with `dist-gpt-prepare --source stdlib --tokenizer byte --out data/new`"):
+        Dataset.open("data/new")

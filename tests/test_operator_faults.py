@@ -80,10 +80,18 @@ def _step(model, opt) -> None:
     opt.zero_grad(set_to_none=True)
 
 
-@pytest.mark.parametrize("room", [600, 20_000])  # full at a file's first flush / inside a tensor's zip record
-def test_full_disk_during_a_save_is_one_line_and_keeps_the_earlier_checkpoint(tmp_path, monkeypatch, room):
+MAKE_ROOM = {  # checkpoint.keep_last -> what the message offers besides freeing space
+    1: " (checkpoint.keep_last=1 already keeps only the newest, which stays until the next one is complete), or "
+       "move --train.run_dir to a larger filesystem",
+    0: ", or keep fewer checkpoints: checkpoint.keep_last=0 keeps every one, --checkpoint.keep_last=N keeps the newest N",
+    3: ", or lower checkpoint.keep_last (now 3)",
+}
+
+
+@pytest.mark.parametrize("room,keep_last", [(600, 1), (20_000, 0), (20_000, 3)])  # full at a file's first flush / inside a tensor's zip record
+def test_full_disk_during_a_save_is_one_line_and_keeps_the_earlier_checkpoint(tmp_path, monkeypatch, room, keep_last):
     model, opt = _model()
-    ckpt, _ = make_checkpointer(tmp_path / "checkpoints", CheckpointConfig(keep_last=1),
+    ckpt, _ = make_checkpointer(tmp_path / "checkpoints", CheckpointConfig(keep_last=keep_last),
                                 {"model_optim": ModelOptimizerState(model, [opt])})
     _step(model, opt)
     first = ckpt.save(1)
@@ -95,7 +103,8 @@ def test_full_disk_during_a_save_is_one_line_and_keeps_the_earlier_checkpoint(tm
         ckpt.save(2)
     message = str(e.value)  # this rank writes the weights and AdamW's two moments: 3 x 128 KB, about
     assert message.startswith(f"no space left on device at {tmp_path / 'checkpoints' / '.tmp_step_0000002'} (")
-    assert " MB free): free 1 MB or lower checkpoint.keep_last; the earlier checkpoints are intact" in message
+    assert (" MB free): the checkpoint needs 1 MB in all (every rank's part): free that much"
+            f"{MAKE_ROOM[keep_last]}; the earlier checkpoints are intact") in message
     assert "inline_container" not in message and "\n" not in message
     monkeypatch.undo()
 
@@ -122,10 +131,28 @@ def test_full_disk_while_rank_0_writes_meta_is_the_same_message(tmp_path, monkey
         return f
 
     monkeypatch.setattr(manager, "open", full_open, raising=False)
-    with pytest.raises(CheckpointError, match=r"^no space left on device at .*checkpoints \(\d+ MB free\): free space "
-                                              "or lower checkpoint.keep_last"):
+    with pytest.raises(CheckpointError, match=r"^no space left on device at .*checkpoints \(\d+ MB free\): free space, "
+                                              "or lower checkpoint.keep_last \\(now 3\\)"):
         ckpt.save(1)
     assert not Path(tmp_path / "checkpoints" / "step_0000001").exists()
+
+
+def test_a_full_disk_names_the_whole_checkpoints_size_not_one_ranks_part(tmp_path):
+    """All ranks write to one filesystem: the coordinator's global plan gives every rank's plan the total
+    (2 ranks here: 4,000 + 2,000 bytes), where the message used to give the failing rank's part only."""
+    from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
+
+    from dist_gpt.checkpoint.writer import ChecksummedFileSystemWriter, planned_bytes
+
+    plans = []
+    for state in ({"a": torch.zeros(1000)}, {"b": torch.zeros(500)}):  # one rank's tensors each
+        planner = DefaultSavePlanner()
+        planner.set_up_planner(state, is_coordinator=True)
+        plans.append(planner.create_local_plan())
+    assert [planned_bytes(p) for p in plans] == [4000, 2000]
+    writer = ChecksummedFileSystemWriter(tmp_path)
+    for plan in writer.prepare_global_plan(plans):
+        assert plan.storage_data.total_bytes == 6000
 
 
 # ---------------------------------------------------------------------------------------------
@@ -289,6 +316,12 @@ def test_two_trainers_on_one_run_directory(tiny_data, tmp_path):
                                       f"pid {first.pid}, heartbeat ") + r"\d+" + re.escape(
             f" s ago; lock {run / 'lock.json'}): wait for it to end, use another --train.run_dir, or pass "
             "--checkpoint.take_lock=true if that job is gone"), line), line
+        # Under torchrun, every rank learns the refusal; one prints it, and torchrun's summary quotes it.
+        second = run_train(args, nproc=2, check=False)
+        errors = [ln for ln in second.stderr.splitlines() if ln.startswith("error:")]
+        assert second.returncode != 0 and len(errors) == 1, second.stderr[-3000:]
+        assert errors[0].startswith(f"error: run directory {run} is in use by another job"), errors
+        assert f"traceback : {errors[0]}" in second.stderr and "error_file: <N/A>" not in second.stderr
         assert sorted(p.name for p in run.iterdir()) == files  # nothing touched
         release(hold, 0)
         out, err = first.communicate(timeout=300)

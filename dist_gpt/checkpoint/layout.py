@@ -81,7 +81,7 @@ def list_checkpoints(root: Path) -> list[CheckpointInfo]:
     out = []
     try:
         entries = list(Path(root).iterdir())
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # nothing there, or a file: no checkpoints
         return []
     for entry in entries:
         m = _STEP_RE.match(entry.name)
@@ -255,6 +255,9 @@ def resolve_checkpoint(path: str | Path, which: str = "latest") -> Path:
     from .retention import best_checkpoint  # retention builds on this module
 
     path = Path(path)
+    if path.is_file():
+        raise CheckpointError(f"{path} is a file, not a checkpoint: pass a run directory, a checkpoint directory "
+                              "(runs/NAME/checkpoints/step_...) or an exported .safetensors file")
     if (path / DONE).exists() or _STEP_RE.match(path.name):
         return path
     for root in (path / "checkpoints", path):

@@ -132,6 +132,7 @@ class Checkpointer:
         tmp, final = self.root / tmp_dir_name(step), self.root / step_dir_name(step)
         self._agree(self._on_rank0(lambda: self._prepare(tmp, meta_text), f"could not create {tmp}"))
         writer = ChecksummedFileSystemWriter(tmp)
+        writer.keep_last = self.cfg.keep_last
         no_dist = not _distributed()
         try:
             if self.cfg.async_save:
@@ -183,7 +184,7 @@ class Checkpointer:
         try:
             work()
         except OSError as e:
-            full = disk_full(e, self.root)
+            full = disk_full(e, self.root, keep_last=self.cfg.keep_last)
             return str(full) if full else f"{what}: {e}; free space or fix permissions under {self.root}"
         return None
 
@@ -279,6 +280,9 @@ class Checkpointer:
     def _named(self, path: Path) -> Path:
         if not path.exists():
             raise CheckpointError(f"--resume {path}: no such checkpoint; pass a checkpoint directory, auto or none")
+        if not path.is_dir():
+            raise CheckpointError(f"--resume {path} is a file, not a checkpoint: pass a checkpoint directory "
+                                  "(runs/NAME/checkpoints/step_...), a run directory, auto or none")
         try:
             return resolve_checkpoint(path)
         except CheckpointError:

@@ -10,7 +10,7 @@ from dist_gpt.errors import ConfigError
 @dataclass
 class DataConfig:
     path: str = field(default="data/stdlib", metadata={
-        "help": "dataset directory made by `python -m tools.prepare` (manifest.json + shards)"})
+        "help": "dataset directory made by `dist-gpt-prepare` (manifest.json + shards; not a shard file, not raw text)"})
     prepare_if_missing: bool = field(default=True, metadata={
         "help": "build the default stdlib byte dataset when data.path is data/stdlib and missing"})
     prefetch: bool = field(default=True, metadata={

@@ -25,7 +25,7 @@ from dist_gpt.data.manifest import SPLITS, load_manifest
 from dist_gpt.data.tokenizers import check_spec_fingerprint, tokenizer_from_spec
 from dist_gpt.errors import DataError
 
-DEFAULT_PREPARE = "python -m tools.prepare --source stdlib --tokenizer byte --out {path}"
+DEFAULT_PREPARE = "dist-gpt-prepare --source stdlib --tokenizer byte --out {path}"
 
 
 @dataclass(frozen=True)
@@ -59,7 +59,7 @@ class Dataset:
     @classmethod
     def open(cls, path: str | Path, verify: bool = False) -> "Dataset":
         path = Path(path)
-        manifest = load_manifest(path, hint=f"build it with `{DEFAULT_PREPARE.format(path=path)}` (or your own prepare command)")
+        manifest = load_manifest(path, hint=f"build the default dataset there with `{DEFAULT_PREPARE.format(path=path)}`, or prepare your own corpus into it")
         hint = f"re-run `{manifest.get('command') or DEFAULT_PREPARE.format(path=path)}` with --force"
         if manifest["dtype"] not in DTYPE_NAMES.values():
             raise DataError(f"{path / 'manifest.json'}: unknown dtype {manifest['dtype']!r}; {hint}")

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 
 from dist_gpt.errors import DataError
@@ -33,13 +34,42 @@ def manifest_checksum(manifest: dict) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
+def not_a_dataset(directory: Path, hint: str) -> str:
+    """Why `directory` (which has no manifest.json) is not a dataset, with the way out that fits what
+    is there: a file of a dataset (use its directory); any other file, or a directory of other files
+    (raw text: prepare it into a directory of its own, never into itself); shards without their
+    manifest (re-run the prepare that made them); nothing (`hint`: how to build a dataset there)."""
+    if directory.is_file():
+        if (directory.parent / MANIFEST).is_file():
+            return (f"{directory} is a file of the dataset {directory.parent}, not a dataset directory: pass the "
+                    f"dataset's directory, {directory.parent}")
+        return f"{directory} is a file, not a dataset directory: {_prepare_elsewhere(directory)}"
+    if not directory.is_dir():
+        return f"dataset directory {directory} does not exist; {hint}"
+    names = sorted(p.name for p in directory.iterdir() if not p.name.startswith("."))
+    if any(re.fullmatch(r"(train|val)_\d+\.bin", name) for name in names):
+        return (f"{directory / MANIFEST} is missing (shards without their manifest: an interrupted copy, or "
+                "deleted): re-run the prepare command that made the dataset, with --force")
+    if names:
+        return (f"{directory} is not a dataset (no {MANIFEST}) but holds {len(names)} other file(s), e.g. "
+                f"{names[0]}: {_prepare_elsewhere(directory)}")
+    return f"{directory / MANIFEST} is missing ({directory} is empty); {hint}"
+
+
+def _prepare_elsewhere(source: Path) -> str:
+    """The prepare command that makes a dataset of the text at `source`, in a directory of its own."""
+    out = Path("data") / (source.name.split(".")[0] or "mine")
+    if out.resolve() == source.resolve():
+        out = source.with_name(source.name + "-tokens")
+    return (f"to train on this text, prepare it into a dataset directory of its own, "
+            f"`dist-gpt-prepare {source} --out {out}`, and use that directory")
+
+
 def load_manifest(directory: Path, hint: str) -> dict:
     """Read and structurally check `directory/manifest.json`; `hint` says what to re-run."""
     path = Path(directory) / MANIFEST
-    if not Path(directory).is_dir():
-        raise DataError(f"dataset directory {directory} does not exist; {hint}")
     if not path.is_file():
-        raise DataError(f"{path} is missing (no complete dataset in {directory}); {hint}")
+        raise DataError(not_a_dataset(Path(directory), hint))
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:

@@ -1,13 +1,14 @@
-"""python -m tools.prepare: turn a corpus into a verified dataset of token shards.
+"""dist-gpt-prepare (or, from the repository root, python -m tools.prepare): turn a corpus into a verified
+dataset of token shards.
 
-    python -m tools.prepare --source stdlib --tokenizer byte --out data/stdlib     # the default dataset
-    python -m tools.prepare corpus/ --include '*.txt' --tokenizer bpe:8192 --out data/mine
-    python -m tools.prepare docs.jsonl --text-field text --tokenizer gpt2 --out data/web
-    python -m tools.prepare shards/ --include '*.parquet' --tokenizer bpe:8192 --out data/web
-    python -m tools.prepare dump/ --include '*.jsonl.zst,*.jsonl.gz' --tokenizer bpe:8192 --out data/dump
-    python -m tools.prepare --train train_split.txt --val val_split.txt \\
+    dist-gpt-prepare --source stdlib --tokenizer byte --out data/stdlib     # the default dataset
+    dist-gpt-prepare corpus/ --include '*.txt' --tokenizer bpe:8192 --out data/mine
+    dist-gpt-prepare docs.jsonl --text-field text --tokenizer gpt2 --out data/web
+    dist-gpt-prepare shards/ --include '*.parquet' --tokenizer bpe:8192 --out data/web
+    dist-gpt-prepare dump/ --include '*.jsonl.zst,*.jsonl.gz' --tokenizer bpe:8192 --out data/dump
+    dist-gpt-prepare --train train_split.txt --val val_split.txt \\
         --tokenizer char --vocab vocab.txt --out data/notebook                   # the notebook's files
-    cat book.txt | python -m tools.prepare - --tokenizer char --out data/book
+    cat book.txt | dist-gpt-prepare - --tokenizer char --out data/book
 
 The dataset is built in a hidden staging directory beside --out (each shard under a temporary name,
 renamed when complete), verified, and only then moved to --out: an interrupted run leaves nothing
@@ -528,9 +529,9 @@ def _main_thread() -> bool:
 
 def parse_args(argv: list[str]) -> PrepareOptions:
     d = PrepareOptions()
-    p = argparse.ArgumentParser(prog="python -m tools.prepare", description=__doc__.splitlines()[0],
+    p = argparse.ArgumentParser(prog="dist-gpt-prepare", description=" ".join(__doc__.splitlines()[0:2]),
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="\n".join(__doc__.splitlines()[2:8]))
+                                epilog="\n".join(__doc__.splitlines()[3:11]))
     p.add_argument("inputs", nargs="*", help="files, directories (recursive, see --include), .jsonl, .parquet, "
                                              ".jsonl.gz/.zst, .txt.gz/.zst files, or - for stdin")
     p.add_argument("--source", choices=["stdlib"], help="stdlib: the Python standard library's own source (the default dataset)")

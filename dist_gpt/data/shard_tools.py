@@ -1,8 +1,9 @@
-"""python -m tools.shards verify|stats|decode DIR: check, summarize and read a dataset.
+"""dist-gpt-shards verify|stats|decode DIR: check, summarize and read a dataset.
+(`python -m tools.shards` does the same from the repository root.)
 
-    python -m tools.shards verify data/stdlib          # headers, checksums, every id < vocab, document indexes
-    python -m tools.shards stats data/stdlib
-    python -m tools.shards decode data/stdlib --split val --start 0 --count 400
+    dist-gpt-shards verify data/stdlib          # headers, checksums, every id < vocab, document indexes
+    dist-gpt-shards stats data/stdlib
+    dist-gpt-shards decode data/stdlib --split val --start 0 --count 400
 
 `verify` names each bad file and the command to re-run (the one recorded in the manifest).
 """
@@ -22,7 +23,7 @@ from dist_gpt.data.tokenizers import check_spec_fingerprint, tokenizer_from_spec
 from dist_gpt.errors import DataError, UserError
 from dist_gpt.progress import progress_bar
 
-PREPARE_HINT = "build it with `python -m tools.prepare ... --out {path}`"
+PREPARE_HINT = "build it with `dist-gpt-prepare ... --out {path}`"
 
 
 def _rerun(manifest: dict) -> str:
@@ -118,7 +119,7 @@ def decode_slice(path: Path, split: str, start: int, count: int) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tools.shards", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="dist-gpt-shards", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     for name, text in (("verify", "check headers, checksums and token ids"), ("stats", "summarize a dataset"),
                        ("decode", "print a slice of tokens as text")):
