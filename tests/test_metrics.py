@@ -240,7 +240,7 @@ def test_run_time_tags_are_described_by_pattern():
     """Tags made at run time get a description from SCALAR_PATTERNS, never their own name."""
     for tag, words in (("val/hellaswag/acc", "hellaswag"), ("val/hellaswag/acc_norm", "length"),
                        ("hparam/val_loss", "HPARAMS"), ("val/web/loss", "nats per token"),
-                       ("data/web/tokens", "source web"), ("ranks/compute_ms_max", "max over the ranks"),
+                       ("data/web/tokens", "source web"), ("ranks/wait_ms_max", "max over the ranks"),
                        ("something/new", "SCALAR_PATTERNS")):
         display, description = describe(tag)
         assert words in description and description != tag and display.startswith(tag), (tag, description)
