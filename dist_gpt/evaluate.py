@@ -62,6 +62,23 @@ def validation_loss(model, val, autocast) -> tuple[float, int]:
     return total / max(tokens, 1), int(blocks)
 
 
+def mixture_loss(model, sources: dict, autocast) -> dict[str, dict]:
+    """Each source's validation loss (nats/token), bits per byte and blocks, in data.mix's order."""
+    out = {}
+    for name, val in sources.items():  # collective: every rank takes part in every source, in order
+        loss, blocks = validation_loss(model, val, autocast)
+        out[name] = {"loss": loss, "bpb": bits_per_byte(loss, val.ds.bytes_per_token("val")), "blocks": blocks}
+    return out
+
+
+def weighted_total(per_source: dict[str, dict], weights: list[float]) -> tuple[float, float, int]:
+    """(loss, bpb, blocks): the sources' losses and bits per byte weighted by the fixed evaluation
+    weights (comparable across the run whatever the training phase), and all their blocks."""
+    loss = sum(w * r["loss"] for w, r in zip(weights, per_source.values()) if w)
+    bpb = sum(w * r["bpb"] for w, r in zip(weights, per_source.values()) if w)
+    return loss, bpb, sum(r["blocks"] for r in per_source.values())
+
+
 def bits_per_byte(loss_nats: float, bytes_per_token: float) -> float:
     return loss_nats / math.log(2) / bytes_per_token
 
@@ -74,8 +91,12 @@ class Evaluator:
     samples come from the plain module under it. `autocast` is the run's precision context.
     """
 
-    def __init__(self, model, val, autocast, cfg, log, state) -> None:
+    def __init__(self, model, val, autocast, cfg, log, state, sources: dict | None = None,
+                 eval_weights: list[float] | None = None) -> None:
         self.model, self.raw_model = model, unwrap_model(model)
+        # data.mix: {name: ValBlocks} per source; val/loss is their eval_weights-weighted total
+        self.sources, self.eval_weights = sources, eval_weights
+        self.last_sources: dict[str, dict] = {}
         self.val, self.autocast, self.cfg, self.log, self.state = val, autocast, cfg, log, state
         self.bytes_per_token = val.ds.bytes_per_token("val")
         # A sharded model's forward passes are collective: then every rank samples, in step.
@@ -105,11 +126,16 @@ class Evaluator:
         return self.last_loss if self.last_step == step else None
 
     def run(self, step: int) -> float:
-        loss, blocks = validation_loss(self.model, self.val, self.autocast)
+        if self.sources:
+            self.last_sources = mixture_loss(self.model, self.sources, self.autocast)
+            loss, self.last_bpb, blocks = weighted_total(self.last_sources, self.eval_weights)
+        else:
+            loss, blocks = validation_loss(self.model, self.val, self.autocast)
+            self.last_bpb = bits_per_byte(loss, self.bytes_per_token)
         self.last_step, self.last_loss = step, loss
-        self.last_bpb = bits_per_byte(loss, self.bytes_per_token)
         self.state.best_val = min(self.state.best_val, loss)
-        self.log.eval(step, loss=loss, bpb=self.last_bpb, blocks=blocks, best=self.state.best_val)
+        self.log.eval(step, loss=loss, bpb=self.last_bpb, blocks=blocks, best=self.state.best_val,
+                      sources=self.last_sources or None)
         for task in self.tasks:  # collective: every rank scores its share (the plain module: no recompiles)
             task.report(step, task.score(self.raw_model, self.autocast), self.log)
         if self.cfg.sample_tokens and (self.log.is_main or self.lockstep):

@@ -190,6 +190,24 @@ SCALARS: dict[str, tuple[str, str]] = {
     "perf/data_wait_share": ("perf/data_wait_share", "share of the step spent waiting for data (0 to 1)"),
     "perf/peak_mem_gib": ("perf/peak_mem_gib", "peak memory of rank 0 in GiB (CUDA: allocated tensors; CPU: resident set)"),
 }
+# A data.mix source's scalars: (display name, description) by the tag's last part, NAME put in.
+SOURCE_SCALARS: dict[tuple[str, str], tuple[str, str]] = {
+    ("val", "loss"): ("val/{name}/loss (nats/token)", "mean cross-entropy over source {name}'s validation blocks "
+                      "(eval.max_blocks of them), in nats per token"),
+    ("val", "bpb"): ("val/{name}/bpb (bits/byte)", "val/{name}/loss / ln 2 / (source {name}'s bytes per token)"),
+    ("data", "tokens"): ("data/{name}/tokens", "training tokens read from source {name} so far (counted from the "
+                         "blocks sampled)"),
+    ("data", "epochs"): ("data/{name}/epochs", "passes over source {name}'s training blocks so far"),
+}
+
+
+def source_scalar(tag: str) -> tuple[str, str] | None:
+    """(display name, description) of a per-source tag such as val/web/loss, or None."""
+    parts = tag.split("/")
+    known = SOURCE_SCALARS.get((parts[0], parts[-1])) if len(parts) == 3 else None
+    return None if known is None else (known[0].format(name=parts[1]), known[1].format(name=parts[1]))
+
+
 # The metrics the HPARAMS tab compares runs by; it shows each one's last value, so val/loss is the
 # final validation loss of a finished run.
 HPARAM_METRICS = ("val/loss", "val/best_loss", "val/bpb")
@@ -267,7 +285,7 @@ class NullLogger:
         return step == 1 or step % self.cfg.interval == 0 or step == self.total_steps
 
     def step(self, step: int, **values) -> None: ...
-    def eval(self, step: int, *, loss: float, bpb: float, blocks: int, best: float) -> None: ...
+    def eval(self, step: int, *, loss: float, bpb: float, blocks: int, best: float, sources: dict | None = None) -> None: ...
     def scalars(self, step: int, values: dict) -> None: ...
     def console(self, step: int, values: dict) -> None: ...
     def text(self, step: int, tag: str, text: str) -> None: ...
@@ -320,15 +338,21 @@ class MetricsLogger(NullLogger):
             "mem": None if mem is None else f"{mem:.2f}GiB",
         })
 
-    def eval(self, step: int, *, loss: float, bpb: float, blocks: int, best: float) -> None:
+    def eval(self, step: int, *, loss: float, bpb: float, blocks: int, best: float, sources: dict | None = None) -> None:
         """A validation result: scalars val/loss (nats per token), val/bpb, val/best_loss (`best`, the
-        run's lowest so far, this one included) and a line."""
+        run's lowest so far, this one included) and a line; with a mixture's `sources` ({name: {loss,
+        bpb, blocks}}) also val/<name>/loss and val/<name>/bpb, and a line per source."""
         if not self.is_main:
             return
-        self.scalars(step, {"val/loss": loss, "val/bpb": bpb, "val/best_loss": best})
+        values = {"val/loss": loss, "val/bpb": bpb, "val/best_loss": best}
+        for name, r in (sources or {}).items():
+            values.update({f"val/{name}/loss": r["loss"], f"val/{name}/bpb": r["bpb"]})
+        self.scalars(step, values)
         best = " (best)" if loss == best else f" (best {best:.4f})"
         self.print(f"eval step {step}/{self.total_steps} | val loss {loss:.4f} nats/token | {bpb:.4f} bits/byte"
                    f"{best} | {blocks} blocks")
+        for name, r in (sources or {}).items():
+            self.print(f"  {name}: val loss {r['loss']:.4f} nats/token | {r['bpb']:.4f} bits/byte | {r['blocks']} blocks")
 
     def scalars(self, step: int, values: dict) -> None:
         """One TensorBoard scalar per entry ('train/loss': 2.3); None (e.g. MFU n/a) is skipped."""
@@ -345,11 +369,12 @@ class MetricsLogger(NullLogger):
     def _add_scalar(self, tag: str, value: float, step: int) -> None:
         """A scalar; the first of a described tag carries its display name and description (TensorBoard
         keeps a tag's first metadata)."""
-        if tag in self._described or tag not in SCALARS:
+        described = SCALARS.get(tag) or source_scalar(tag)
+        if tag in self._described or described is None:
             self.writer.add_scalar(tag, value, step)
             return
         self._described.add(tag)
-        summary = _plugin_summary(tag, "scalars", b"", *SCALARS[tag])
+        summary = _plugin_summary(tag, "scalars", b"", *described)
         summary.value[0].simple_value = value
         self.writer.file_writer.add_summary(summary, step)
 
