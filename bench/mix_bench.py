@@ -1,6 +1,6 @@
 """Mixtures of two corpora at equal steps: each source's validation loss under five mixtures.
 
-    python -m bench.mix_bench                               # 5 mixtures x 3 seeds (~35 min on 2 shared cores)
+    python -m bench.mix_bench                               # 5 mixtures x 3 seeds (~25 min on 2 busy shared cores)
     python -m bench.mix_bench --seeds 1 --steps 100         # a quick look
     python -m bench.mix_bench --results runs/mix_bench.json # also keep every number as JSON
 
@@ -9,7 +9,7 @@ under --data-root, data/mix_bench):
     code    the Python standard library's source (tools.prepare --source stdlib, validation 0.3% of the files)
     prose   ~1.25 MB of licence texts found on this machine (bench/prose_corpus.py; validation 10% of the documents)
 
-Each mixture trains the same model (4 layers, 4 heads, 128 wide, context 64, batch 16), the
+Each mixture trains the same model (2 layers, 4 heads, 64 wide, context 64, batch 16), the
 `cpu` preset's modern recipe, for the same number of steps from the same initial weights, with
 data.mix naming both sources (a weight of 0 leaves a source out of training but not out of the
 evaluation):
@@ -38,12 +38,12 @@ sys.path.insert(0, str(REPO))
 
 from bench.prose_corpus import check_size, write_corpus  # noqa: E402
 
-SHAPE = ["--model.n_layer=4", "--model.n_head=4", "--model.n_embd=128", "--model.block_size=64",
+SHAPE = ["--model.n_layer=2", "--model.n_head=4", "--model.n_embd=64", "--model.block_size=64",
          "--train.global_batch=16", "--train.micro_batch=16"]
 COMMON = ["--preset", "cpu", "--train.precision=fp32", "--eval.sample_tokens=0", "--log.tensorboard=false",
           "--checkpoint.interval=0", "--checkpoint.keep_best=false", "--eval.interval=0", "--eval.at_start=false",
           "--log.interval=50", "--resume", "none"]
-EVAL_BLOCKS = 512
+EVAL_BLOCKS = 256
 MIXTURES = ("code-only", "prose-only", "natural", "50-50", "anneal")
 
 
@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m bench.mix_bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--data-root", default="data/mix_bench", help="where the two corpora are prepared")
     p.add_argument("--workdir", default="runs/mix_bench", help="run directories (replaced)")
-    p.add_argument("--steps", type=int, default=800, help="optimizer steps of every run (default 800)")
+    p.add_argument("--steps", type=int, default=400, help="optimizer steps of every run (default 400)")
     p.add_argument("--seeds", type=int, default=3, help="seeds per mixture (default 3)")
     p.add_argument("--results", help="write every run's numbers to this JSON file")
     args = p.parse_args(argv)

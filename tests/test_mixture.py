@@ -218,6 +218,10 @@ def test_two_ranks_under_fsdp_report_every_source_and_resume_across_a_phase(sour
     final = json.loads((fsdp / "final.json").read_text())
     expected = MixSchedule([(0, [0.7, 0.2, 0.1]), (5, [0, 1, 0])], 8).drawn_before(8 * 8) * 32
     assert [final["sources"][n]["tokens"] for n in ("web", "code", "math")] == expected.tolist()
+    out = run_train(["--run", str(fsdp), "--max-blocks=4", "--quiet", mix[0].replace("--data.mix=", "--mix=")],
+                    module="dist_gpt.evaluate")
+    assert [line.split(" on ")[1].split(":")[0] for line in out.stdout.splitlines()[:3]] == ["web", "code", "math"]
+    assert "weighted val loss" in out.stdout.splitlines()[3]
     whole, cut = tmp_path / "whole", tmp_path / "cut"
     run_train([*EXACT, *mix, f"--train.run_dir={whole}"])
     out = run_train([*EXACT, *mix, "--checkpoint.interval=3", f"--train.run_dir={cut}"],

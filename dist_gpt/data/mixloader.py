@@ -132,19 +132,18 @@ class MixtureBatches(TrainBatches):
         source, block = self.schedule.locate(samples)
         doc = np.zeros((samples.size, self.block_size), dtype=np.int64) if self.documents else None
         for s in np.unique(source).tolist():
-            sel = source == s
-            shard, start = self.layouts[s].locate(block[sel])
-            self._rows[sel] = self.readers[s].read(shard, start, np.empty((int(sel.sum()), self.block_size + 1),
-                                                                         dtype=self._rows.dtype))
+            rows = np.flatnonzero(source == s)
+            shard, start = self.layouts[s].locate(block[rows])
+            self.readers[s].read(shard, start, self._rows, rows)  # straight into the shared buffer
             if doc is not None:
-                doc[sel] = document_ids(self.docs[s], shard, start, self.block_size)
+                doc[rows] = document_ids(self.docs[s], shard, start, self.block_size)
         return self._h2d.convert(self._rows, doc)
 
     def next(self):
         first = self._next_sample
         micro = super().next()
-        source, _ = self.schedule.locate(np.arange(first, first + self.global_batch))  # the whole global batch
-        self.delivered += np.bincount(source, minlength=len(self.mix.sources))
+        # the blocks of each source among the global batch's samples, from the schedule's exact counts
+        self.delivered += self.schedule.drawn_before(first + self.global_batch) - self.schedule.drawn_before(first)
         return micro
 
     @property

@@ -101,16 +101,22 @@ class MixSchedule:
     def locate(self, samples: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Global sample indices -> (source id, block counter of that source), both int64."""
         samples = np.asarray(samples, dtype=np.int64)
+        which = np.searchsorted(self.starts, samples, side="right") - 1
+        if which.size and which.min() == which.max():  # the usual case: every sample in one segment
+            return self._in_segment(self.segments[int(which[0])], samples)
         source = np.empty_like(samples)
         block = np.empty_like(samples)
-        which = np.searchsorted(self.starts, samples, side="right") - 1
         for i in np.unique(which).tolist():
-            seg, sel = self.segments[i], which == i
-            r = samples[sel] - seg.start
-            within = r % seg.table.size
-            source[sel] = seg.table[within]
-            block[sel] = seg.before[source[sel]] + (r // seg.table.size) * seg.counts[source[sel]] + seg.occurrence[within]
+            sel = which == i
+            source[sel], block[sel] = self._in_segment(self.segments[i], samples[sel])
         return source, block
+
+    @staticmethod
+    def _in_segment(seg: _Segment, samples: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        r = samples - seg.start
+        whole, within = np.divmod(r, seg.table.size)
+        source = seg.table[within]
+        return source, seg.before[source] + whole * seg.counts[source] + seg.occurrence[within]
 
     def drawn_before(self, sample: int) -> np.ndarray:
         """(S,) blocks each source drew in global samples [0, sample)."""
