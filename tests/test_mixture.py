@@ -97,6 +97,7 @@ def test_the_stream_is_the_same_on_1_2_3_ranks(sources):
     assert torch.equal(one, _global_stream(mix, 2, 2, B=12)[0])
     assert torch.equal(one, _global_stream(mix, 3, 2, B=12)[0])
     assert torch.equal(one, _global_stream(mix, 3, 4, B=12)[0])
+    assert torch.equal(_global_stream(mix, 1, 8, batches=4)[0], _global_stream(mix, 8, 1, batches=4)[0])
     # the tokens counted per source are those of the blocks read
     assert sum(ld.source_metrics()[f"data/{n}/tokens"] for n in mix.names) == 12 * 12 * T
 
@@ -211,7 +212,8 @@ def test_two_ranks_under_fsdp_report_every_source_and_resume_across_a_phase(sour
     mix = [f"--data.mix=web:{sources['web']}:0.7,code:{sources['code']}:0.2,math:{sources['math']}:0.1",
            "--data.mix_phases=5:code=1", "--train.steps=8", "--eval.interval=4", "--eval.max_blocks=8"]
     fsdp = tmp_path / "fsdp"
-    run_train([*EXACT, *mix, "--parallel.data=fsdp", f"--train.run_dir={fsdp}"], nproc=2)
+    out = run_train([*EXACT, *mix, "--parallel.data=fsdp", "--data.max_epochs=0.01", f"--train.run_dir={fsdp}"], nproc=2)
+    assert out.stdout.count("past data.max_epochs=0.01") == 1, out.stdout  # once, by rank 0
     keys = set().union(*(json.loads(line) for line in (fsdp / "metrics.jsonl").read_text().splitlines()))
     for name in ("web", "code", "math"):
         assert {f"val/{name}/loss", f"val/{name}/bpb", f"data/{name}/tokens", f"data/{name}/epochs"} <= keys
