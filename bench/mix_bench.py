@@ -3,6 +3,7 @@
     python -m bench.mix_bench                               # 5 mixtures x 3 seeds (~25 min on 2 busy shared cores)
     python -m bench.mix_bench --seeds 1 --steps 100         # a quick look
     python -m bench.mix_bench --results runs/mix_bench.json # also keep every number as JSON
+    python -m bench.mix_bench --step-time                   # ms/step: one dataset against a 3-source mixture
 
 Two corpora this machine has, both byte level so that they share one tokenizer (prepared once
 under --data-root, data/mix_bench):
@@ -18,6 +19,11 @@ evaluation):
     natural     weights proportional to the corpora's training tokens (what concatenating them gives)
     50-50       code 0.5, prose 0.5
     anneal      50-50, then prose alone for the last 20% of the steps (data.mix_phases)
+`--step-time` instead trains the same model for --steps steps on the code corpus alone and on a
+3-source mixture (code 0.5, prose 0.3, and the code corpus again under a third name 0.2), runs
+alternating, --seeds rounds, and prints each side's median ms/step and share of the step spent
+waiting for data (perf/step_time_ms and perf/data_wait_share, the first 10 steps left out).
+
 Every run is evaluated once at the end on EVAL_BLOCKS validation blocks of each source
 (val/code/loss and val/prose/loss, nats per token = per byte). The table prints each source's
 mean over the seeds and the spread (max - min). Runs use one CPU thread each, fp32.
@@ -106,6 +112,28 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def step_times(code: Path, prose: Path, steps: int, rounds: int, workdir: Path) -> None:
+    sides = {"one dataset": [f"--data.path={code}"],
+             "3-source mixture": [f"--data.mix=code:{code}:0.5,prose:{prose}:0.3,again:{code}:0.2"]}
+    got: dict[str, tuple[list, list]] = {name: ([], []) for name in sides}
+    for r in range(rounds):
+        for name in (list(sides) if r % 2 == 0 else list(sides)[::-1]):  # alternating
+            run_dir = workdir / f"step-{name.replace(' ', '-')}-{r}"
+            shutil.rmtree(run_dir, ignore_errors=True)
+            _run([sys.executable, "-m", "dist_gpt.train", *COMMON, *SHAPE, *sides[name], "--log.interval=1",
+                  f"--train.steps={steps}", "--train.threads=1", "--eval.max_blocks=8", f"--train.run_dir={run_dir}"])
+            for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+                rec = json.loads(line)
+                if "perf/step_time_ms" in rec and rec["step"] > 10:
+                    got[name][0].append(rec["perf/step_time_ms"])
+                    got[name][1].append(rec["perf/data_wait_share"])
+    for name, (ms, wait) in got.items():
+        print(f"{name}: median {statistics.median(ms):.2f} ms/step, data wait {100 * statistics.median(wait):.2f}% "
+              f"({len(ms)} steps over {rounds} runs)")
+    ratio = statistics.median(got["3-source mixture"][0]) / statistics.median(got["one dataset"][0])
+    print(f"mixture / one dataset: {ratio:.3f}")
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m bench.mix_bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--data-root", default="data/mix_bench", help="where the two corpora are prepared")
@@ -113,8 +141,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=400, help="optimizer steps of every run (default 400)")
     p.add_argument("--seeds", type=int, default=3, help="seeds per mixture (default 3)")
     p.add_argument("--results", help="write every run's numbers to this JSON file")
+    p.add_argument("--step-time", action="store_true", help="time training steps on one dataset against a mixture")
     args = p.parse_args(argv)
     code, prose = prepare(REPO / args.data_root)
+    if args.step_time:
+        return step_times(code, prose, args.steps, args.seeds, REPO / args.workdir)
     rows = []
     for seed in range(args.seeds):
         order = MIXTURES if seed % 2 == 0 else MIXTURES[::-1]  # machine load falls on every mixture alike

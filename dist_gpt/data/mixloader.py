@@ -21,7 +21,7 @@ from dist_gpt.data.dataset import Dataset
 from dist_gpt.data.loader import TrainBatches, _HostToDevice
 from dist_gpt.data.mixspec import parse_mix, parse_phases, parse_weights
 from dist_gpt.data.mixture import MixSchedule, resumed_segments, segments_of, source_seed
-from dist_gpt.data.sampler import DocumentLayout, TrainLayout, document_ids, rank_samples
+from dist_gpt.data.sampler import WINDOW, DocumentLayout, TrainLayout, document_ids, rank_samples
 from dist_gpt.errors import DataError
 
 
@@ -125,25 +125,51 @@ class MixtureBatches(TrainBatches):
         self._h2d = _HostToDevice(self._h2d.device, rows, block_size, 3 if documents else 2)
         self.history: list[tuple[int, list]] = [(0, mix.declared())]
         self.schedule = MixSchedule(mix.declared(), global_batch)
+        self._window = None  # (window, source, shard, start) of WINDOW consecutive global samples
         self.delivered = np.zeros(len(mix.sources), dtype=np.int64)  # blocks read by training, per source
+
+    def _locate(self, samples: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Global sample indices (increasing) -> (source, shard, start): the schedule, then each source's
+        layout, computed WINDOW samples at a time and cached (a cache of a pure function)."""
+        w = int(samples[0]) // WINDOW
+        if int(samples[-1]) // WINDOW != w:  # a batch across two windows: each part on its own
+            cut = int(np.searchsorted(samples, (w + 1) * WINDOW))
+            return tuple(np.concatenate(p) for p in zip(self._locate(samples[:cut]), self._locate(samples[cut:])))
+        win = self._window  # one read: the prefetch thread may replace it meanwhile
+        if win is None or win[0] != w:
+            source, block = self.schedule.locate(np.arange(w * WINDOW, (w + 1) * WINDOW))
+            shard, start = np.empty_like(block), np.empty_like(block)
+            for s in np.unique(source).tolist():
+                sel = source == s
+                shard[sel], start[sel] = self.layouts[s].locate_exact(block[sel])
+            win = self._window = (w, source, shard, start)
+        i = samples - w * WINDOW
+        return win[1][i], win[2][i], win[3][i]
 
     def _build(self, first_sample: int):
         samples = rank_samples(0, self.global_batch, self.micro_batch, self.rank, self.world_size, first_sample)
-        source, block = self.schedule.locate(samples)
+        source, shard, start = self._locate(samples)
         doc = np.zeros((samples.size, self.block_size), dtype=np.int64) if self.documents else None
-        for s in np.unique(source).tolist():
-            rows = np.flatnonzero(source == s)
-            shard, start = self.layouts[s].locate(block[rows])
-            self.readers[s].read(shard, start, self._rows, rows)  # straight into the shared buffer
+        present = [(s, np.flatnonzero(source == s)) for s in np.flatnonzero(np.bincount(source)).tolist()]
+        for s, rows in present:
+            self.readers[s].read(shard[rows], start[rows], self._rows, rows, check=False)  # into the shared buffer
             if doc is not None:
-                doc[rows] = document_ids(self.docs[s], shard, start, self.block_size)
+                doc[rows] = document_ids(self.docs[s], shard[rows], start[rows], self.block_size)
+        if int(self._rows.max()) >= self.mix.vocab_size:  # one check for all sources (one vocabulary)
+            for s, rows in present:  # which source's shard holds it, for the error
+                self.readers[s].check_ids(shard[rows], start[rows], self._rows[rows])
         return self._h2d.convert(self._rows, doc)
 
     def next(self):
         first = self._next_sample
         micro = super().next()
-        # the blocks of each source among the global batch's samples, from the schedule's exact counts
-        self.delivered += self.schedule.drawn_before(first + self.global_batch) - self.schedule.drawn_before(first)
+        # the blocks each source gave the whole global batch (every rank's samples), counted from the stream
+        win = self._window
+        if win is not None and win[0] == first // WINDOW and (first + self.global_batch - 1) // WINDOW == win[0]:
+            source = win[1][first - win[0] * WINDOW:first - win[0] * WINDOW + self.global_batch]  # a view
+        else:
+            source = self._locate(np.arange(first, first + self.global_batch))[0]
+        self.delivered += np.bincount(source, minlength=len(self.readers))
         return micro
 
     @property
@@ -199,6 +225,7 @@ class MixtureBatches(TrainBatches):
             history = [h for h in history if h[0] < self.position] + [(self.position, declared)]
         self.history = history
         self.schedule = MixSchedule(resumed_segments(history), self.global_batch)
+        self._window = None
         self.delivered = np.array(saved["delivered"], dtype=np.int64)
 
 
