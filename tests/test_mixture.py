@@ -242,3 +242,11 @@ def test_a_mixture_checkpoint_needs_its_mixture(sources, tmp_path):
     out = run_train([*EXACT, f"--data.path={sources['web']}", "--train.steps=3", f"--train.run_dir={run}"], check=False)
     assert out.returncode != 0 and "the checkpoint was trained on data.mix=" in out.stderr, out.stderr[-2000:]
     assert "Traceback" not in out.stderr
+
+
+def test_per_source_tags_have_descriptions():
+    from dist_gpt.metrics import source_scalar
+
+    assert source_scalar("val/web/loss")[0] == "val/web/loss (nats/token)"
+    assert "source code" in source_scalar("data/code/tokens")[1] and source_scalar("data/code/epochs")
+    assert source_scalar("val/web/bpb") and source_scalar("val/hellaswag/acc") is None
