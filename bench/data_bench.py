@@ -2,6 +2,7 @@
 
     python bench/data_bench.py                    # everything (about a minute on 2 cores)
     python bench/data_bench.py --skip-prepare     # the sampler only
+    python bench/data_bench.py --skip-prepare --mixture   # and a 3-source data.mix against one source
     python bench/data_bench.py --bpe 8192 --workdir /tmp/data_bench
 
 Prepare: MB/s of `prepare` (encode phase, the default worker count) for each tokenizer on the
@@ -113,9 +114,9 @@ def _sampler_dataset(workdir: Path) -> Path:
     from dist_gpt.data.tokenizers import _sha256_json
     from dist_gpt.data.writer import DatasetWriter
 
-    class Vocab50257:  # gpt2-sized ids, no tokenizer needed to measure reading
-        name, vocab_size, eot_id, spec = "bench", 50257, None, {"kind": "bench"}
-        fingerprint = _sha256_json(spec)
+    class Vocab50257:  # gpt2's spec and ids (random ones: no tokenizer is needed to measure reading)
+        name, vocab_size, eot_id, spec = "bench", 50257, None, {"kind": "tiktoken", "encoding": "gpt2"}
+        fingerprint = _sha256_json(spec)  # a kind Dataset.open knows, so the file opens
 
     out = workdir / "sampler_100m"
     if not (out / "manifest.json").exists():
@@ -154,6 +155,48 @@ def bench_sampler(workdir: Path, batches: int, repeats: int) -> dict:
             "us_per_batch": ours / batches * 1e6}
 
 
+def _small_source(workdir: Path, name: str, tokens: int, seed: int) -> Path:
+    """Another dataset of the same (bench) tokenizer as _sampler_dataset: a mixture's further sources."""
+    from dist_gpt.data.tokenizers import _sha256_json
+    from dist_gpt.data.writer import DatasetWriter
+
+    class Vocab50257:
+        name, vocab_size, eot_id, spec = "bench", 50257, None, {"kind": "tiktoken", "encoding": "gpt2"}
+        fingerprint = _sha256_json(spec)
+
+    out = workdir / name
+    if not (out / "manifest.json").exists():
+        writer = DatasetWriter(out, Vocab50257(), shard_tokens=tokens)
+        rng = np.random.default_rng(seed)
+        writer.write("train", rng.integers(0, 50257, tokens, dtype=np.uint16))
+        writer.write("val", rng.integers(0, 50257, 100_000, dtype=np.uint16))
+        writer.finish({"kind": "bench"})
+    return out
+
+
+def bench_mixture(workdir: Path, batches: int, repeats: int) -> dict:
+    """Tokens/s of a 3-source mixture (0.5/0.3/0.2: the 100M-token dataset and two of 10M) against the
+    single-source sampler on the first, timed alternately in one process, one core."""
+    import torch
+    from dist_gpt.data import DataConfig, Dataset, TrainBatches
+    from dist_gpt.data.mixloader import MixtureBatches, open_mixture
+
+    torch.set_num_threads(1)
+    first = _sampler_dataset(workdir)
+    mix = open_mixture(DataConfig(mix=f"a:{first}:0.5,b:{_small_source(workdir, 'mix_b', 10_000_000, 1)}:0.3,"
+                                      f"c:{_small_source(workdir, 'mix_c', 10_000_000, 2)}:0.2"))
+    single = TrainBatches(Dataset.open(first), block_size=T, global_batch=B, micro_batch=B, seed=0, prefetch=False)
+    mixed = MixtureBatches(mix, block_size=T, global_batch=B, micro_batch=B, seed=0, prefetch=False)
+    single.next(), mixed.next()
+    one, three = [], []
+    for _ in range(repeats):  # alternating, so that load from other users falls on both alike
+        one.append(_best(lambda: [single.next() for _ in range(batches)], 1))
+        three.append(_best(lambda: [mixed.next() for _ in range(batches)], 1))
+    tokens = batches * B * T
+    return {"single_mtok_s": tokens / min(one) / 1e6, "mixture_mtok_s": tokens / min(three) / 1e6,
+            "ratio": min(one) / min(three)}
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--workdir", help="where datasets are built (default: a temporary directory, removed after)")
@@ -162,12 +205,16 @@ def main() -> int:
     p.add_argument("--repeats", type=int, default=3, help="timings per number; the best is reported (default 3)")
     p.add_argument("--skip-prepare", action="store_true")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
+    p.add_argument("--mixture", action="store_true", help="also time a 3-source data.mix sampler against the "
+                                                         "single-source one (the 80%% target of docs/PERFORMANCE.md)")
     args = p.parse_args()
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="data_bench_"))
     workdir.mkdir(parents=True, exist_ok=True)
     try:
         result = {"cores": len(os.sched_getaffinity(0))}
         result["sampler"] = bench_sampler(workdir, args.batches, args.repeats)
+        if args.mixture:
+            result["mixture"] = bench_mixture(workdir, args.batches, args.repeats)
         if not args.skip_prepare:
             result["streams"] = bench_streams(workdir, args.repeats)
             result["prepare"] = bench_prepare(workdir, args.bpe, args.repeats)
@@ -180,6 +227,10 @@ def main() -> int:
     s = result["sampler"]
     print(f"sampler ({B} x {T} tokens, uint16, 100M-token dataset, 1 core): {s['sampler_mtok_s']:.1f}M tokens/s "
           f"({s['us_per_batch']:.0f} us/batch); nanoGPT get_batch: {s['nanogpt_get_batch_mtok_s']:.1f}M tokens/s")
+    if "mixture" in result:
+        m = result["mixture"]
+        print(f"mixture of 3 sources (0.5/0.3/0.2): {m['mixture_mtok_s']:.1f}M tokens/s against {m['single_mtok_s']:.1f}M "
+              f"for one source, alternately timed: {100 * m['ratio']:.0f}%")
     for row in result.get("streams", []):
         print(f"read {row['file']:<17} ({row['mb_on_disk']:.1f} MB on disk): {row['text_mb_s']:7.1f} MB/s of text")
     for row in result.get("prepare", []):

@@ -289,11 +289,22 @@ def _flatten(tree: dict[str, Any], origin: str) -> dict[str, Any]:
         if not isinstance(table, dict):
             raise ConfigError(f"{origin}: top-level key {section!r} must be a [section] table")
         for key, value in table.items():
+            if f"{section}.{key}" in TABLE_FORMS and isinstance(value, (dict, list)):
+                value = TABLE_FORMS[f"{section}.{key}"](value, origin)  # [data.mix.NAME] tables -> one string
             try:
                 flat[f"{section}.{key}"] = parse_value(f"{section}.{key}", _lookup(section, key), value)
             except ConfigError as e:
                 raise ConfigError(f"config file {origin}: {e}") from None
     return flat
+
+
+def _table_forms() -> dict:
+    from .data.mixspec import format_mix, format_phases
+
+    return {"data.mix": format_mix, "data.mix_phases": format_phases}
+
+
+TABLE_FORMS = _table_forms()
 
 
 def load_toml(path: str) -> dict[str, Any]:
@@ -383,13 +394,29 @@ def build(preset: str = "cpu", file: str | None = None, overrides: dict[str, Any
     flat.update(preset_overrides(preset, recipe_override))
     flat.update(file_flat)
     flat.update(cli)
+    if flat.get("data.mix") and ("data.path" in file_flat or "data.path" in cli):
+        raise ConfigError("data.path and data.mix were both given: a mixture names its datasets itself; drop "
+                          "--data.path (or data.path in the TOML file)")
     sections: dict[str, Any] = {}
     for name, cls in SECTIONS.items():
         kwargs = {k.split(".", 1)[1]: v for k, v in flat.items() if k.split(".", 1)[0] == name}
         for k in kwargs:
             _lookup(name, k)
         sections[name] = cls(**kwargs)  # __post_init__ validates the final values
+    _check_phases(sections["data"], sections["train"])
     return Config(preset=preset, **sections)
+
+
+def _check_phases(data, train) -> None:
+    """A phase must start inside the run: from a position below train.steps."""
+    if data.mix and data.mix_phases:
+        from .data.mixspec import parse_mix, parse_phases
+
+        for position, _ in parse_phases(data.mix_phases, [s.name for s in parse_mix(data.mix)]):
+            if position >= train.steps:
+                raise ConfigError(f"data.mix_phases: the phase from {position} starts at or after train.steps="
+                                  f"{train.steps}, so it would never run; move it below {train.steps} or raise "
+                                  "train.steps")
 
 
 def parse(argv: list[str] | None = None, world: tuple[int, int] = (1, 1)) -> Config | None:

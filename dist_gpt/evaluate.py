@@ -3,6 +3,8 @@
     python -m dist_gpt.evaluate --run runs/cpu                        # the run's latest checkpoint
     python -m dist_gpt.evaluate --checkpoint runs/cpu/checkpoints/step_0001000
     python -m dist_gpt.evaluate --model model.safetensors --data data/stdlib
+    python -m dist_gpt.evaluate --run runs/mix --mix web:data/web:0.7,code:data/code:0.3   # each source, and the total
+    python -m dist_gpt.evaluate --run runs/mix --config mix.toml     # the [data.mix.NAME] tables of a run's TOML
     torchrun --standalone --nproc_per_node=2 -m dist_gpt.evaluate --run-dir runs/cpu   # split over 2 ranks
     python -m dist_gpt.evaluate --run runs/cpu --tasks hellaswag,arc_easy   # lm-evaluation-harness (pip install 'dist_gpt[eval]')
 
@@ -63,6 +65,23 @@ def validation_loss(model, val, autocast) -> tuple[float, int]:
     return total / max(tokens, 1), int(blocks)
 
 
+def mixture_loss(model, sources: dict, autocast) -> dict[str, dict]:
+    """Each source's validation loss (nats/token), bits per byte and blocks, in data.mix's order."""
+    out = {}
+    for name, val in sources.items():  # collective: every rank takes part in every source, in order
+        loss, blocks = validation_loss(model, val, autocast)
+        out[name] = {"loss": loss, "bpb": bits_per_byte(loss, val.ds.bytes_per_token("val")), "blocks": blocks}
+    return out
+
+
+def weighted_total(per_source: dict[str, dict], weights: list[float]) -> tuple[float, float, int]:
+    """(loss, bpb, blocks): the sources' losses and bits per byte weighted by the fixed evaluation
+    weights (comparable across the run whatever the training phase), and all their blocks."""
+    loss = sum(w * r["loss"] for w, r in zip(weights, per_source.values()) if w)
+    bpb = sum(w * r["bpb"] for w, r in zip(weights, per_source.values()) if w)
+    return loss, bpb, sum(r["blocks"] for r in per_source.values())
+
+
 def bits_per_byte(loss_nats: float, bytes_per_token: float) -> float:
     return loss_nats / math.log(2) / bytes_per_token
 
@@ -75,8 +94,12 @@ class Evaluator:
     samples come from the plain module under it. `autocast` is the run's precision context.
     """
 
-    def __init__(self, model, val, autocast, cfg, log, state) -> None:
+    def __init__(self, model, val, autocast, cfg, log, state, sources: dict | None = None,
+                 eval_weights: list[float] | None = None) -> None:
         self.model, self.raw_model = model, unwrap_model(model)
+        # data.mix: {name: ValBlocks} per source; val/loss is their eval_weights-weighted total
+        self.sources, self.eval_weights = sources, eval_weights
+        self.last_sources: dict[str, dict] = {}
         self.val, self.autocast, self.cfg, self.log, self.state = val, autocast, cfg, log, state
         self.bytes_per_token = val.ds.bytes_per_token("val")
         # A sharded model's forward passes are collective: then every rank samples, in step.
@@ -107,11 +130,16 @@ class Evaluator:
 
     @record_function("evaluate")  # the label of a train.profile trace
     def run(self, step: int) -> float:
-        loss, blocks = validation_loss(self.model, self.val, self.autocast)
+        if self.sources:
+            self.last_sources = mixture_loss(self.model, self.sources, self.autocast)
+            loss, self.last_bpb, blocks = weighted_total(self.last_sources, self.eval_weights)
+        else:
+            loss, blocks = validation_loss(self.model, self.val, self.autocast)
+            self.last_bpb = bits_per_byte(loss, self.bytes_per_token)
         self.last_step, self.last_loss = step, loss
-        self.last_bpb = bits_per_byte(loss, self.bytes_per_token)
         self.state.best_val = min(self.state.best_val, loss)
-        self.log.eval(step, loss=loss, bpb=self.last_bpb, blocks=blocks, best=self.state.best_val)
+        self.log.eval(step, loss=loss, bpb=self.last_bpb, blocks=blocks, best=self.state.best_val,
+                      sources=self.last_sources or None)
         for task in self.tasks:  # collective: every rank scores its share (the plain module: no recompiles)
             task.report(step, task.score(self.raw_model, self.autocast), self.log)
         if self.cfg.sample_tokens and (self.log.is_main or self.lockstep):
@@ -146,6 +174,10 @@ def parse_args(argv):
     add_source_arguments(p, "evaluates")
     p.add_argument("--data", help="dataset directory (default: the one the model was trained on); it must be made "
                                   "with the model's tokenizer")
+    p.add_argument("--mix", help="evaluate on each source of a mixture, NAME:PATH:WEIGHT,... as data.mix; prints "
+                                 "every source's numbers and their weighted total")
+    p.add_argument("--config", help="a training TOML file: its data.mix (and data.mix_phases, data.mix_eval_weights) "
+                                    "as --mix; the total uses the evaluation weights training used")
     p.add_argument("--allow-tokenizer-mismatch", action="store_true",
                    help="evaluate on a --data made with another tokenizer anyway (the loss then means nothing "
                         "comparable; a warning says so)")
@@ -176,6 +208,8 @@ def evaluate(argv: list[str] | None) -> int:
     env = dist.init(args.device)
     args.quiet = args.quiet or not env.is_main  # one progress bar: rank 0's
     model, loaded = load_model(args, env.device)
+    if args.mix or args.config:
+        return evaluate_mixture(args, env, model, loaded)
     data = Dataset.open(args.data or loaded.data_path)
     check_tokenizer(data, loaded, args.allow_tokenizer_mismatch, warn=env.is_main)
     val = ValBlocks(data, block_size=loaded.config.block_size, batch_size=args.batch_size, rank=env.rank,
@@ -188,6 +222,39 @@ def evaluate(argv: list[str] | None) -> int:
         bpb = bits_per_byte(loss, data.bytes_per_token("val"))
         print(f"{loaded.source}: val loss {loss:.4f} nats/token, {bpb:.4f} bits/byte "
               f"over {blocks} blocks of {loaded.config.block_size} tokens")
+    return 0
+
+
+def evaluate_mixture(args, env, model, loaded) -> int:
+    """--mix / --config: every source's validation loss and bits per byte, then their weighted total."""
+    from .config import load_toml
+    from .data import DataConfig, ValBlocks
+    from .data.mixloader import open_mixture
+    from .errors import ConfigError
+    from .precision import Precision
+
+    data = {k.split(".", 1)[1]: v for k, v in (load_toml(args.config) if args.config else {}).items()
+            if k.startswith("data.mix")}
+    if args.mix:
+        data = {"mix": args.mix}
+    if not data.get("mix"):
+        raise ConfigError(f"--config {args.config}: the file has no data.mix ([data.mix.NAME] tables) to evaluate on")
+    mix = open_mixture(DataConfig(**data))
+    check_tokenizer(mix.primary, loaded, args.allow_tokenizer_mismatch, warn=env.is_main)
+    vals = {s.name: ValBlocks(s.ds, block_size=loaded.config.block_size, batch_size=args.batch_size, rank=env.rank,
+                              world_size=env.world_size, max_blocks=args.max_blocks, device=env.device,
+                              documents=loaded.config.doc_mask) for s in mix.sources}
+    mine = sum(-(-len(v) // env.world_size) for v in vals.values())
+    with progress_bar(mine, "evaluate", unit="blocks", quiet=args.quiet) as bar:
+        counted = {name: Counted(v, bar) for name, v in vals.items()}
+        per_source = mixture_loss(model, counted, Precision(args.precision, env.device).autocast())
+    loss, bpb, blocks = weighted_total(per_source, mix.eval_weights)
+    if env.is_main:
+        for (name, r), w in zip(per_source.items(), mix.eval_weights):
+            print(f"{loaded.source} on {name}: val loss {r['loss']:.4f} nats/token, {r['bpb']:.4f} bits/byte "
+                  f"over {r['blocks']} blocks (weight {w:.4g})")
+        print(f"{loaded.source}: weighted val loss {loss:.4f} nats/token, {bpb:.4f} bits/byte over {blocks} blocks "
+              f"of {loaded.config.block_size} tokens")
     return 0
 
 

@@ -218,9 +218,11 @@ SCALAR_PATTERNS: list[tuple[str, str, str]] = [
     (r"val/(?P<name>[^/]+)/acc_norm", "{tag}", "accuracy on the multiple-choice task {name} (0 to 1), each "
      "ending's log-likelihood divided by its length in characters"),
     (r"val/(?P<name>[^/]+)/loss", "{tag} (nats/token)", "mean cross-entropy over the validation blocks of "
-     "{name}, in nats per token"),
+     "source {name} (eval.max_blocks of them), in nats per token"),
     (r"val/(?P<name>[^/]+)/bpb", "{tag} (bits/byte)", "bits per byte of {name}'s validation text"),
-    (r"data/(?P<name>[^/]+)/tokens", "{tag}", "training tokens drawn from the source {name} so far"),
+    (r"data/(?P<name>[^/]+)/tokens", "{tag}", "training tokens read from source {name} so far (counted from "
+     "the blocks sampled)"),
+    (r"data/(?P<name>[^/]+)/epochs", "{tag}", "passes over source {name}'s training blocks so far"),
     (r"ranks/(?P<what>.+)_ms_(?P<stat>max|min|mean)", "{tag} (ms)", "the {stat} over the ranks of each "
      "rank's {what} time in the logged step, in milliseconds"),
     (r"hparam/(?P<name>.+)", "{tag}", "{name}: a result of the run, compared across runs in the HPARAMS tab"),
@@ -325,7 +327,7 @@ class NullLogger:
         return step == 1 or step % self.cfg.interval == 0 or step == self.total_steps
 
     def step(self, step: int, **values) -> None: ...
-    def eval(self, step: int, *, loss: float, bpb: float, blocks: int, best: float) -> None: ...
+    def eval(self, step: int, *, loss: float, bpb: float, blocks: int, best: float, sources: dict | None = None) -> None: ...
     def scalars(self, step: int, values: dict) -> None: ...
     def console(self, step: int, values: dict) -> None: ...
     def text(self, step: int, tag: str, text: str) -> None: ...
@@ -387,15 +389,21 @@ class MetricsLogger(NullLogger):
             **_rank_fields(ranks, self.throughput.num_devices),
         })
 
-    def eval(self, step: int, *, loss: float, bpb: float, blocks: int, best: float) -> None:
+    def eval(self, step: int, *, loss: float, bpb: float, blocks: int, best: float, sources: dict | None = None) -> None:
         """A validation result: scalars val/loss (nats per token), val/bpb, val/best_loss (`best`, the
-        run's lowest so far, this one included) and a line."""
+        run's lowest so far, this one included) and a line; with a mixture's `sources` ({name: {loss,
+        bpb, blocks}}) also val/<name>/loss and val/<name>/bpb, and a line per source."""
         if not self.is_main:
             return
-        self.scalars(step, {"val/loss": loss, "val/bpb": bpb, "val/best_loss": best})
+        values = {"val/loss": loss, "val/bpb": bpb, "val/best_loss": best}
+        for name, r in (sources or {}).items():
+            values.update({f"val/{name}/loss": r["loss"], f"val/{name}/bpb": r["bpb"]})
+        self.scalars(step, values)
         best = " (best)" if loss == best else f" (best {best:.4f})"
         self.print(f"eval step {step}/{self.total_steps} | val loss {loss:.4f} nats/token | {bpb:.4f} bits/byte"
                    f"{best} | {blocks} blocks")
+        for name, r in (sources or {}).items():
+            self.print(f"  {name}: val loss {r['loss']:.4f} nats/token | {r['bpb']:.4f} bits/byte | {r['blocks']} blocks")
 
     def scalars(self, step: int, values: dict) -> None:
         """One TensorBoard scalar per entry ('train/loss': 2.3); None (e.g. MFU n/a) is skipped."""

@@ -93,9 +93,15 @@ class DatasetIdentity:
             "tokenizer_spec": data.manifest["tokenizer"]["spec"],
             "vocab_size": data.vocab_size,
             "eot_id": data.eot_id,
+            **({"mix": data.spec} if hasattr(data, "sources") else {}),
         }
 
     def load_state_dict(self, saved: dict) -> None:
+        if saved["fingerprint"] != self.data.fingerprint and (hasattr(self.data, "sources") or "mix" in saved):
+            raise CheckpointError(f"the checkpoint was trained on {'data.mix=' + saved['mix'] if 'mix' in saved else saved['path']}, "
+                                  f"this run on {'data.mix=' + self.data.spec if hasattr(self.data, 'sources') else self.path}: "
+                                  "resume with the checkpoint's data.mix sources (data.mix_override changes only "
+                                  "weights and phases) or start a new run")
         if saved["fingerprint"] != self.data.fingerprint:
             raise CheckpointError(f"the checkpoint was trained on another dataset ({saved['path']}, fingerprint "
                                   f"{saved['fingerprint'][:12]}) than data.path={self.path} "

@@ -105,7 +105,7 @@ def describe_run(cfg, env, model, data, log) -> None:
         "tokens_per_step": tokens_per_step,
         "params": model.num_params(),
         "flops_per_token": model.flops_per_token(),
-        "dataset": {"path": cfg.data.path, "fingerprint": data.fingerprint, "vocab_size": data.vocab_size,
+        "dataset": {"path": str(data.path) if cfg.data.mix else cfg.data.path, "mix": cfg.data.mix, "fingerprint": data.fingerprint, "vocab_size": data.vocab_size,
                     "train_tokens": data.num_tokens("train"), "val_tokens": data.num_tokens("val")},
         "started_at": time.time(),
     }
@@ -119,13 +119,15 @@ def describe_run(cfg, env, model, data, log) -> None:
               f"= {cfg.train.micro_batch} micro × {accum} accum × {env.world_size} ranks; "
               f"{cfg.train.steps} steps = {cfg.train.steps * tokens_per_step / 1e6:.1f}M tokens "
               f"({cfg.train.steps * tokens_per_step / max(1, data.num_tokens('train')):.2f} epochs)")
-    log.print(f"data: {cfg.data.path} ({data.num_tokens('train'):,} train / {data.num_tokens('val'):,} val tokens, "
+    log.print(f"data: {cfg.data.mix or cfg.data.path} ({data.num_tokens('train'):,} train / {data.num_tokens('val'):,} val tokens, "
               f"vocab {data.vocab_size}); run dir: {cfg.run_dir}; git {info['git_sha'] or 'unknown'}")
     log.hparams(cfg.to_dict())
 
 
-def write_final(run_dir: Path, state, evaluator, checkpoint: Path | None, train_loss: float, log) -> None:
-    """Rank 0 writes final.json and prints where everything went."""
+def write_final(run_dir: Path, state, evaluator, checkpoint: Path | None, train_loss: float, log,
+                sources: dict | None = None) -> None:
+    """Rank 0 writes final.json and prints where everything went. `sources`: what each source of a
+    data.mix delivered ({name: {path, tokens, blocks, epochs, ...}}), given its last validation numbers."""
     final = {
         "step": state.step,
         "tokens": state.tokens,
@@ -136,6 +138,9 @@ def write_final(run_dir: Path, state, evaluator, checkpoint: Path | None, train_
         "checkpoint": str(checkpoint) if checkpoint else None,
         "run_dir": str(run_dir),
     }
+    if sources is not None:
+        final["sources"] = {name: {**row, **{f"val_{k}": v for k, v in evaluator.last_sources.get(name, {}).items()}}
+                            for name, row in sources.items()}
     if log.is_main:
         _write_json(run_dir / "final.json", final)
     nats_per_byte = evaluator.last_loss / evaluator.bytes_per_token

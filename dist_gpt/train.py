@@ -84,7 +84,7 @@ def train(t: Trainer, run_dir) -> int:
     t.evaluator.maybe_run(t.state.step, final=True)
     path = t.checkpointer.save(t.state.step)
     t.checkpointer.wait()
-    write_final(run_dir, t.state, t.evaluator, path, t.train_loss, t.log)
+    write_final(run_dir, t.state, t.evaluator, path, t.train_loss, t.log, t.batches.delivered_summary())
     t.guard.remove_marker(run_dir)
     return 0
 

@@ -36,6 +36,7 @@ from torch.profiler import record_function
 from . import dist
 from .checkpoint import Checkpointer, ModelOptimizerState
 from .data import DataConfig, Dataset, TrainBatches, ValBlocks, ensure_default_dataset
+from .errors import DataError
 from .evaluate import Evaluator
 from .faults import FaultGuard, StopSignals, Verdict
 from .metrics import NullLogger, Throughput, make_logger
@@ -73,6 +74,7 @@ class Trainer:
     profiler: StepProfiler = field(default_factory=lambda: StepProfiler(None, Path("."), 0, torch.device("cpu")))
     clock: RankClock | None = None  # this rank's compute and data-wait time (stragglers.py); built in build()
     watchdog: HangWatchdog = field(default_factory=lambda: HangWatchdog(0, Path("."), 0))  # train.hang_timeout_s
+    max_epochs: float = 4.0        # data.max_epochs: warn once past it
 
     def __post_init__(self) -> None:
         # Per-run constants, looked up once instead of at every step.
@@ -82,6 +84,7 @@ class Trainer:
         self.tokens_per_step = self.batches.global_batch * self.batches.block_size
         self.train_loss = float("nan")  # the last logged global-batch loss
         self.data_time = 0.0            # seconds the last step waited for its batch
+        self.warned_epochs = False
 
     def step(self) -> Verdict:
         """One training step on every rank: batch, forward/backward, the fault guard's verdict, then
@@ -115,7 +118,20 @@ class Trainer:
             self.log.step(self.state.step, loss=self.train_loss, lr=self.optimizers[0].param_groups[0]["lr"],
                           grad_norm=float(grad_norm), step_time=time.perf_counter() - t0, data_time=self.data_time,
                           ranks=self.clock.report())
+            self._report_data()
         return verdict
+
+    def _report_data(self) -> None:
+        """A mixture's per-source tokens and epochs; one warning when a dataset repeats past data.max_epochs."""
+        if hasattr(self.batches, "source_metrics"):
+            self.log.scalars(self.state.step, self.batches.source_metrics())
+        epochs = self.batches.source_epochs()
+        over = {name: e for name, e in epochs.items() if e > self.max_epochs}
+        if over and not self.warned_epochs:
+            self.warned_epochs = True
+            self.log.print("WARNING: " + ", ".join(f"{n} is in epoch {e:.2f}" for n, e in over.items()) +
+                           f", past data.max_epochs={self.max_epochs:g}: repeating data this often stops helping; "
+                           "add data or train fewer steps")
 
     def _next_batch(self) -> tuple[int, list]:
         """(global batch index, this rank's micro-batches), past the batches a NaN rollback condemned."""
@@ -193,23 +209,21 @@ def build(cfg, env: dist.DistEnv, stop: StopSignals, log: NullLogger | None = No
     model, fwd_model, train_model = build_model(cfg, env, precision.name)
     optimizers = build_optimizers(model, cfg.optim, env.device, exact=precision.name == "fp32",
                                   process_group=dist.replica_group(env, cfg.parallel))
-    batches = TrainBatches(data, block_size=cfg.model.block_size, global_batch=tc.global_batch,
-                           micro_batch=tc.micro_batch, rank=env.rank, world_size=env.world_size,
-                           seed=tc.seed, device=env.device, prefetch=cfg.data.prefetch, align=cfg.data.align,
-                           documents=cfg.model.doc_mask)
+    batches = train_batches(cfg, env, data)
     make_run_dir(cfg.run_dir, env)
     throughput = Throughput.of(cfg.log, env, precision.name, tc.global_batch * cfg.model.block_size,
                                model.flops_per_token())
     log = log or make_logger(cfg.run_dir, cfg.log, env.is_main, tc.steps, throughput)
     state = RunState()
-    val = ValBlocks(data, block_size=cfg.model.block_size, batch_size=cfg.eval.batch_size or tc.micro_batch,
-                    rank=env.rank, world_size=env.world_size, max_blocks=cfg.eval.max_blocks, device=env.device,
-                    documents=cfg.model.doc_mask)
-    evaluator = Evaluator(fwd_model, val, precision.autocast(), cfg.eval, log, state)
+    vals = val_blocks(cfg, env, data)
+    evaluator = Evaluator(fwd_model, next(iter(vals.values())), precision.autocast(), cfg.eval, log, state,
+                          sources=vals if cfg.data.mix else None, eval_weights=getattr(data, "eval_weights", None))
+    if cfg.data.mix:
+        note_mixture(data, cfg.data.mix, log)
     checkpointer = Checkpointer(
         cfg.run_dir / "checkpoints", cfg.checkpoint, env,
         tensors={"model_optim": ModelOptimizerState(model, optimizers)},
-        json_states={"config": ConfigIdentity(cfg, log), "dataset": DatasetIdentity(data, cfg.data.path),
+        json_states={"config": ConfigIdentity(cfg, log), "dataset": DatasetIdentity(data, data.path if cfg.data.mix else cfg.data.path),
                      "run": state, "batches": batches, "precision": precision},
         val_loss=evaluator.loss_at)
     guard = FaultGuard(tc, env, stop, state, checkpointer.rollback, log)
@@ -222,7 +236,8 @@ def build(cfg, env: dist.DistEnv, stop: StopSignals, log: NullLogger | None = No
                    profiler=StepProfiler(parse_window(tc.profile), cfg.run_dir, env.rank, env.device,
                                          keep_history=tc.memory_snapshot),
                    clock=RankClock(env, train_model, tc.straggler_ratio, tc.straggler_intervals, log),
-                   watchdog=HangWatchdog(tc.hang_timeout_s, cfg.run_dir, env.rank))
+                   watchdog=HangWatchdog(tc.hang_timeout_s, cfg.run_dir, env.rank),
+                   max_epochs=cfg.data.max_epochs)
 
 
 def first_backward(model: torch.nn.Module, cfg, device: torch.device, precision: Precision) -> None:
@@ -255,8 +270,52 @@ def build_model(cfg, env: dist.DistEnv, precision: str) -> tuple[GPT, torch.nn.M
     return model, fwd_model, train_model
 
 
+def train_batches(cfg, env: dist.DistEnv, data) -> TrainBatches:
+    """This rank's training stream: of data.path, or of data.mix's sources (MixtureBatches)."""
+    tc = cfg.train
+    common = dict(block_size=cfg.model.block_size, global_batch=tc.global_batch, micro_batch=tc.micro_batch,
+                  rank=env.rank, world_size=env.world_size, seed=tc.seed, device=env.device,
+                  prefetch=cfg.data.prefetch, align=cfg.data.align, documents=cfg.model.doc_mask)
+    if cfg.data.mix:
+        from .data.mixloader import MixtureBatches
+
+        return MixtureBatches(data, **common, override=cfg.data.mix_override)
+    return TrainBatches(data, **common)
+
+
+def val_blocks(cfg, env: dist.DistEnv, data) -> dict[str, ValBlocks]:
+    """The validation sets: {name: ValBlocks} per source of data.mix (eval.max_blocks each), or one."""
+    def blocks(ds, name):
+        try:
+            return ValBlocks(ds, block_size=cfg.model.block_size, batch_size=cfg.eval.batch_size or cfg.train.micro_batch,
+                             rank=env.rank, world_size=env.world_size, max_blocks=cfg.eval.max_blocks,
+                             device=env.device, documents=cfg.model.doc_mask)
+        except DataError as e:
+            raise DataError(f"data.mix source {name!r}: {e}" if cfg.data.mix else str(e)) from None
+
+    if cfg.data.mix:
+        return {s.name: blocks(s.ds, s.name) for s in data.sources}
+    return {"": blocks(data, "")}
+
+
+def note_mixture(mix, spec: str, log) -> None:
+    """One line on rank 0 saying what the mixture is, normalised."""
+    from .data.mixspec import parse_mix
+
+    raw = sum(s.weight for s in parse_mix(spec))
+    shares = ", ".join(f"{s.name} {s.weight:.4g}" for s in mix.sources)
+    note = f" (the weights summed to {raw:g}: normalised)" if abs(raw - 1) > 1e-9 else ""
+    log.print(f"data.mix: {shares}{note}; {len(mix.phases)} phase(s); val/loss weights "
+              + ", ".join(f"{n} {w:.4g}" for n, w in zip(mix.names, mix.eval_weights)))
+
+
 def open_dataset(cfg, env: dist.DistEnv) -> Dataset:
-    """Rank 0 prepares the default dataset once while the others wait, then every rank opens it."""
+    """Rank 0 prepares the default dataset once while the others wait, then every rank opens it
+    (every source of data.mix instead, when given)."""
+    if cfg.data.mix:
+        from .data.mixloader import open_mixture
+
+        return open_mixture(cfg.data)
     path = Path(cfg.data.path)
     is_default = path.resolve() == Path(DataConfig.path).resolve()
     if cfg.data.prepare_if_missing and is_default and env.is_main and not (path / "manifest.json").exists():

@@ -164,20 +164,29 @@ class TokenReader:
             self._fds.move_to_end(shard)
         return fd
 
-    def read(self, shard_ids: np.ndarray, starts: np.ndarray, out: np.ndarray) -> np.ndarray:
-        """Fill out[i] (one row of L tokens) from shard shard_ids[i] at token starts[i]."""
+    def read(self, shard_ids: np.ndarray, starts: np.ndarray, out: np.ndarray, rows: np.ndarray | None = None,
+             check: bool = True) -> np.ndarray:
+        """Fill out[i] (one row of L tokens) from shard shard_ids[i] at token starts[i] (out[rows[i]] when
+        `rows` is given: a mixture fills one buffer from several datasets, and checks the ids itself
+        with check=False and `check_ids`)."""
         itemsize = self.dtype.itemsize
         nbytes = out.shape[1] * itemsize
-        for row, (s, start) in enumerate(zip(shard_ids.tolist(), starts.tolist())):
+        targets = range(len(shard_ids)) if rows is None else rows.tolist()
+        for row, s, start in zip(targets, shard_ids.tolist(), starts.tolist()):
             got = os.preadv(self._fd(s), [out[row]], HEADER_SIZE + start * itemsize)
             if got != nbytes:
                 raise DataError(f"{self.shards[s].path}: short read at token {start} (file truncated since opening?)")
+        if check:
+            self.check_ids(shard_ids, starts, out if rows is None else out[rows])
+        return out
+
+    def check_ids(self, shard_ids: np.ndarray, starts: np.ndarray, out: np.ndarray) -> None:
+        """DataError naming the shard when a row read from (shard_ids, starts) holds an id >= the vocabulary."""
         if self._check_ids and out.size and int(out.max()) >= self.vocab_size:
             row = int(np.argmax((out >= self.vocab_size).any(axis=1)))
             path = self.shards[int(shard_ids[row])].path
             raise DataError(f"{path}: token id {int(out[row].max())} near token {int(starts[row])} is >= the vocabulary "
                             f"size {self.vocab_size} (the shard is corrupt); run `python -m tools.shards verify {path.parent}`")
-        return out
 
     def close(self) -> None:
         while self._fds:

@@ -123,6 +123,14 @@ class TrainBatches:
     def epoch(self) -> float:
         return self._next_sample / self.layout.blocks_per_epoch
 
+    def source_epochs(self) -> dict[str, float]:
+        """Epochs the dataset has gone through, under its directory's name (as a mixture's sources)."""
+        return {self.ds.path.name: self.epoch}
+
+    def delivered_summary(self) -> dict | None:
+        """What each source of a mixture delivered (MixtureBatches); None for one dataset."""
+        return None
+
     def _build(self, first_sample: int):
         samples = rank_samples(0, self.global_batch, self.micro_batch, self.rank, self.world_size, first_sample)
         shard, start = self.layout.locate(samples)
@@ -168,6 +176,10 @@ class TrainBatches:
 
     def load_state_dict(self, state: dict) -> None:
         """Resume the same global stream; any world size or micro batch, same seed and dataset."""
+        if "mixture" in state and not hasattr(self, "mix"):
+            raise DataError(f"the checkpoint was trained on a mixture (data.mix with sources "
+                            f"{', '.join(state['mixture']['names'])}), this run on data.path={self.ds.path}: resume "
+                            "with the checkpoint's --data.mix, or start a new run")
         if state.get("dataset", self.ds.fingerprint) != self.ds.fingerprint:
             raise DataError(f"the checkpoint was trained on another dataset than {self.ds.path} "
                             "(fingerprint differs); point data.path at the original dataset or start a new run")
