@@ -185,7 +185,7 @@ def test_toml_tables_give_the_same_config(tmp_path):
 
 
 def test_bad_sources_name_the_source_and_the_fix(sources, tmp_path):
-    with pytest.raises(DataError, match=r"source 'gone': dataset directory .* does not exist; build it with .python -m tools.prepare"):
+    with pytest.raises(DataError, match=r"source 'gone': dataset directory .* does not exist; build .*dist-gpt-prepare"):
         open_mixture(DataConfig(mix=f"web:{sources['web']}:1,gone:{tmp_path / 'gone'}:1"))
     (tmp_path / "raw").mkdir()
     with pytest.raises(DataError, match=r"source 'raw': .*manifest.json"):
