@@ -39,8 +39,8 @@ def test_old_dataset_opens_and_verifies():
 
 
 def test_old_export_loads_with_the_same_logits():
-    from dist_gpt.weights import load_weights
-    from dist_gpt.model import GPT
+    from dist_gpt.convert.weights import load_weights
+    from dist_gpt.model.gpt import GPT
 
     loaded = load_weights(COMPAT / "export.safetensors")
     model = GPT(loaded.config)

@@ -19,8 +19,8 @@ columns are [q | k | v], each split into heads like dist_gpt's qkv rows.
 
 from __future__ import annotations
 
-from ..errors import CheckpointError, ConfigError
-from ..model import GPTConfig
+from dist_gpt.errors import CheckpointError, ConfigError
+from dist_gpt.model.gpt import GPTConfig
 from .files import config_int
 from .links import Link
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-from .errors import CheckpointError
+from dist_gpt.errors import CheckpointError
 
 # Model keys that do not change the parameters' shapes or values.
 MODEL_KEYS_FREE = {"dropout", "activation_checkpointing"}

@@ -16,8 +16,8 @@ from types import ModuleType
 
 import torch
 
-from ..errors import CheckpointError, ConfigError
-from ..model import GPTConfig
+from dist_gpt.errors import CheckpointError, ConfigError
+from dist_gpt.model.gpt import GPTConfig
 from . import gpt2, llama
 from .files import WeightFiles, read_config
 from .links import to_ours, to_theirs

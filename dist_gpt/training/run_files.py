@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import ConfigError
+from dist_gpt.errors import ConfigError
 
 
 def git_sha() -> str | None:
@@ -35,7 +35,7 @@ def git_sha() -> str | None:
 def resolve_model_config(model_cfg, data, init_from: str | None = None):
     """A Hugging Face init_from directory gives the model (dist_gpt.hf.init_model_config); vocab_size
     0 takes the dataset's; otherwise it must hold every token id of the dataset."""
-    from .hf import init_model_config
+    from dist_gpt.convert.hf import init_model_config
 
     model_cfg = init_model_config(model_cfg, init_from, data)
     if model_cfg.vocab_size == 0:
@@ -56,7 +56,7 @@ def _write_json(path: Path, obj) -> None:
 
 def make_run_dir(run_dir: Path, env) -> None:
     """Rank 0 creates the run directory; every rank learns the outcome and fails alike if it could not."""
-    from . import dist
+    from dist_gpt.parallel import dist
 
     error = None
     if env.is_main:

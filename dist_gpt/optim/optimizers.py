@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 import torch
 
 from dist_gpt.errors import ConfigError
-from dist_gpt.muon import Muon
+from dist_gpt.optim.muon import Muon
 
 OPTIMIZERS = ("adamw", "muon")
 SCHEDULES = ("cosine", "constant", "wsd")

@@ -27,18 +27,18 @@ from pathlib import Path
 import torch
 from torch.profiler import record_function
 
-from . import dist
-from .checkpoint import Checkpointer, ModelOptimizerState
-from .data import DataConfig, Dataset, TrainBatches, ValBlocks, ensure_default_dataset
-from .evaluate import Evaluator
+from dist_gpt.parallel import dist
+from dist_gpt.checkpoint import Checkpointer, ModelOptimizerState
+from dist_gpt.data import DataConfig, Dataset, TrainBatches, ValBlocks, ensure_default_dataset
+from dist_gpt.training.evaluator import Evaluator
 from .faults import FaultGuard, StopSignals, Verdict
-from .metrics import NullLogger, Throughput, make_logger
-from .model import GPT
-from .optim import LRSchedule, build_optimizers, clip_grad_norm
-from .precision import Precision
-from .resume import ConfigIdentity, DatasetIdentity, RunState
-from .runinfo import make_run_dir, resolve_model_config
-from .weights import init_from
+from dist_gpt.metrics import NullLogger, Throughput, make_logger
+from dist_gpt.model.gpt import GPT
+from dist_gpt.optim.optimizers import LRSchedule, build_optimizers, clip_grad_norm
+from dist_gpt.parallel.precision import Precision
+from dist_gpt.checkpoint.run_state import ConfigIdentity, DatasetIdentity, RunState
+from dist_gpt.training.run_files import make_run_dir, resolve_model_config
+from dist_gpt.convert.weights import init_from
 
 
 @dataclass

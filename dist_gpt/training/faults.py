@@ -105,7 +105,7 @@ class FaultGuard:
         """Agree with every rank on stop signals and a non-finite loss (of global batch `position`)."""
         import torch
 
-        from . import dist
+        from dist_gpt.parallel import dist
 
         loss = self.inject.corrupt_loss(loss, position)
         self.heartbeat.beat(self.state.step, phase=1)
@@ -178,7 +178,7 @@ class Heartbeat:
     PHASES = ("in the forward/backward (gradient all-reduce) of", "in the stop/NaN agreement of")
 
     def __init__(self, env) -> None:
-        from . import dist
+        from dist_gpt.parallel import dist
 
         self.rank, self.world_size = env.rank, env.world_size
         self.store = dist.default_store() if env.distributed else None
@@ -194,7 +194,7 @@ class Heartbeat:
                   "the heartbeat is off for the rest of this run", file=sys.stderr)
 
     def records(self) -> dict[int, tuple[int, int]]:
-        from . import dist
+        from dist_gpt.parallel import dist
 
         store, seen = dist.default_store(), {}
         try:
@@ -240,7 +240,7 @@ class PeerLost(Exception):
 @contextlib.contextmanager
 def named_collective_failures(env, timeout_s: float):
     """Turn a collective's timeout or a lost peer into PeerLost with one line naming the silent rank."""
-    from . import dist
+    from dist_gpt.parallel import dist
 
     try:
         yield

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .errors import ConfigError, UserError
+from dist_gpt.errors import ConfigError, UserError
 
 
 @dataclass
@@ -371,7 +371,7 @@ def exit_code(run, argv: list[str]) -> int:
     A ConfigError raised before the process group exists comes from the command line, which every
     rank of a launch shares: only the launch's rank 0 prints it, so it appears once, first.
     """
-    from .faults import PeerLost
+    from dist_gpt.training.faults import PeerLost
 
     try:
         return run(argv)

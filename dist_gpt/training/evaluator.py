@@ -21,11 +21,11 @@ import sys
 
 import torch
 
-from . import dist
-from .checkpoint.state import unwrap_model
-from .progress import progress_bar
+from dist_gpt.parallel import dist
+from dist_gpt.checkpoint.state import unwrap_model
+from dist_gpt.progress import progress_bar
 from .tasks import load_tasks
-from .weights import add_source_arguments, load_model
+from dist_gpt.convert.weights import add_source_arguments, load_model
 
 
 @torch.no_grad()
@@ -161,12 +161,12 @@ def parse_args(argv):
 
 
 def evaluate(argv: list[str] | None) -> int:
-    from .data import Dataset, ValBlocks
-    from .precision import Precision
+    from dist_gpt.data import Dataset, ValBlocks
+    from dist_gpt.parallel.precision import Precision
 
     args = parse_args(argv)
     if args.tasks:
-        from .harness import run_tasks
+        from dist_gpt.harness import run_tasks
 
         run_tasks(args.run or args.checkpoint or args.model, args.tasks, args.include_path, args.limit,
                   args.num_fewshot, args.batch_size, args.device, args.precision, args.output)
@@ -208,7 +208,7 @@ class Counted:
 def check_tokenizer(data, loaded, allow_mismatch: bool, warn: bool = True) -> None:
     """The dataset must be made with the tokenizer the model was trained with (its fingerprint, which
     the checkpoint or export records): ids of another tokenizer give a loss that means nothing."""
-    from .errors import DataError
+    from dist_gpt.errors import DataError
 
     if data.vocab_size > loaded.config.vocab_size:
         raise DataError(f"dataset {data.path} has {data.vocab_size} tokens but the model only "

@@ -38,7 +38,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from dist_gpt import doc_mask
+from dist_gpt.model import doc_mask
 from dist_gpt.errors import ConfigError
 
 NORMS = ("layernorm", "rmsnorm")

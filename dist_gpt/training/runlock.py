@@ -30,7 +30,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .errors import ConfigError
+from dist_gpt.errors import ConfigError
 
 LOCK = "lock.json"
 REFRESH_S = 30.0   # heartbeat period
@@ -195,8 +195,8 @@ def held(run_dir: str | Path, env, take_over: bool):
     """The trainer's form, around everything it does in the run directory: rank 0 creates the directory
     and takes its lock, every rank learns the outcome (all go on, or all raise the same one-line error),
     and rank 0 releases the lock at the end."""
-    from . import dist
-    from .runinfo import make_run_dir
+    from dist_gpt.parallel import dist
+    from dist_gpt.training.run_files import make_run_dir
 
     make_run_dir(Path(run_dir), env)
     lock, error = None, None

@@ -27,8 +27,8 @@ from pathlib import Path
 
 import torch
 
-from . import dist
-from .errors import DataError
+from dist_gpt.parallel import dist
+from dist_gpt.errors import DataError
 
 
 @dataclass

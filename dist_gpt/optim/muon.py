@@ -37,7 +37,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from dist_gpt.muon_layout import layout_key, layout_of, local, orthogonalise_across
+from dist_gpt.optim.muon_layout import layout_key, layout_of, local, orthogonalise_across
 
 # torch.optim.Muon's defaults (from Keller Jordan's Muon), so param groups and checkpoints match it.
 DEFAULT_COEFFICIENTS = (3.4445, -4.7750, 2.0315)

@@ -27,8 +27,8 @@ relu(z) * z = relu(z)^2 for every z.
 
 from __future__ import annotations
 
-from ..errors import CheckpointError, ConfigError
-from ..model import GPTConfig
+from dist_gpt.errors import CheckpointError, ConfigError
+from dist_gpt.model.gpt import GPTConfig
 from .files import config_int
 from .links import Link
 

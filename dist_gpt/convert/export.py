@@ -24,8 +24,8 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from . import dist
-from .errors import ConfigError
+from dist_gpt.parallel import dist
+from dist_gpt.errors import ConfigError
 from .weights import (
     EXPORT_FORMAT,
     KEY_CONFIG,

@@ -27,13 +27,13 @@ from typing import Any
 
 import torch
 
-from .checkpoint import load_tensors, read_manifest, read_meta, read_metadata, resolve_checkpoint
-from .checkpoint.layout import checkpoint_option
-from .checkpoint.safe_reader import reading_progress
-from .errors import CheckpointError, DataError
+from dist_gpt.checkpoint import load_tensors, read_manifest, read_meta, read_metadata, resolve_checkpoint
+from dist_gpt.checkpoint.layout import checkpoint_option
+from dist_gpt.checkpoint.safe_reader import reading_progress
+from dist_gpt.errors import CheckpointError, DataError
 from .hf.files import is_model_dir
-from .model import GPTConfig
-from .progress import progress_bar
+from dist_gpt.model.gpt import GPTConfig
+from dist_gpt.progress import progress_bar
 
 # Keys of the string table of an exported .safetensors file.
 KEY_FORMAT = "dist_gpt.format"
@@ -89,7 +89,7 @@ def add_source_arguments(parser, verb: str) -> None:
 
 def load_model(args, device: torch.device):
     """(GPT, LoadedWeights): the model named by `add_source_arguments`' flags, on `device`."""
-    from .model import GPT
+    from dist_gpt.model.gpt import GPT
 
     loaded = load_weights(args.run or args.checkpoint or args.model, device="cpu", option="--checkpoint",
                           quiet=args.quiet)
@@ -104,9 +104,9 @@ def init_from(source: str | Path, model) -> None:
     must match `model.cfg` (for a Hugging Face directory they are where `model.cfg` came from)."""
     from dataclasses import asdict
 
-    from .errors import ConfigError
+    from dist_gpt.errors import ConfigError
     from .hf import init_state_dict, is_model_dir
-    from .resume import MODEL_KEYS_FREE
+    from dist_gpt.checkpoint.run_state import MODEL_KEYS_FREE
 
     if is_model_dir(source):  # a Hugging Face directory: model.cfg came from its config.json (runinfo)
         model.load_state_dict(init_state_dict(str(source), model.cfg), strict=True)
@@ -226,7 +226,7 @@ def _from_safetensors(file: Path, quiet: bool = True) -> LoadedWeights:
 
 def _from_hf_dir(directory: Path) -> LoadedWeights:
     """A Hugging Face model directory; one exported by dist_gpt carries its own settings in config.json."""
-    from .data.tokenizers import TOKENIZER_FILE
+    from dist_gpt.data.tokenizers import TOKENIZER_FILE
     from .hf import EMBEDDED, read_model
 
     config, state, hf = read_model(directory)
@@ -260,7 +260,7 @@ def header_crc32(info: dict[str, str], tensors: dict[str, torch.Tensor]) -> int:
 def dataset_tokenizer(data_path: str | None, spec: dict | None = None) -> tuple[dict | None, str | None]:
     """(spec, tokenizer.json text or None) of a dataset directory, the spec from its manifest unless given:
     (None, None) when the dataset is gone; a DataError naming the file when what is there is damaged."""
-    from .data.manifest import MANIFEST, load_manifest
+    from dist_gpt.data.manifest import MANIFEST, load_manifest
 
     if not data_path or not Path(data_path).is_dir():
         return None, None
@@ -281,7 +281,7 @@ def dataset_tokenizer(data_path: str | None, spec: dict | None = None) -> tuple[
 
 
 def _build_tokenizer(w: LoadedWeights):
-    from .data.tokenizers import tokenizer_from_spec
+    from dist_gpt.data.tokenizers import tokenizer_from_spec
 
     spec, text, origin = w.tokenizer_spec, w.tokenizer_json, w.source  # origin: what carries the tokenizer
     if spec is None or (text is None and spec.get("kind") == "hf"):  # a checkpoint: the dataset has the file

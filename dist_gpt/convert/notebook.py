@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from .errors import CheckpointError
+from dist_gpt.errors import CheckpointError
 
 # The notebook's classes (any module name: `__main__` from a script or Jupyter, or the user's own
 # file if they imported them) and the torch.nn layers they are made of. All become inert holders.
@@ -419,8 +419,8 @@ class ImportResult:
 def read_vocab(vocab: str | Path):
     """The notebook's vocabulary: the sorted set of vocab.txt's characters, read as text (universal
     newlines, so "\\r\\n" counts as "\\n"), as `tools.prepare --tokenizer char --vocab` reads it."""
-    from .data.tokenizers import CharTokenizer
-    from .errors import DataError
+    from dist_gpt.data.tokenizers import CharTokenizer
+    from dist_gpt.errors import DataError
 
     try:
         text = Path(vocab).read_text(encoding="utf-8")
@@ -436,12 +436,12 @@ def read_vocab(vocab: str | Path):
 def import_notebook(pkl: str | Path, vocab: str | Path, out: str | Path) -> ImportResult:
     """Read the notebook's `model-01.pkl` safely and write it as the dist_gpt run directory `out`:
     `out/checkpoints/step_0000000/` (weights only, step 0) and `out/model.safetensors`."""
-    from . import config as config_mod
-    from .checkpoint import CheckpointConfig, Checkpointer, JsonState, ModelOptimizerState
-    from .dist import DistEnv
-    from .errors import DataError
+    from dist_gpt import config as config_mod
+    from dist_gpt.checkpoint import CheckpointConfig, Checkpointer, JsonState, ModelOptimizerState
+    from dist_gpt.parallel.dist import DistEnv
+    from dist_gpt.errors import DataError
     from .export import export
-    from .model import GPT
+    from dist_gpt.model.gpt import GPT
 
     pkl, out = Path(pkl), Path(out)
     ckpt_root, st_file = out / "checkpoints", out / "model.safetensors"

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import CheckpointError, ConfigError
+from dist_gpt.errors import CheckpointError, ConfigError
 
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 
-from ..errors import ConfigError
+from dist_gpt.errors import ConfigError
 
 GPT2_PATTERN_TIKTOKEN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
@@ -132,8 +132,8 @@ def _token_of(tokenizer_json: str, token_id: int) -> str | None:
 
 
 def _tiktoken_json(name: str) -> str:
-    from ..data.tokenizers import TiktokenTokenizer
-    from ..errors import DataError
+    from dist_gpt.data.tokenizers import TiktokenTokenizer
+    from dist_gpt.errors import DataError
 
     try:
         encoding = TiktokenTokenizer(name)._enc

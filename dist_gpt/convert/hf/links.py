@@ -13,8 +13,8 @@ from typing import Callable
 
 import torch
 
-from ..errors import CheckpointError, ConfigError
-from ..model import GPT, GPTConfig
+from dist_gpt.errors import CheckpointError, ConfigError
+from dist_gpt.model.gpt import GPT, GPTConfig
 
 
 @dataclass(frozen=True)
