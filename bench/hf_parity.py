@@ -27,9 +27,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from dist_gpt import config as config_mod  # noqa: E402
-from dist_gpt.hf.export import write_export  # noqa: E402
-from dist_gpt.model import GPT  # noqa: E402
-from dist_gpt.weights import LoadedWeights, load_weights  # noqa: E402
+from dist_gpt.convert.hf.export import write_export  # noqa: E402
+from dist_gpt.model.gpt import GPT  # noqa: E402
+from dist_gpt.convert.weights import LoadedWeights, load_weights  # noqa: E402
 
 
 def noisy(model, seed: int = 0):

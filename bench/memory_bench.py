@@ -61,10 +61,11 @@ def _local_bytes(t) -> int:
 def worker(out: Path, argv: list[str], steps: int) -> None:
     import torch
 
-    from dist_gpt import config, dist
-    from dist_gpt.faults import StopSignals
+    from dist_gpt import config
+    from dist_gpt.parallel import dist
+    from dist_gpt.training.faults import StopSignals
     from dist_gpt.metrics import NullLogger
-    from dist_gpt.trainer import build, forward_backward, zero_grads
+    from dist_gpt.training.trainer import build, forward_backward, zero_grads
 
     cfg = config.parse(argv, world=dist.launch_world())
     env = dist.init(cfg.train.device, cfg.train.timeout_s, cfg.train.threads, cfg.parallel.data)

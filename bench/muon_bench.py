@@ -39,14 +39,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `bench.` imports
 
 from bench.train_bench import build_side, describe_machine  # noqa: E402
 from dist_gpt import config as config_mod  # noqa: E402
-from dist_gpt import dist  # noqa: E402
+from dist_gpt.parallel import dist  # noqa: E402
 from dist_gpt.errors import ConfigError  # noqa: E402
-from dist_gpt.model import GPT  # noqa: E402
-from dist_gpt.muon import Muon, newton_schulz  # noqa: E402
-from dist_gpt.optim import split_params  # noqa: E402
-from dist_gpt.precision import Precision  # noqa: E402
-from dist_gpt.runinfo import resolve_model_config  # noqa: E402
-from dist_gpt.trainer import open_dataset  # noqa: E402
+from dist_gpt.model.gpt import GPT  # noqa: E402
+from dist_gpt.optim.muon import Muon, newton_schulz  # noqa: E402
+from dist_gpt.optim.optimizers import split_params  # noqa: E402
+from dist_gpt.parallel.precision import Precision  # noqa: E402
+from dist_gpt.training.run_files import resolve_model_config  # noqa: E402
+from dist_gpt.training.trainer import open_dataset  # noqa: E402
 
 SHAPE = ["--preset", "cpu", "--model.block_size=64", "--train.global_batch=12", "--train.micro_batch=12",
          "--model.vocab_size=0"]

@@ -49,16 +49,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `bench.` imports
 
 from bench.reference_gpt import ReferenceGPT, ReferenceTrainer  # noqa: E402
 from dist_gpt import config as config_mod  # noqa: E402
-from dist_gpt import dist, faults  # noqa: E402
+from dist_gpt.parallel import dist  # noqa: E402
+from dist_gpt.training import faults  # noqa: E402
 from dist_gpt.data import TrainBatches, ValBlocks  # noqa: E402
 from dist_gpt.errors import ConfigError  # noqa: E402
-from dist_gpt.evaluate import validation_loss  # noqa: E402
-from dist_gpt.faults import Verdict  # noqa: E402
+from dist_gpt.training.evaluator import validation_loss  # noqa: E402
+from dist_gpt.training.faults import Verdict  # noqa: E402
 from dist_gpt.metrics import NullLogger, mfu, peak_memory_gib, resolve_peak_flops  # noqa: E402
-from dist_gpt.model import GPT  # noqa: E402
-from dist_gpt.precision import Precision  # noqa: E402
-from dist_gpt.runinfo import resolve_model_config  # noqa: E402
-from dist_gpt.trainer import build, open_dataset, use_compile  # noqa: E402
+from dist_gpt.model.gpt import GPT  # noqa: E402
+from dist_gpt.parallel.precision import Precision  # noqa: E402
+from dist_gpt.training.run_files import resolve_model_config  # noqa: E402
+from dist_gpt.training.trainer import build, open_dataset, use_compile  # noqa: E402
 
 
 def _no_label(name: str):

@@ -30,12 +30,12 @@ from typing import Any
 
 from .checkpoint.config import CheckpointConfig
 from .data import DataConfig
-from .dist import ParallelConfig
+from dist_gpt.parallel.dist import ParallelConfig
 from .errors import ConfigError
 from .metrics import LogConfig
-from .model import GPTConfig
-from .optim import OptimConfig
-from .profiler import parse_window
+from dist_gpt.model.gpt import GPTConfig
+from dist_gpt.optim.optimizers import OptimConfig
+from dist_gpt.training.profiler import parse_window
 
 if sys.version_info >= (3, 11):
     import tomllib

@@ -35,13 +35,13 @@ class CheckpointError(UserError):
 
 
 class OutOfMemory(UserError):
-    """A step ran out of device memory; the message names the options that would fit (dist_gpt.oom)."""
+    """A step ran out of device memory; the message names the options that would fit (dist_gpt.training.oom)."""
 
     exit_code = 5
 
 
 class Hang(Refusal):
-    """A rank's own step made no progress for train.hang_timeout_s (dist_gpt/watchdog.py): its stacks
+    """A rank's own step made no progress for train.hang_timeout_s (dist_gpt/training/watchdog.py): its stacks
     are on file, and the watchdog thread ends the process with this status."""
 
     exit_code = 6

@@ -50,7 +50,7 @@ def run_tasks(source: str, tasks: str, include_path: str | None, limit: float | 
     if unknown or not names:
         raise ConfigError(f"--tasks {','.join(unknown) or tasks!r}: lm-eval knows no such task (list them with "
                           "lm_eval ls tasks; a task of your own needs --include-path DIR)")
-    from .export import export
+    from dist_gpt.convert.export import export
 
     with tempfile.TemporaryDirectory(prefix="dist_gpt-lm-eval-") as tmp:
         export(source, Path(tmp) / "model", fmt="hf")

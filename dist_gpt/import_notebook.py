@@ -33,7 +33,7 @@ def parse_args(argv: list[str] | None):
 
 
 def main(argv: list[str] | None = None) -> int:
-    from dist_gpt.notebook import import_notebook
+    from dist_gpt.convert.notebook import import_notebook
 
     args = parse_args(argv)
     try:

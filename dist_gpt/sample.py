@@ -17,10 +17,10 @@ import sys
 
 import torch
 
-from . import dist
+from dist_gpt.parallel import dist
 from .errors import DataError
 from .progress import progress_bar
-from .weights import add_source_arguments, load_model
+from dist_gpt.convert.weights import add_source_arguments, load_model
 
 
 def parse_args(argv):

@@ -13,7 +13,7 @@ TensorBoard logs to runs/cpu/ and resumes from that run's latest checkpoint when
 
 from __future__ import annotations
 
-from . import faults
+from dist_gpt.training import faults
 
 # Stop handlers before anything heavy: a signal that arrives while torch imports must not kill a rank.
 EARLY_STOP = faults.StopSignals().install() if __name__ == "__main__" else None
@@ -21,11 +21,11 @@ EARLY_STOP = faults.StopSignals().install() if __name__ == "__main__" else None
 import sys  # noqa: E402  (after the handlers, on purpose)
 
 from . import config as config_mod  # noqa: E402
-from . import dist  # noqa: E402
-from . import runlock  # noqa: E402
-from .oom import MemoryWatch  # noqa: E402
-from .runinfo import describe_run, write_final  # noqa: E402
-from .trainer import Trainer, build  # noqa: E402
+from dist_gpt.parallel import dist  # noqa: E402
+from dist_gpt.training import runlock  # noqa: E402
+from dist_gpt.training.oom import MemoryWatch  # noqa: E402
+from dist_gpt.training.run_files import describe_run, write_final  # noqa: E402
+from dist_gpt.training.trainer import Trainer, build  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -24,7 +24,7 @@ import torch.distributed as dist
 from torch import nn
 
 from dist_gpt.checkpoint import Checkpointer, CheckpointConfig, JsonState, ModelOptimizerState
-from dist_gpt.dist import DistEnv
+from dist_gpt.parallel.dist import DistEnv
 
 
 def make_checkpointer(root, cfg, tensors, note=None, rank=0, world=1, val_loss=lambda step: None):

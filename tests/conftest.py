@@ -39,8 +39,8 @@ def _env(extra: dict | None = None) -> dict:
 def export_main(argv: list[str]) -> int:
     """`python -m dist_gpt.export ARGV` in this process: its exit code (the entry point itself ends
     the process through dist.run_main)."""
-    from dist_gpt import export
-    from dist_gpt.dist import exit_code
+    from dist_gpt.convert import export
+    from dist_gpt.parallel.dist import exit_code
 
     return exit_code(export.run, argv)
 
@@ -48,7 +48,7 @@ def export_main(argv: list[str]) -> int:
 def sample_main(argv: list[str]) -> int:
     """`python -m dist_gpt.sample ARGV` in this process: its exit code."""
     from dist_gpt import sample
-    from dist_gpt.dist import exit_code
+    from dist_gpt.parallel.dist import exit_code
 
     return exit_code(sample.run, argv)
 

@@ -26,9 +26,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from dist_gpt.model import GPT, GPTConfig
-from dist_gpt.muon import Muon
-from dist_gpt.optim import OptimConfig, build_optimizers
+from dist_gpt.model.gpt import GPT, GPTConfig
+from dist_gpt.optim.muon import Muon
+from dist_gpt.optim.optimizers import OptimConfig, build_optimizers
 
 STEPS = 10
 BATCH = 8  # sequences per step, all ranks together

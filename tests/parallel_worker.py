@@ -15,9 +15,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dist_gpt import config, dist  # noqa: E402
-from dist_gpt.model import GPT  # noqa: E402
-from dist_gpt.trainer import build_model  # noqa: E402
+from dist_gpt import config  # noqa: E402
+from dist_gpt.parallel import dist  # noqa: E402
+from dist_gpt.model.gpt import GPT  # noqa: E402
+from dist_gpt.training.trainer import build_model  # noqa: E402
 
 
 def main() -> None:

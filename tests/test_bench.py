@@ -16,10 +16,10 @@ import torch
 from bench.reference_gpt import ReferenceGPT, ReferenceTrainer
 from conftest import REPO, _env, run_train
 from dist_gpt import config as config_mod
-from dist_gpt.model import GPT
-from dist_gpt.optim import LRSchedule, build_optimizers
-from dist_gpt.precision import Precision
-from dist_gpt.trainer import optimizer_step
+from dist_gpt.model.gpt import GPT
+from dist_gpt.optim.optimizers import LRSchedule, build_optimizers
+from dist_gpt.parallel.precision import Precision
+from dist_gpt.training.trainer import optimizer_step
 
 BENCH = "bench.train_bench"
 # one thread: on a shared CI machine two OpenMP threads per process wait on each other (see docs)

@@ -10,16 +10,16 @@ import torch
 
 from dist_gpt import config as config_mod
 from dist_gpt.checkpoint import Checkpointer, ModelOptimizerState
-from dist_gpt.dist import DistEnv
+from dist_gpt.parallel.dist import DistEnv
 from dist_gpt.metrics import NullLogger
-from dist_gpt.resume import ConfigIdentity, DatasetIdentity
+from dist_gpt.checkpoint.run_state import ConfigIdentity, DatasetIdentity
 from dist_gpt.data import Dataset
 from dist_gpt.data.prepare import PrepareOptions, prepare
 from dist_gpt.errors import CheckpointError
 from conftest import export_main
-from dist_gpt.model import GPT
-from dist_gpt.optim import build_optimizers
-from dist_gpt.weights import load_weights
+from dist_gpt.model.gpt import GPT
+from dist_gpt.optim.optimizers import build_optimizers
+from dist_gpt.convert.weights import load_weights
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 

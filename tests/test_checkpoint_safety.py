@@ -24,10 +24,10 @@ from dist_gpt.checkpoint import Checkpointer, CheckpointConfig, ModelOptimizerSt
 from dist_gpt.checkpoint.layout import build_manifest, write_done
 from dist_gpt.checkpoint.safe_reader import RestrictedUnpickler, UnsafeGlobalError
 from dist_gpt.checkpoint.writer import ChecksummedFileSystemWriter
-from dist_gpt.dist import DistEnv
+from dist_gpt.parallel.dist import DistEnv
 from dist_gpt.errors import CheckpointError
-from dist_gpt.model import GPT
-from dist_gpt.optim import build_optimizers
+from dist_gpt.model.gpt import GPT
+from dist_gpt.optim.optimizers import build_optimizers
 from dist_gpt.presets import PRESETS
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")

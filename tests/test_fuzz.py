@@ -39,14 +39,14 @@ from dist_gpt.checkpoint import read_metadata
 from dist_gpt.data.format import HEADER_SIZE
 from dist_gpt.data.prepare import main as prepare_main
 from dist_gpt.data.shard_tools import verify_dataset
-from dist_gpt.dist import DistEnv
+from dist_gpt.parallel.dist import DistEnv
 from dist_gpt.errors import UserError
-from dist_gpt.evaluate import evaluate
+from dist_gpt.training.evaluator import evaluate
 from conftest import export_main
-from dist_gpt.faults import StopSignals
+from dist_gpt.training.faults import StopSignals
 from conftest import sample_main
 from dist_gpt.train import train
-from dist_gpt.trainer import build
+from dist_gpt.training.trainer import build
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 ROUNDS = int(os.environ.get("DIST_GPT_FUZZ_ROUNDS", "60"))

@@ -26,12 +26,12 @@ transformers = require("transformers")  # in the dev extra: CI always runs these
 from dist_gpt import config as config_mod  # noqa: E402
 from dist_gpt.data.tokenizers import ByteTokenizer, CharTokenizer, HFTokenizer  # noqa: E402
 from dist_gpt.errors import CheckpointError, ConfigError, UserError  # noqa: E402
-from dist_gpt.hf import export_config, init_model_config, init_state_dict  # noqa: E402
-from dist_gpt.hf.export import write_export  # noqa: E402
-from dist_gpt.hf.tokenizer import tiktoken_tokenizer_json  # noqa: E402
-from dist_gpt.model import GPT, GPTConfig  # noqa: E402
+from dist_gpt.convert.hf import export_config, init_model_config, init_state_dict  # noqa: E402
+from dist_gpt.convert.hf.export import write_export  # noqa: E402
+from dist_gpt.convert.hf.tokenizer import tiktoken_tokenizer_json  # noqa: E402
+from dist_gpt.model.gpt import GPT, GPTConfig  # noqa: E402
 from dist_gpt.presets import PRESETS, RECIPES  # noqa: E402
-from dist_gpt.weights import LoadedWeights, load_weights  # noqa: E402
+from dist_gpt.convert.weights import LoadedWeights, load_weights  # noqa: E402
 
 V, T = 101, 24
 TEXTS = ["Permission is hereby granted, free of charge", "  two  spaces\tand a tab\nnew line\n\n",
@@ -269,7 +269,7 @@ def test_tiktoken_encoding_converts_to_gpt2_style_hf_tokenizer(tmp_path):
     tiktoken = require("tiktoken")
     from tokenizers import Tokenizer
 
-    from dist_gpt.hf.tokenizer import GPT2_PATTERN_TIKTOKEN, bytes_to_unicode
+    from dist_gpt.convert.hf.tokenizer import GPT2_PATTERN_TIKTOKEN, bytes_to_unicode
 
     bpe = tokenizers_under_test(tmp_path)["bpe"]
     to_byte = {c: b for b, c in bytes_to_unicode().items()}
@@ -586,11 +586,11 @@ import sys
 sys.modules["transformers"] = sys.modules["lm_eval"] = None  # any import of them now fails
 from pathlib import Path
 import torch
-from dist_gpt.hf import init_model_config
-from dist_gpt.hf.export import write_export
-from dist_gpt.model import GPT, GPTConfig
-from dist_gpt.weights import LoadedWeights, load_weights
-import dist_gpt.train, dist_gpt.evaluate, dist_gpt.export, dist_gpt.harness, dist_gpt.tasks
+from dist_gpt.convert.hf.convert import init_model_config
+from dist_gpt.convert.hf.export import write_export
+from dist_gpt.model.gpt import GPT, GPTConfig
+from dist_gpt.convert.weights import LoadedWeights, load_weights
+import dist_gpt.train, dist_gpt.evaluate, dist_gpt.export, dist_gpt.harness, dist_gpt.training.tasks
 cfg = GPTConfig(vocab_size=64, block_size=8, n_layer=1, n_head=2, n_embd=16, positions="rope", norm="rmsnorm",
                 qk_norm=True, mlp="relu2", tie_embeddings=False)
 state = GPT(cfg).state_dict()

@@ -95,10 +95,10 @@ def test_gpt2_finetune_export_and_lm_eval_agree(tmp_path):
 
     # every ending's log-likelihood, dist_gpt's scorer on the exported model read back by dist_gpt
     from dist_gpt.data.tokenizers import HFTokenizer
-    from dist_gpt.model import GPT
-    from dist_gpt.precision import Precision
-    from dist_gpt.tasks import ChoiceTask
-    from dist_gpt.weights import load_weights
+    from dist_gpt.model.gpt import GPT
+    from dist_gpt.parallel.precision import Precision
+    from dist_gpt.training.tasks import ChoiceTask
+    from dist_gpt.convert.weights import load_weights
 
     loaded = load_weights(export)
     model = GPT(loaded.config)
@@ -126,10 +126,10 @@ def test_eval_tasks_keep_sharded_ranks_in_step(tiny_data, tmp_path):
     """Under fsdp every forward pass gathers parameters, so the ranks must run as many as each other:
     5 examples split 3 / 2 give the ranks 6 and 4 batches of 2 endings; the shorter pads (a hang
     otherwise) and the scores equal one process scoring the final checkpoint."""
-    from dist_gpt.model import GPT
-    from dist_gpt.precision import Precision
-    from dist_gpt.tasks import ChoiceTask
-    from dist_gpt.weights import load_weights
+    from dist_gpt.model.gpt import GPT
+    from dist_gpt.parallel.precision import Precision
+    from dist_gpt.training.tasks import ChoiceTask
+    from dist_gpt.convert.weights import load_weights
 
     task_file = tmp_path / "five.jsonl"
     task_file.write_text("".join(TASK_FILE.read_text().splitlines(keepends=True)[:5]))

@@ -8,8 +8,8 @@ import torch
 
 from dist_gpt import config
 from dist_gpt.memory import ActivationProbe, CudaAutocast, estimate, saved_bytes
-from dist_gpt.model import GPT
-from dist_gpt.optim import build_optimizers
+from dist_gpt.model.gpt import GPT
+from dist_gpt.optim.optimizers import build_optimizers
 
 
 def _cfg(recipe: str, **model):

@@ -9,7 +9,7 @@ from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 
 import dist_gpt.metrics as metrics
 from dist_gpt.errors import ConfigError
-from dist_gpt.dist import DistEnv
+from dist_gpt.parallel.dist import DistEnv
 from dist_gpt.metrics import (LogConfig, MetricsLogger, NullLogger, Throughput, device_peak_flops, format_duration,
                               describe, format_params, format_value, make_logger, mfu, peak_flops_for_name, resolve_peak_flops)
 

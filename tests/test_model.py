@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from dist_gpt.errors import ConfigError
-from dist_gpt.model import GPT, GPTConfig, KVCache
+from dist_gpt.model.gpt import GPT, GPTConfig, KVCache
 
 V, T = 32, 16
 
@@ -358,7 +358,7 @@ def test_generation_past_the_context(name):
 def test_cache_holds_only_the_tokens_it_will_see(monkeypatch):
     """A model with a long context (an imported Qwen3: 40,960) allocates its KV cache for the prompt
     and the new tokens, not the whole context, when they fit; past the context it needs all of it."""
-    import dist_gpt.model as model_mod
+    import dist_gpt.model.gpt as model_mod
 
     sizes = []
 
@@ -409,7 +409,7 @@ def test_cpu_bf16_attention_is_fp32_attention_of_the_bf16_inputs():
     """On CPU, bf16 queries/keys/values are attended in fp32 (torch's bf16 CPU flash-attention
     backward is several times slower): the result is fp32 attention rounded once to bf16, with
     gradients, under autocast as well as without it."""
-    from dist_gpt.model import attention
+    from dist_gpt.model.gpt import attention
     q, k, v = (torch.randn(2, 4, 16, 8).bfloat16().requires_grad_() for _ in range(3))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = attention(q, k, v, is_causal=True)

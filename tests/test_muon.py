@@ -8,10 +8,10 @@ import torch
 
 from checkpoint_worker import make_checkpointer
 from dist_gpt.checkpoint import CheckpointConfig, ModelOptimizerState
-from dist_gpt.model import GPT, GPTConfig
-from dist_gpt.muon import BATCH_MIN_SIDE, Muon, newton_schulz
-from dist_gpt.muon_layout import Layout, assign_workers, ns_cost
-from dist_gpt.optim import OptimConfig, build_optimizers
+from dist_gpt.model.gpt import GPT, GPTConfig
+from dist_gpt.optim.muon import BATCH_MIN_SIDE, Muon, newton_schulz
+from dist_gpt.optim.muon_layout import Layout, assign_workers, ns_cost
+from dist_gpt.optim.optimizers import OptimConfig, build_optimizers
 
 needs_torch_muon = pytest.mark.skipif(not hasattr(torch.optim, "Muon"), reason="torch.optim.Muon needs torch>=2.9")
 

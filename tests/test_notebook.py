@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from dist_gpt.errors import CheckpointError
-from dist_gpt.model import GPT, GPTConfig
-from dist_gpt.notebook import load_notebook_state, map_to_dist_gpt
+from dist_gpt.model.gpt import GPT, GPTConfig
+from dist_gpt.convert.notebook import load_notebook_state, map_to_dist_gpt
 from notebook_fixture import (SIZES, Call, build_notebook_models, notebook_forward, storage_stream,
                               write_notebook_files)
 

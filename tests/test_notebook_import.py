@@ -18,10 +18,10 @@ from conftest import REPO, _env, run_train
 from dist_gpt.data import Dataset, ValBlocks
 from dist_gpt.data.prepare import main as prepare_main
 from dist_gpt.errors import CheckpointError, DataError
-from dist_gpt.model import GPT
-from dist_gpt.notebook import import_notebook
+from dist_gpt.model.gpt import GPT
+from dist_gpt.convert.notebook import import_notebook
 from conftest import sample_main
-from dist_gpt.weights import load_weights
+from dist_gpt.convert.weights import load_weights
 from notebook_fixture import SIZES, build_notebook_model, notebook_forward, write_notebook_files
 
 VAL_BLOCKS = 12

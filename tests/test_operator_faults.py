@@ -161,7 +161,7 @@ def test_a_full_disk_names_the_whole_checkpoints_size_not_one_ranks_part(tmp_pat
 def _holder(**changes) -> dict:
     from dataclasses import asdict
 
-    from dist_gpt.runlock import Holder
+    from dist_gpt.training.runlock import Holder
 
     return {**asdict(Holder.this_process()), "pid_start": None, **changes}
 
@@ -193,7 +193,7 @@ def test_a_second_job_is_refused_naming_the_holder(tmp_path, monkeypatch, other_
     import time
 
     from dist_gpt.errors import ConfigError
-    from dist_gpt.runlock import RunLock, _process_start
+    from dist_gpt.training.runlock import RunLock, _process_start
 
     for var in ("SLURM_JOB_ID", "SLURM_RESTART_COUNT", "TORCHELASTIC_RUN_ID", "TORCHELASTIC_RESTART_COUNT"):
         monkeypatch.delenv(var, raising=False)
@@ -228,7 +228,7 @@ def test_a_stale_lock_is_taken_over(tmp_path, monkeypatch, other_process, case, 
     import sys
     import time
 
-    from dist_gpt.runlock import RunLock, _process_start
+    from dist_gpt.training.runlock import RunLock, _process_start
 
     for var in ("SLURM_JOB_ID", "SLURM_RESTART_COUNT", "TORCHELASTIC_RUN_ID", "TORCHELASTIC_RESTART_COUNT"):
         monkeypatch.delenv(var, raising=False)
@@ -261,7 +261,7 @@ def test_a_stale_lock_is_taken_over(tmp_path, monkeypatch, other_process, case, 
 def test_the_same_slurm_job_twice_at_once_is_refused(tmp_path, monkeypatch):
     """Two steps of one SLURM job on one run directory: same job id, same restart count, both alive."""
     from dist_gpt.errors import ConfigError
-    from dist_gpt.runlock import RunLock
+    from dist_gpt.training.runlock import RunLock
 
     monkeypatch.setenv("SLURM_JOB_ID", "77")
     monkeypatch.setenv("SLURM_RESTART_COUNT", "0")
@@ -272,7 +272,7 @@ def test_the_same_slurm_job_twice_at_once_is_refused(tmp_path, monkeypatch):
 
 def test_heartbeat_and_release_leave_a_lock_taken_over_by_another_job_alone(tmp_path):
     import json
-    from dist_gpt.runlock import RunLock
+    from dist_gpt.training.runlock import RunLock
 
     lock = RunLock(tmp_path).acquire()  # with its heartbeat thread
     lock.me.heartbeat = 0.0  # as if the last beat were long ago
@@ -285,7 +285,7 @@ def test_heartbeat_and_release_leave_a_lock_taken_over_by_another_job_alone(tmp_
 
 def test_an_unwritable_run_directory_is_one_line(tmp_path):
     from dist_gpt.errors import ConfigError
-    from dist_gpt.runlock import RunLock
+    from dist_gpt.training.runlock import RunLock
 
     (tmp_path / "file").write_text("not a directory")
     with pytest.raises(ConfigError, match=f"^cannot write the run directory {tmp_path / 'file' / 'run'} .*: pass a "

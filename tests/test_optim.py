@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from dist_gpt.errors import ConfigError
-from dist_gpt.model import GPT, GPTConfig
-from dist_gpt.muon import Muon
-from dist_gpt.optim import LRSchedule, OptimConfig, build_optimizers, clip_grad_norm, param_group_name
+from dist_gpt.model.gpt import GPT, GPTConfig
+from dist_gpt.optim.muon import Muon
+from dist_gpt.optim.optimizers import LRSchedule, OptimConfig, build_optimizers, clip_grad_norm, param_group_name
 
 
 def tiny_gpt(tied=True, **overrides):

@@ -122,8 +122,9 @@ def test_fsdp_on_a_gpu_gathers_bf16_parameters_and_keeps_fp32_gradients(tmp_path
     import torch
     import torch.distributed as tdist
 
-    from dist_gpt import config, dist
-    from dist_gpt.model import GPT
+    from dist_gpt import config
+    from dist_gpt.parallel import dist
+    from dist_gpt.model.gpt import GPT
 
     tdist.init_process_group("nccl", store=tdist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
     try:

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from dist_gpt.errors import ConfigError
-from dist_gpt.precision import Precision, cpu_has_native_bf16, resolve_precision
+from dist_gpt.parallel.precision import Precision, cpu_has_native_bf16, resolve_precision
 
 
 def _cpuinfo(tmp_path, flags):
@@ -33,7 +33,7 @@ def test_auto_on_this_cpu_follows_its_flags():
 
 
 def test_auto_without_native_bf16_is_fp32(monkeypatch):
-    monkeypatch.setattr("dist_gpt.precision.cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr("dist_gpt.parallel.precision.cpu_has_native_bf16", lambda: False)
     assert resolve_precision("auto", torch.device("cpu")) == "fp32"
     assert resolve_precision("auto", "meta") == "fp32"  # any non-CUDA, non-bf16 device
 

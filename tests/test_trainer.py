@@ -8,9 +8,9 @@ import json
 import torch
 
 from dist_gpt import config
-from dist_gpt.dist import DistEnv
-from dist_gpt.faults import StopSignals, Verdict
-from dist_gpt.trainer import build
+from dist_gpt.parallel.dist import DistEnv
+from dist_gpt.training.faults import StopSignals, Verdict
+from dist_gpt.training.trainer import build
 
 
 def _cfg(tiny_data, run_dir, *extra: str):

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dist_gpt import faults
+from dist_gpt.training import faults
 from dist_gpt.data.docindex import DocIndexWriter, index_name
 from dist_gpt.data.format import DTYPE_NAMES, ShardHeader, ShardWriter, dtype_code_for_vocab
 from dist_gpt.data.manifest import FORMAT_NAME, FORMAT_VERSION, SPLITS, write_manifest

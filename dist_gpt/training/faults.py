@@ -1,0 +1,410 @@
+"""Faults: everything that can stop, skip or undo a training step, behind one object.
+
+`FaultGuard` is asked twice per step, on every rank:
+
+    guard.before_step(step)                 heartbeat; test-only injection (kill, hang, signal)
+    verdict = guard.after_loss(loss, position)   one all-reduce: stop signals + non-finite loss
+                                            -> PROCEED | SKIP | ROLLED_BACK, or NonFiniteLoss
+
+Stop signals. SIGTERM, SIGUSR1 and SIGUSR2 (SLURM's warning before a time limit or preemption;
+submitit's default is USR2) only set a flag in the handler. The per-step all-reduce makes every
+rank see the same request at the same step boundary; the step still completes, then the loop
+saves one checkpoint on every rank and rank 0 leaves `requeue.json` in the run directory. The
+ranks then exit 0: torchrun turns a failed worker into a restart or exit status 1, so the request
+to requeue must not ride on the exit status. The launchers (slurm/train.sh, launch/submit.py)
+requeue the job when they find the marker. A run that completes (final.json written) removes the
+marker an earlier stop left, whatever launched it.
+
+Non-finite losses follow `train.nan_policy`: skip the step, roll back to the latest checkpoint and
+skip the offending global batch from then on, or stop: every rank raises `NonFiniteLoss`, a
+refusal (dist.refuse: one line, exit 3).
+
+The heartbeat. Each rank records in the rendezvous store how far it got, (step, phase): one small
+write before the step's forward/backward and one before the agreement, and a daemon thread counts a
+beat up every 2 s (`BEAT_S`) with the rank's host beside it. When a collective fails or times out
+(`train.timeout_s`), `named_collective_failures` turns the error into one line naming the rank(s)
+whose beat stopped (a SIGSTOPped or frozen process: its record may equal the others'; reading the
+beats twice costs 5 s), else the rank(s) furthest behind. If the store itself goes away (plain `torchrun` whose agent was killed by
+a signal sent to its process group: torchrun starts every rank in a session of its own, so such a
+signal reaches the agent only) the heartbeat stops writing instead of failing the run, and the ranks,
+orphaned, see that their parent is no longer the agent that started them: that counts as a stop
+request (AGENT_LOST), agreed and saved like a signal, since nothing would ever restart them.
+
+Fault injection for the tests, read from the environment (never set in normal use):
+    DIST_GPT_FAULT_NAN_AT=P          the loss of global batch P becomes NaN (once per process)
+    DIST_GPT_FAULT_KILL_AT=S:R       rank R SIGKILLs itself before step S, on torchrun's first attempt only
+    DIST_GPT_FAULT_SIGNAL_AT=S:NAME  rank 0 sends itself signal NAME before step S (first attempt only)
+    DIST_GPT_FAULT_HANG_AT=S:R       rank R stops answering (sleeps) before step S
+    DIST_GPT_FAULT_OOM_AT=S:R        rank R raises torch.OutOfMemoryError at the start of step S (first attempt only)
+    DIST_GPT_FAULT_SLOW=R:MS         rank R spends MS more milliseconds of CPU time computing each step (a busy
+                                     loop, not a sleep: stragglers.py measures compute as CPU time)
+    DIST_GPT_FAULT_PAUSE_AT=P,...    hold the process at each point P until the test releases it (see
+                                     `pause`; needs DIST_GPT_FAULT_PAUSE_DIR): `start` (the trainer's stop
+                                     handlers are in), `shard` (prepare renamed a complete shard), or a
+                                     step number S (every rank, before step S, after a checkpoint due at S)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import enum
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+from dist_gpt.errors import Refusal
+
+# No torch import at module level: the entry points install StopSignals before importing torch.
+
+STOP_SIGNALS = {signal.SIGTERM: 1, signal.SIGUSR1: 2, signal.SIGUSR2: 3}
+AGENT_LOST = 4  # not a signal: the torchrun agent that started this rank is gone
+CODE_TO_NAME = {**{code: sig.name for sig, code in STOP_SIGNALS.items()}, AGENT_LOST: "AGENT_LOST"}
+MARKER = "requeue.json"
+
+
+class StopSignals:
+    """Records the last stop signal; `FaultGuard.after_loss` agrees on it at each step boundary."""
+
+    def __init__(self) -> None:
+        self.code = 0
+
+    def install(self) -> "StopSignals":
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, self._handle)
+        pause("start", self)
+        return self
+
+    def _handle(self, signum, frame) -> None:  # no work in a handler: just remember it
+        self.code = STOP_SIGNALS[signal.Signals(signum)]
+
+
+class Verdict(enum.Enum):
+    PROCEED = "proceed"          # take the optimizer step
+    SKIP = "skip"                # drop this step's gradients (nan_policy=skip)
+    ROLLED_BACK = "rolled back"  # the state was reloaded from the latest checkpoint
+
+
+class FaultGuard:
+    """The heartbeat, the stop-signal agreement, the NaN policy and the test-only fault injection.
+
+    `rollback()` reloads the latest checkpoint into the run's state and returns its path (None when
+    there is none): the checkpointer's, handed over once at build time.
+    """
+
+    def __init__(self, cfg, env, stop: StopSignals, state, rollback, log) -> None:
+        self.policy, self.max_rollbacks = cfg.nan_policy, cfg.nan_max_rollbacks
+        self.stop, self.state, self.rollback, self.log = stop, state, rollback, log
+        self.is_main = env.is_main
+        self.inject = FaultInjector(env.rank, stop)
+        self.stopped_by: str | None = None  # the agreed stop signal's name, once one arrived
+        # torchrun's workers are its children; an orphaned worker is re-parented (to init or a subreaper)
+        self.agent_pid = os.getppid() if "TORCHELASTIC_RUN_ID" in os.environ else None
+        self.heartbeat = Heartbeat(env, self.agent_pid).start_beating()
+
+    def before_step(self, step: int) -> None:
+        self.inject.before_step(step)
+        self.heartbeat.beat(step, phase=0)
+
+    def after_loss(self, loss, position: int) -> Verdict:
+        """Agree with every rank on stop signals and a non-finite loss (of global batch `position`)."""
+        import torch
+
+        from dist_gpt.parallel import dist
+
+        loss = self.inject.corrupt_loss(loss, position)
+        self.heartbeat.beat(self.state.step, phase=1)
+        code = self.stop.code or (AGENT_LOST if self.agent_pid not in (None, os.getppid()) else 0)
+        flags = torch.stack([torch.tensor(float(code), device=loss.device), (~torch.isfinite(loss)).float()])
+        code, nonfinite = dist.all_reduce_max(flags).tolist()  # the step's one host-device synchronisation
+        self.stopped_by = CODE_TO_NAME[int(code)] if code else self.stopped_by
+        return self._nonfinite(position) if nonfinite else Verdict.PROCEED
+
+    def _nonfinite(self, position: int) -> Verdict:
+        """Apply train.nan_policy to a NaN/inf loss of global batch `position` (every rank agrees)."""
+        where = f"non-finite loss at step {self.state.step} (global batch {position})"
+        if self.policy == "skip":
+            self.state.skipped.append(position)
+            self.log.print(f"{where}: step skipped (train.nan_policy=skip)")
+            return Verdict.SKIP
+        if self.policy == "stop":
+            raise NonFiniteLoss(f"{where}; stopping (train.nan_policy=stop; try nan_policy=rollback or a lower optim.lr)")
+        if self.state.rollbacks >= self.max_rollbacks:
+            raise NonFiniteLoss(f"{where}: {self.state.rollbacks} rollbacks already; stopping "
+                                "(raise train.nan_max_rollbacks or lower optim.lr)")
+        bad, rollbacks = self.state.bad_positions + [position], self.state.rollbacks + 1
+        path = self.rollback()  # reloads the run state too: what we learnt is put back below
+        if path is None:
+            raise NonFiniteLoss(f"{where}: no checkpoint to roll back to; stopping "
+                                "(raise train.nan_max_rollbacks or lower optim.lr)")
+        self.state.bad_positions, self.state.rollbacks = bad, rollbacks
+        self.log.print(f"{where}: rolled back to {path.name}, skipping that batch (rollback {rollbacks})")
+        return Verdict.ROLLED_BACK
+
+    def leave_marker(self, run_dir: Path, step: int, checkpoint: Path | None) -> None:
+        """After the stop save: rank 0 writes requeue.json for the launchers."""
+        if not self.is_main:
+            return
+        write_marker(run_dir, self.stopped_by, step, checkpoint)
+        if self.stopped_by == CODE_TO_NAME[AGENT_LOST]:
+            self.log.print(f"torchrun's agent (pid {self.agent_pid}) is gone, killed by a signal it does not handle? "
+                           f"saved {checkpoint} at step {step}; run the same command again to resume "
+                           "(torchrun --signals-to-handle=...,SIGUSR1,SIGUSR2 forwards those signals instead)")
+        else:
+            self.log.print(f"{self.stopped_by}: saved {checkpoint} at step {step}; requeue marker written")
+
+
+    def remove_marker(self, run_dir: Path) -> None:
+        """After the run completed (final.json written): rank 0 removes a requeue.json left by an
+        earlier stop of this run, on every launch path, so nothing requeues a finished run."""
+        if self.is_main:
+            (Path(run_dir) / MARKER).unlink(missing_ok=True)
+
+
+def write_marker(run_dir: Path, signal_name: str, step: int, checkpoint: Path | None) -> Path:
+    path = run_dir / MARKER
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"signal": signal_name, "step": step,
+                               "checkpoint": str(checkpoint) if checkpoint else None,
+                               "time": time.time()}, indent=2))
+    os.replace(tmp, path)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# A rank that stops answering
+
+_KEY = "dist_gpt/heartbeat/{}"
+_BEAT_KEY = "dist_gpt/beat/{}"
+HOST_KEY = "dist_gpt/host/{}"
+BEAT_S = 2.0  # a rank's beat advances this often while its process runs
+
+
+class Heartbeat:
+    """Each rank's (step, phase) in the rendezvous store; read back to name a rank that went silent.
+
+    Phases of step S: 0 entered its forward/backward (whose backward all-reduces the gradients),
+    1 entered the stop/NaN agreement.
+    """
+
+    PHASES = ("in the forward/backward (gradient all-reduce) of", "in the stop/NaN agreement of")
+
+    def __init__(self, env, agent_pid: int | None = None) -> None:
+        from dist_gpt.parallel import dist
+
+        self.rank, self.world_size = env.rank, env.world_size
+        self.store = dist.default_store() if env.distributed else None
+        self.agent_pid = agent_pid  # torchrun's agent, which hosts the store (None: not under torchrun)
+
+    def start_beating(self) -> "Heartbeat":
+        """Record this rank's host, and count up in the store every BEAT_S seconds from a daemon thread
+        while the process runs: a rank stopped (SIGSTOP, a frozen node) stops counting, even when its
+        (step, phase) record equals the others'."""
+        if self.store is not None:
+            import socket
+            import threading
+
+            self.store.set(HOST_KEY.format(self.rank), socket.gethostname())
+            threading.Thread(target=self._beat_forever, name="dist_gpt-heartbeat", daemon=True).start()
+        return self
+
+    def _beat_forever(self) -> None:
+        count = 0
+        while (store := self.store) is not None:
+            if self.agent_pid is not None and os.getppid() != self.agent_pid:
+                return  # the agent, and its store, is gone: beat() says so once, without the client's C++ stack
+            count += 1
+            try:
+                store.set(_BEAT_KEY.format(self.rank), str(count))
+            except Exception:  # the store's host is gone: beat() says so once
+                return
+            time.sleep(BEAT_S)
+
+    def beat(self, step: int, phase: int) -> None:
+        if self.store is None:
+            return
+        if self.agent_pid is not None and os.getppid() != self.agent_pid:
+            # The agent, and the store with it, is gone (this rank was re-parented): writing would fail
+            # anyway, and the store's client would print a 22-frame C++ stack before the error reached us.
+            self.store = None
+            print(f"warning: rank {self.rank}: torchrun's agent (pid {self.agent_pid}) is gone, and the rendezvous "
+                  "store with it; the heartbeat is off for the rest of this run", file=sys.stderr)
+            return
+        try:
+            self.store.set(_KEY.format(self.rank), f"{step} {phase}")
+        except Exception as e:  # the store's host (torchrun's agent) is gone; the ranks are not
+            self.store = None
+            print(f"warning: rank {self.rank}: the rendezvous store stopped answering ({str(e)[:80]}); "
+                  "the heartbeat is off for the rest of this run", file=sys.stderr)
+
+    def records(self) -> dict[int, tuple[int, int]]:
+        from dist_gpt.parallel import dist
+
+        store, seen = dist.default_store(), {}
+        try:
+            store.set_timeout(datetime.timedelta(seconds=10))
+            for rank in range(self.world_size):
+                if store.check([_KEY.format(rank)]):
+                    step, phase = store.get(_KEY.format(rank)).decode().split()
+                    seen[rank] = (int(step), int(phase))
+        except Exception:  # the store's host is gone too: say what we know
+            pass
+        return seen
+
+    def _read(self, key: str) -> dict[int, str]:
+        """{rank: value} of `key` for every rank that wrote it ({} when the store is gone)."""
+        from . import dist
+
+        store, out = dist.default_store(), {}
+        try:
+            store.set_timeout(datetime.timedelta(seconds=10))
+            for rank in range(self.world_size):
+                if store.check([key.format(rank)]):
+                    out[rank] = store.get(key.format(rank)).decode()
+        except Exception:
+            pass
+        return out
+
+    def stopped_beating(self) -> list[int]:
+        """The other ranks whose beat did not advance over 2.5 beat periods (waits that long)."""
+        before = self._read(_BEAT_KEY)
+        time.sleep(2.5 * BEAT_S)
+        after = self._read(_BEAT_KEY)
+        return [r for r in sorted(before) if r != self.rank and after.get(r) == before[r]]
+
+    def describe(self, error: BaseException, timeout_s: float) -> str:
+        """One line naming the rank(s) that stopped answering, from the heartbeat records."""
+        text = str(error).strip()
+        cause = text.splitlines()[0][-160:] if text else type(error).__name__
+        seen = self.records()
+        missing = [r for r in range(self.world_size) if r not in seen]
+        stopped = self.stopped_beating() if seen and not missing else []
+        if stopped:
+            hosts = self._read(HOST_KEY)
+            detail = ", ".join(f"rank {r} on host {hosts.get(r, 'unknown')} (last heard {self.PHASES[seen[r][1]]} "
+                               f"step {seen[r][0]})" for r in stopped)
+            why = (f"the collective timed out after train.timeout_s={timeout_s:g} s"
+                   if "timed out" in text.lower() else "a collective failed")
+            return (f"rank {self.rank}: {detail} stopped beating: its process is alive but not running (stopped "
+                    f"with SIGSTOP, a debugger, a frozen node?); {why} ({cause}). Check that rank's host; "
+                    "restarted, the run resumes from its last checkpoint")
+        if seen and not missing:
+            lowest = min(seen.values())
+            behind = [r for r, record in seen.items() if record == lowest]
+            if len(behind) < self.world_size:
+                # (no "how long ago": the records carry no time, since node clocks need not agree)
+                detail = ", ".join(f"rank {r} (last heard {self.PHASES[seen[r][1]]} step {seen[r][0]})"
+                                   for r in behind)
+                why = (f"the collective timed out after train.timeout_s={timeout_s:g} s"
+                       if "timed out" in text.lower() else "a collective failed")
+                return (f"rank {self.rank}: {detail} stopped answering; {why} ({cause}). Check that "
+                        "rank's host; restarted, the run resumes from its last checkpoint")
+        if missing and seen:
+            return (f"rank {self.rank}: rank(s) {', '.join(map(str, missing))} never reported and a "
+                    f"collective failed ({cause}); check their hosts and the network between nodes")
+        return (f"rank {self.rank}: a collective failed ({cause}); a peer may have died: check every "
+                "rank's log")
+
+
+class NonFiniteLoss(Refusal):
+    """train.nan_policy stopped the run (exit status 3); every rank raises it at the same step."""
+
+    exit_code = 3
+
+
+class PeerLost(Refusal):
+    """A collective failed or timed out because another rank went away (exit status 4)."""
+
+    exit_code = 4
+
+
+@contextlib.contextmanager
+def named_collective_failures(env, timeout_s: float):
+    """Turn a collective's timeout or a lost peer into PeerLost with one line naming the silent rank."""
+    from dist_gpt.parallel import dist
+
+    try:
+        yield
+    except RuntimeError as e:
+        if not env.distributed or not dist.is_collective_failure(e):
+            raise
+        raise PeerLost(Heartbeat(env).describe(e, timeout_s)) from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Test-only fault injection
+
+def _first_attempt() -> bool:
+    return os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0" and os.environ.get("SLURM_RESTART_COUNT", "0") == "0"
+
+
+def pause(point: str, stop: StopSignals | None = None) -> None:
+    """Test-only: hold this process at `point` while a test acts on it, so the test never races it.
+
+    With `point` in DIST_GPT_FAULT_PAUSE_AT (on the first attempt of a restarted job only), the process
+    writes DIR/paused-POINT-PID (DIR = DIST_GPT_FAULT_PAUSE_DIR) and waits until DIR/release-POINT exists
+    or a stop signal reached `stop`; SIGINT ends the wait as a KeyboardInterrupt, SIGKILL as ever. Whoever
+    leaves the wait writes DIR/release-POINT, so a job requeued without a restart count (submitit's local
+    executor) does not pause there again.
+    """
+    if point not in os.environ.get("DIST_GPT_FAULT_PAUSE_AT", "").split(",") or not _first_attempt():
+        return
+    folder = Path(os.environ["DIST_GPT_FAULT_PAUSE_DIR"])
+    release = folder / f"release-{point}"
+    if release.exists():
+        return
+    (folder / f"paused-{point}-{os.getpid()}").touch()
+    while not release.exists() and not (stop is not None and stop.code):
+        time.sleep(0.01)
+    release.touch()
+
+
+class FaultInjector:
+    def __init__(self, rank: int, stop: StopSignals | None = None) -> None:
+        self.rank, self.stop = rank, stop
+        nan_at = os.environ.get("DIST_GPT_FAULT_NAN_AT")
+        self.nan_at = int(nan_at) if nan_at else None
+        self.kill = self._parse("DIST_GPT_FAULT_KILL_AT")
+        self.signal = self._parse("DIST_GPT_FAULT_SIGNAL_AT")
+        self.hang = self._parse("DIST_GPT_FAULT_HANG_AT")
+        self.oom = self._parse("DIST_GPT_FAULT_OOM_AT")
+        slow = self._parse("DIST_GPT_FAULT_SLOW")
+        self.slow_s = int(slow[1]) / 1000 if slow and slow[0] == rank else 0.0
+
+    @staticmethod
+    def _parse(name: str) -> tuple[int, str] | None:
+        raw = os.environ.get(name)
+        if not raw:
+            return None
+        step, _, arg = raw.partition(":")
+        return int(step), arg
+
+    def before_step(self, step: int) -> None:
+        pause(str(step), self.stop)
+        if self.kill and self.kill[0] == step and int(self.kill[1]) == self.rank and _first_attempt():
+            os.kill(os.getpid(), signal.SIGKILL)
+        if self.hang and self.hang[0] == step and int(self.hang[1]) == self.rank:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)  # torchrun's SIGTERM may end the hung rank
+            time.sleep(24 * 3600)
+        if self.signal and self.signal[0] == step and self.rank == 0 and _first_attempt():
+            os.kill(os.getpid(), getattr(signal, self.signal[1]))
+        if self.oom and self.oom[0] == step and int(self.oom[1]) == self.rank and _first_attempt():
+            import torch
+
+            raise torch.OutOfMemoryError(f"CUDA out of memory (DIST_GPT_FAULT_OOM_AT={step}:{self.rank})")
+
+    def slow(self) -> None:
+        """DIST_GPT_FAULT_SLOW: burn this thread's CPU time, the way a slower device or a throttled core would."""
+        if self.slow_s:
+            end = time.thread_time() + self.slow_s
+            while time.thread_time() < end:
+                pass
+
+    def corrupt_loss(self, loss, position: int):
+        if self.nan_at is not None and position == self.nan_at:
+            self.nan_at = None
+            return loss * float("nan")
+        return loss
