@@ -22,8 +22,10 @@ import sys  # noqa: E402  (after the handlers, on purpose)
 
 from . import config as config_mod  # noqa: E402
 from . import dist  # noqa: E402
+from . import fp8  # noqa: E402
 from . import runlock  # noqa: E402
 from .faults import Verdict  # noqa: E402
+from .precision import resolve_precision  # noqa: E402
 from .runinfo import describe_run, write_final  # noqa: E402
 from .trainer import Trainer, build  # noqa: E402
 
@@ -39,6 +41,9 @@ def run(argv: list[str], stop: faults.StopSignals) -> int:
     cfg = config_mod.parse(argv, world=dist.launch_world())
     if cfg is None:  # --help
         return 0
+    if cfg.train.fp8:  # refused before the process group starts: one line from rank 0, not one per rank
+        device = dist.launch_device(cfg.train.device)
+        fp8.check(device, resolve_precision(cfg.train.precision, device))
     env = dist.init(cfg.train.device, cfg.train.timeout_s, cfg.train.threads, cfg.parallel.data)
     with faults.named_collective_failures(env, cfg.train.timeout_s), \
             runlock.held(cfg.run_dir, env, cfg.checkpoint.take_lock):  # one job per run directory
