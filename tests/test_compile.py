@@ -19,13 +19,13 @@ import math
 import pytest
 import torch
 
-from conftest import ASSETS, EXACT, final, losses, run_train
+from conftest import EXACT, final, losses, run_train
 from dist_gpt import config, doc_mask
 from dist_gpt.model import GPT
 from tests.test_train_documents import paragraphs  # noqa: F401  (a module fixture: ~700 short documents)
 
+LONG = 1800  # seconds: a bound on a hang only (a shared machine stretches compile by minutes)
 RTOL = 1e-4  # compiled vs eager, fp32: inductor fuses and reorders sums (observed ~1e-6 over 20 steps)
-TASK_FILE = ASSETS / "mc_task" / "mc_task.jsonl"
 
 
 def _debug_model(recipe: str, **model_keys) -> GPT:
@@ -113,14 +113,20 @@ def test_compiled_training_matches_eager_and_resumes_compiled(paragraphs, tmp_pa
     """One process, the modern recipe with documents (the CPU path's boolean mask), activation
     checkpointing, eval.tasks and sampling: 20 compiled steps, stopped at 10 and resumed compiled,
     equal the eager run's losses within 1e-4; so do the validation loss and the task scores."""
+    tasks = tmp_path / "mc.jsonl"  # short enough for the debug preset's context of 32 bytes
+    tasks.write_text("".join(json.dumps({"context": c, "endings": e, "label": 0}) + "\n" for c, e in [
+        ("the software is provided ", ["as is", "for free", "by us"]),
+        ("permission is hereby ", ["granted", "refused", "taken"]),
+        ("all rights ", ["reserved", "lost", "given"]),
+        ("licensed under the ", ["apache license", "green sky", "old tree"])]))
     args = [*EXACT, "--recipe", "modern", "--model.doc_mask=true", "--model.activation_checkpointing=true",
-            f"--data.path={paragraphs}", f"--eval.tasks={TASK_FILE}", "--eval.sample_tokens=16",
+            f"--data.path={paragraphs}", f"--eval.tasks={tasks}", "--eval.sample_tokens=16",
             "--checkpoint.interval=10"]
     eager = tmp_path / "eager"
-    run_train([*args, "--train.steps=20", f"--train.run_dir={eager}"])
+    run_train([*args, "--train.steps=20", f"--train.run_dir={eager}"], timeout=LONG)
     run = tmp_path / "compiled"
-    first = run_train([*args, "--train.steps=10", "--train.compile=true", f"--train.run_dir={run}"])
-    second = run_train([*args, "--train.steps=20", "--train.compile=true", f"--train.run_dir={run}"])
+    first = run_train([*args, "--train.steps=10", "--train.compile=true", f"--train.run_dir={run}"], timeout=LONG)
+    second = run_train([*args, "--train.steps=20", "--train.compile=true", f"--train.run_dir={run}"], timeout=LONG)
     assert "compile on" in first.stdout and "compile on" in second.stdout and "compile off" not in second.stdout
     assert "resumed from" in second.stdout and "at step 10" in second.stdout
     assert json.loads((run / "run.json").read_text())["compile"] is True  # the resumed process's record
@@ -129,10 +135,10 @@ def test_compiled_training_matches_eager_and_resumes_compiled(paragraphs, tmp_pa
     evals = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     # the task scores come from the same model at every evaluation (a text sample is drawn there too;
     # TensorBoard is off in EXACT, so it is only drawn, through the compiled run's raw model)
-    scores = {r["step"]: r["val/mc_task/acc_norm"] for r in evals if "val/mc_task/acc_norm" in r}
-    want = {r["step"]: r["val/mc_task/acc_norm"]
-            for r in map(json.loads, (eager / "metrics.jsonl").read_text().splitlines()) if "val/mc_task/acc_norm" in r}
-    assert sorted(scores) == sorted(want) == [0, 10, 20] and scores == pytest.approx(want, abs=0.02)
+    scores = {r["step"]: r["val/mc/acc_norm"] for r in evals if "val/mc/acc_norm" in r}
+    want = {r["step"]: r["val/mc/acc_norm"]
+            for r in map(json.loads, (eager / "metrics.jsonl").read_text().splitlines()) if "val/mc/acc_norm" in r}
+    assert sorted(scores) == sorted(want) == [0, 10, 20] and scores == want
 
 
 @pytest.mark.slow
@@ -144,11 +150,11 @@ def test_compiled_layouts_match_eager(layout, nproc, tiny_data, tmp_path):
     args = [*EXACT, "--recipe", "classic", f"--data.path={tiny_data}", "--eval.sample_tokens=8",
             "--checkpoint.interval=0"]
     eager = tmp_path / "eager"
-    run_train([*args, f"--train.run_dir={eager}"])
+    run_train([*args, f"--train.run_dir={eager}"], timeout=LONG)
     run = tmp_path / layout
     extra = ["--parallel.shard_size=2"] if layout == "hsdp" else []
     out = run_train([*args, "--train.compile=true", f"--parallel.data={layout}", *extra, f"--train.run_dir={run}"],
-                    nproc=nproc, timeout=900)
+                    nproc=nproc, timeout=LONG)
     assert "compile on" in out.stdout
     _close(losses(run), losses(eager), 20)
     assert math.isclose(final(run)["val_loss"], final(eager)["val_loss"], rel_tol=RTOL)

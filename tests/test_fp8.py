@@ -5,6 +5,7 @@ bf16, and 300 steps of the `cpu` preset against bf16."""
 from __future__ import annotations
 
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -77,17 +78,18 @@ def test_refused_on_a_gpu_before_8_9_without_torchao_and_outside_bf16(monkeypatc
 
 @pytest.mark.slow
 def test_checkpoints_resume_across_fp8_and_bf16(tiny_data, tmp_path):
-    """bf16 for 4 steps, fp8 (emulated) to 8, bf16 again to 12, in one run directory; every resume
-    continues the step count and the losses keep falling from where they were."""
+    """bf16 for 4 steps, fp8 (emulated) to 8 under fsdp on 2 ranks, bf16 again to 12 in one process,
+    in one run directory; every resume continues the step count and the losses keep falling."""
     require("torchao")
     run = tmp_path / "run"
     args = ["--preset", "debug", "--train.precision=bf16", "--log.interval=1", "--log.tensorboard=false",
             "--eval.sample_tokens=0", "--eval.interval=0", "--eval.at_start=false", "--checkpoint.interval=4",
             f"--data.path={tiny_data}", f"--train.run_dir={run}"]
-    run_train([*args, "--train.steps=4"])
-    out = run_train([*args, "--train.steps=8", "--train.fp8=true"], env=EMULATE)
+    run_train([*args, "--train.steps=4"], timeout=1800)
+    out = run_train([*args, "--train.steps=8", "--train.fp8=true", "--parallel.data=fsdp"], nproc=2, env=EMULATE,
+                    timeout=1800)
     assert "resumed from" in out.stdout and "step 4" in out.stdout
-    out = run_train([*args, "--train.steps=12"])
+    out = run_train([*args, "--train.steps=12"], timeout=1800)
     assert "step 8" in out.stdout
     got = losses(run)
     assert sorted(got) == list(range(1, 13)) and final(run)["step"] == 12
@@ -98,13 +100,18 @@ def test_checkpoints_resume_across_fp8_and_bf16(tiny_data, tmp_path):
 @pytest.mark.slow
 def test_300_steps_of_the_cpu_preset_in_emulated_fp8_match_bf16(tiny_data, tmp_path):
     """The `cpu` preset, 300 steps, same seed: emulated FP8 ends within 0.05 nats per byte of bf16's
-    validation loss (byte-level data: a token is a byte). Evaluation only at the end, on 64 blocks."""
+    validation loss (byte-level data: a token is a byte). Evaluation only at the end, on 64 blocks.
+    The two runs go side by side, one thread each (two threads per process stall on a busy machine)."""
     require("torchao")
-    args = ["--preset", "cpu", "--train.steps=300", "--train.precision=bf16", "--log.tensorboard=false",
-            "--eval.interval=0", "--eval.at_start=false", "--eval.max_blocks=64", "--eval.sample_tokens=0",
-            "--checkpoint.interval=0", f"--data.path={tiny_data}"]
-    run_train([*args, f"--train.run_dir={tmp_path / 'bf16'}"], timeout=1800)
-    run_train([*args, f"--train.run_dir={tmp_path / 'fp8'}", "--train.fp8=true"], env=EMULATE, timeout=1800)
+    args = ["--preset", "cpu", "--train.steps=300", "--train.precision=bf16", "--train.threads=1",
+            "--log.tensorboard=false", "--eval.interval=0", "--eval.at_start=false", "--eval.max_blocks=64",
+            "--eval.sample_tokens=0", "--checkpoint.interval=0", f"--data.path={tiny_data}"]
+    with ThreadPoolExecutor(2) as pool:
+        runs = [pool.submit(run_train, [*args, f"--train.run_dir={tmp_path / 'bf16'}"], timeout=3600),
+                pool.submit(run_train, [*args, f"--train.run_dir={tmp_path / 'fp8'}", "--train.fp8=true"],
+                            env=EMULATE, timeout=3600)]
+        for run in runs:
+            run.result()
     bf16, fp8_ = final(tmp_path / "bf16"), final(tmp_path / "fp8")
     assert bf16["step"] == fp8_["step"] == 300
     assert abs(fp8_["val_loss"] - bf16["val_loss"]) < 0.05, (fp8_["val_loss"], bf16["val_loss"])
