@@ -121,11 +121,14 @@ def test_compiled_training_matches_eager_and_resumes_compiled(paragraphs, tmp_pa
         ("licensed under the ", ["apache license", "green sky", "old tree"])]))
     args = [*EXACT, "--recipe", "modern", "--model.doc_mask=true", "--model.activation_checkpointing=true",
             f"--data.path={paragraphs}", f"--eval.tasks={tasks}", "--eval.sample_tokens=16",
-            "--checkpoint.interval=10"]
+            "--checkpoint.interval=10", "--train.threads=1"]  # one thread: two stall on a busy machine
     eager = tmp_path / "eager"
     run_train([*args, "--train.steps=20", f"--train.run_dir={eager}"], timeout=LONG)
     run = tmp_path / "compiled"
-    first = run_train([*args, "--train.steps=10", "--train.compile=true", f"--train.run_dir={run}"], timeout=LONG)
+    # stopped by a signal after step 10 (the same 20-step LR schedule), then the requeued run resumes
+    first = run_train([*args, "--train.steps=20", "--train.compile=true", f"--train.run_dir={run}"], timeout=LONG,
+                      env={"DIST_GPT_FAULT_SIGNAL_AT": "9:SIGUSR1"})
+    assert json.loads((run / "requeue.json").read_text())["step"] == 10
     second = run_train([*args, "--train.steps=20", "--train.compile=true", f"--train.run_dir={run}"], timeout=LONG)
     assert "compile on" in first.stdout and "compile on" in second.stdout and "compile off" not in second.stdout
     assert "resumed from" in second.stdout and "at step 10" in second.stdout
@@ -138,7 +141,7 @@ def test_compiled_training_matches_eager_and_resumes_compiled(paragraphs, tmp_pa
     scores = {r["step"]: r["val/mc/acc_norm"] for r in evals if "val/mc/acc_norm" in r}
     want = {r["step"]: r["val/mc/acc_norm"]
             for r in map(json.loads, (eager / "metrics.jsonl").read_text().splitlines()) if "val/mc/acc_norm" in r}
-    assert sorted(scores) == sorted(want) == [0, 10, 20] and scores == want
+    assert {0, 20} <= set(scores) <= set(want) and scores == {s: want[s] for s in scores}
 
 
 @pytest.mark.slow
