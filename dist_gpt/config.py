@@ -55,6 +55,7 @@ class TrainConfig:
     micro_batch: int = field(default=16, metadata={"help": "sequences per rank per forward pass"})
     precision: str = field(default="auto", metadata={"help": "auto | fp32 | bf16 | fp16 (auto: bf16 autocast on GPU and on CPUs with native bf16, else fp32)"})
     compile: bool | None = field(default=None, metadata={"help": "torch.compile the model: true | false | auto (unset: on for CUDA; off on CPU, where it measured 13 s of compile for 7.7% per step, see docs/PERFORMANCE.md)"})
+    fp8: bool = field(default=False, metadata={"help": "train the blocks' linear layers in FP8 (torchao float8, tensorwise scaling; embeddings and head stay bf16): needs torchao (pip install 'dist_gpt[fp8]'), train.precision bf16 and a GPU of compute capability 8.9+ (H100, L4, RTX 4090); see dist_gpt/parallel/fp8.py"})
     seed: int = field(default=1337, metadata={"help": "seed of initialisation, data order and dropout"})
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda"})
     init_from: str | None = field(default=None, metadata={"help": "start from the weights of this checkpoint, run directory, .safetensors or Hugging Face model directory (GPT-2, Llama, Qwen2, Qwen3: its config.json gives the model section, except block_size, dropout and activation_checkpointing); fresh optimizer, step 0"})

@@ -22,6 +22,8 @@ import sys  # noqa: E402  (after the handlers, on purpose)
 
 from . import config as config_mod  # noqa: E402
 from dist_gpt.parallel import dist  # noqa: E402
+from dist_gpt.parallel import fp8  # noqa: E402
+from dist_gpt.parallel.precision import resolve_precision  # noqa: E402
 from dist_gpt.training import runlock  # noqa: E402
 from dist_gpt.training.oom import MemoryWatch  # noqa: E402
 from dist_gpt.training.run_files import describe_run, write_final  # noqa: E402
@@ -40,6 +42,9 @@ def run(argv: list[str], stop: faults.StopSignals) -> int:
     cfg = config_mod.parse(argv, world=dist.launch_world())
     if cfg is None:  # --help
         return 0
+    if cfg.train.fp8:  # refused before the process group starts: one line from rank 0, not one per rank
+        device = dist.launch_device(cfg.train.device)
+        fp8.check(device, resolve_precision(cfg.train.precision, device))
     env = dist.init(cfg.train.device, cfg.train.timeout_s, cfg.train.threads, cfg.parallel.data,
                     flight_dir=cfg.run_dir / "flight")
     with faults.named_collective_failures(env, cfg.train.timeout_s), \

@@ -135,7 +135,7 @@ def test_fsdp_on_a_gpu_gathers_bf16_parameters_and_keeps_fp32_gradients(tmp_path
         mesh = init_device_mesh("cuda", (1,), mesh_dim_names=("shard",))
         with torch.device("meta"):
             model = GPT(cfg.model)
-        dist.parallelize(model, env, cfg.parallel, mesh, False, "bf16")
+        dist.parallelize(model, env, cfg.parallel, mesh, dist.Transforms(precision="bf16"))
         dist.materialize(model, env.device)
         seen = []
         model.blocks[0].attn.qkv.register_forward_pre_hook(lambda m, a: seen.append(m.weight.dtype))

@@ -17,6 +17,7 @@ How, by device:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
@@ -40,9 +41,27 @@ def one_document_per_row(doc: torch.Tensor) -> bool:
 
 def flex_usable(device: torch.device, dropout: float, head_dim: int) -> bool:
     """FlexAttention where it is fast and supported: CUDA, no attention dropout (flex has none),
-    a power-of-two head width of at least 16."""
-    return (device.type == "cuda" and dropout == 0.0 and head_dim >= 16 and head_dim & (head_dim - 1) == 0
-            and _has_flex())
+    a power-of-two head width of at least 16. Also on a CPU inside `flex_on_cpu()` when no gradient
+    is taken (evaluation, sampling without a cache)."""
+    here = device.type == "cuda" or (_cpu_forward_flex and device.type == "cpu" and not torch.is_grad_enabled())
+    return here and dropout == 0.0 and head_dim >= 16 and head_dim & (head_dim - 1) == 0 and _has_flex()
+
+
+_cpu_forward_flex = False
+
+
+@contextlib.contextmanager
+def flex_on_cpu():
+    """Inside, forward passes without gradients on a CPU take the CUDA path: the same block mask,
+    mask function and compiled FlexAttention. Torch 2.13 runs FlexAttention's compiled forward on a
+    CPU but not its backward (NotImplementedError), so training never does; this lets that path be
+    checked against the boolean-mask SDPA path on a machine without a GPU (tests/test_compile.py)."""
+    global _cpu_forward_flex
+    before, _cpu_forward_flex = _cpu_forward_flex, True
+    try:
+        yield
+    finally:
+        _cpu_forward_flex = before
 
 
 @functools.cache

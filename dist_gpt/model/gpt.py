@@ -428,7 +428,10 @@ class GPT(nn.Module):
             return doc_mask.document_mask(doc_ids, cache.documents(doc_ids))
         if doc_mask.flex_usable(doc_ids.device, dropout, self.cfg.head_size):
             return doc_mask.block_mask(doc_ids)
-        if doc_ids.device.type == "cpu" and doc_mask.one_document_per_row(doc_ids):
+        # The shortcut reads the ids back to the host: under torch.compile that would break the graph
+        # (twice per forward), so a compiled model always takes the boolean mask.
+        if (doc_ids.device.type == "cpu" and not torch.compiler.is_compiling()
+                and doc_mask.one_document_per_row(doc_ids)):
             return None
         return doc_mask.document_mask(doc_ids, doc_ids)
 

@@ -68,6 +68,13 @@ def _pick_device(preference: str, local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
+def launch_device(preference: str) -> torch.device:
+    """The device `init` will give this rank (train.device), known before the process group starts,
+    so that a setting the device cannot run is refused once, by the launch's rank 0."""
+    _slurm_to_torch_env()
+    return _pick_device(preference, int(os.environ.get("LOCAL_RANK", "0")))
+
+
 def _cpu_threads(local_world_size: int, threads: int | None) -> int:
     """Each rank gets its share of the cores this process may run on (the cgroup/affinity view)."""
     if threads:
@@ -211,30 +218,45 @@ def device_mesh(env: DistEnv, cfg: ParallelConfig):
     return init_device_mesh(env.device.type, shape, mesh_dim_names=names)
 
 
-def parallelize(model: nn.Module, env: DistEnv, cfg: ParallelConfig, mesh, compile_model: bool,
-                precision: str) -> tuple[nn.Module, nn.Module]:
+@dataclass
+class Transforms:
+    """What `parallelize` applies to the model besides the layout (trainer.build_model decides them)."""
+
+    compile: bool = False   # train.compile, decided (trainer.use_compile)
+    precision: str = "fp32"  # the resolved train.precision: bf16 gathers parameters in bf16 under fsdp on CUDA
+    fp8: bool = False       # train.fp8: the blocks' linears in float8 (dist_gpt/parallel/fp8.py)
+
+
+def parallelize(model: nn.Module, env: DistEnv, cfg: ParallelConfig, mesh,
+                transforms: Transforms) -> tuple[nn.Module, nn.Module]:
     """Apply the layout to `model`, in this order; return (forward model, training model).
 
     1. activation checkpointing: the model's own option (model.activation_checkpointing), so it
        works the same on every layout;
-    2. compile: the whole model under ddp; each block in place under fsdp/hsdp (names unchanged);
-    3. fsdp/hsdp: `fully_shard` each block, then the root (embeddings, final norm, head); on CUDA in
+    2. fp8: the blocks' nn.Linear layers become torchao Float8Linear, in place (same parameters,
+       same names), before compile traces them and before fully_shard shards their weights;
+    3. compile: the whole model under ddp; each block in place under fsdp/hsdp (names unchanged);
+    4. fsdp/hsdp: `fully_shard` each block, then the root (embeddings, final norm, head); on CUDA in
        bf16 the parameters are gathered in bf16 and gradients reduced in fp32;
-    4. ddp: DistributedDataParallel around the (compiled) model, on several ranks.
+    5. ddp: DistributedDataParallel around the (compiled) model, on several ranks.
 
     The forward model evaluates and samples (never DDP's wrapper, whose forward would sync); the
     training model runs forward/backward. Under fsdp/hsdp both are `model` itself, sharded in place.
     """
+    if transforms.fp8:
+        from . import fp8
+
+        fp8.convert(model)
     if mesh is None:
-        fwd_model = torch.compile(model) if compile_model else model
+        fwd_model = torch.compile(model) if transforms.compile else model
         return fwd_model, wrap(fwd_model, env)
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
-    if compile_model:
+    if transforms.compile:
         for block in model.blocks:
             block.compile()
     mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-          if env.device.type == "cuda" and precision == "bf16" else MixedPrecisionPolicy())
+          if env.device.type == "cuda" and transforms.precision == "bf16" else MixedPrecisionPolicy())
     for block in model.blocks:
         fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=cfg.reshard_after_forward)
     fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=cfg.reshard_after_forward)

@@ -86,6 +86,8 @@ def layout_name(parallel, env) -> str:
 
 
 def describe_run(cfg, env, model, data, log) -> None:
+    from .trainer import use_compile  # the trainer builds on this module
+
     tokens_per_step = cfg.train.global_batch * cfg.model.block_size
     accum = cfg.train.grad_accum(env.world_size)
     info = {
@@ -101,6 +103,7 @@ def describe_run(cfg, env, model, data, log) -> None:
         "backend": env.backend,
         "layout": layout_name(cfg.parallel, env),
         "threads_per_rank": torch.get_num_threads(),
+        "compile": use_compile(cfg.train.compile, env.device),  # train.compile with auto decided
         "grad_accum": accum,
         "tokens_per_step": tokens_per_step,
         "params": model.num_params(),
@@ -114,7 +117,8 @@ def describe_run(cfg, env, model, data, log) -> None:
         _write_json(cfg.run_dir / "run.json", info)
     log.print(f"dist_gpt: preset {cfg.preset}, recipe {cfg.train.recipe}, {format_params(model)}, "
               f"world {env.world_size} × {env.device.type} ({env.backend or 'no process group'}), "
-              f"{torch.get_num_threads()} threads/rank, layout {layout_name(cfg.parallel, env)}")
+              f"{torch.get_num_threads()} threads/rank, layout {layout_name(cfg.parallel, env)}, "
+              f"compile {'on' if info['compile'] else 'off'}{', fp8' if cfg.train.fp8 else ''}")
     log.print(f"batch: {cfg.train.global_batch} seqs × {cfg.model.block_size} tokens = {tokens_per_step:,} tokens/step "
               f"= {cfg.train.micro_batch} micro × {accum} accum × {env.world_size} ranks; "
               f"{cfg.train.steps} steps = {cfg.train.steps * tokens_per_step / 1e6:.1f}M tokens "

@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 from torch.profiler import record_function
 
-from dist_gpt.parallel import dist
+from dist_gpt.parallel import dist, fp8
 from dist_gpt.checkpoint import Checkpointer, ModelOptimizerState
 from dist_gpt.data import DataConfig, Dataset, TrainBatches, ValBlocks, ensure_default_dataset
 from dist_gpt.errors import DataError
@@ -257,14 +257,17 @@ def build_model(cfg, env: dist.DistEnv, precision: str) -> tuple[GPT, torch.nn.M
     sharded, then each rank initialises only its share, one parameter at a time, with the weights
     an unsharded build of the same seed has (dist.materialize).
     """
+    if cfg.train.fp8:  # the entry point checked it already; a benchmark building a run here has not
+        fp8.check(env.device, precision)
     mesh = dist.device_mesh(env, cfg.parallel)
     if mesh is None:
         model = GPT(cfg.model).to(env.device)
     else:
         with torch.device("meta"):
             model = GPT(cfg.model)
-    fwd_model, train_model = dist.parallelize(model, env, cfg.parallel, mesh,
-                                              use_compile(cfg.train.compile, env.device), precision)
+    transforms = dist.Transforms(compile=use_compile(cfg.train.compile, env.device), precision=precision,
+                                 fp8=cfg.train.fp8)
+    fwd_model, train_model = dist.parallelize(model, env, cfg.parallel, mesh, transforms)
     if mesh is not None:
         dist.materialize(model, env.device)
     return model, fwd_model, train_model
