@@ -28,12 +28,14 @@ from pathlib import Path
 from typing import Any
 
 from .checkpoint.config import CheckpointConfig
-from .data import DataConfig
-from dist_gpt.parallel.dist import ParallelConfig
+from .data.config import DataConfig
 from .errors import ConfigError
+from .memory import dry_run_report
 from .metrics import LogConfig
-from dist_gpt.model.gpt import GPTConfig
-from dist_gpt.optim.optimizers import OptimConfig
+from .model.gpt import GPTConfig
+from .optim.optimizers import OptimConfig
+from .parallel.dist import ParallelConfig
+from .presets import PRESETS, preset_overrides
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -95,7 +97,7 @@ class EvalConfig:
     prompt: str = field(default="\n", metadata={"help": "fixed prompt of the evaluation samples"})
     temperature: float = field(default=0.8, metadata={"help": "sampling temperature of the evaluation samples"})
     top_k: int | None = field(default=200, metadata={"help": "top-k of the evaluation samples (none = off)"})
-    tasks: str | None = field(default=None, metadata={"help": "comma-separated multiple-choice .jsonl files (HellaSwag layout: context, endings, label) scored at every evaluation, split across ranks; logged as val/<file name>/acc and acc_norm (lm-eval's definitions, see dist_gpt/tasks.py)"})
+    tasks: str | None = field(default=None, metadata={"help": "comma-separated multiple-choice .jsonl files (HellaSwag layout: context, endings, label) scored at every evaluation, split across ranks; logged as val/<file name>/acc and acc_norm (lm-eval's definitions, see dist_gpt/training/tasks.py)"})
 
     def __post_init__(self) -> None:
         if self.interval < 0 or self.sample_tokens < 0:
@@ -353,8 +355,6 @@ def parse_argv(argv: list[str]) -> CommandLine:
 
 def build(preset: str = "cpu", file: str | None = None, overrides: dict[str, Any] | None = None) -> Config:
     """Resolve preset -> recipe bundle -> preset keys -> TOML file -> overrides into a Config."""
-    from .presets import preset_overrides
-
     flat: dict[str, Any] = {}
     file_flat = load_toml(file) if file else {}
     cli = dict(overrides or {})
@@ -385,16 +385,12 @@ def parse(argv: list[str] | None = None, world: tuple[int, int] = (1, 1)) -> Con
     cfg.train.grad_accum(world[0])
     cfg.parallel.mesh_shape(*world)
     if cl.dry_run:
-        from .memory import dry_run_report
-
         print(dry_run_report(cfg, world[0], world[1], cl.dry_run_memory))
         return None
     return cfg
 
 
 def help_text(cfg: Config) -> str:
-    from .presets import PRESETS
-
     lines = [
         "usage: torchrun --nproc_per_node=N -m dist_gpt.train [--preset NAME] [--config FILE] [--section.key=value ...]",
         "",

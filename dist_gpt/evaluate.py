@@ -22,7 +22,7 @@ from .convert.weights import add_source_arguments, load_model
 from .data.dataset import Dataset
 from .data.loader import ValBlocks
 from .errors import DataError
-from .harness import run_tasks
+from .harness import TaskOptions, run_tasks
 from .parallel import dist
 from .parallel.precision import Precision
 from .progress import progress_bar
@@ -60,8 +60,9 @@ def parse_args(argv):
 def evaluate(argv: list[str] | None) -> int:
     args = parse_args(argv)
     if args.tasks:
-        run_tasks(args.run or args.checkpoint or args.model, args.tasks, args.include_path, args.limit,
-                  args.num_fewshot, args.batch_size, args.device, args.precision, args.output)
+        run_tasks(args.run or args.checkpoint or args.model,
+                  TaskOptions(args.tasks, args.include_path, args.limit, args.num_fewshot, args.batch_size,
+                              args.device, args.precision, args.output))
         return 0
     env = dist.init(args.device)
     args.quiet = args.quiet or not env.is_main  # one progress bar: rank 0's

@@ -13,36 +13,37 @@ TensorBoard logs to runs/cpu/ and resumes from that run's latest checkpoint when
 
 from __future__ import annotations
 
-from dist_gpt.training import faults
+from .training.signals import StopSignals
 
 # Stop handlers before anything heavy: a signal that arrives while torch imports must not kill a rank.
-EARLY_STOP = faults.StopSignals().install() if __name__ == "__main__" else None
+EARLY_STOP = StopSignals().install() if __name__ == "__main__" else None
 
 import sys  # noqa: E402  (after the handlers, on purpose)
 
 from . import config as config_mod  # noqa: E402
-from dist_gpt.parallel import dist  # noqa: E402
-from dist_gpt.training import runlock  # noqa: E402
-from dist_gpt.training.faults import Verdict  # noqa: E402
-from dist_gpt.training.run_files import describe_run, write_final  # noqa: E402
-from dist_gpt.training.trainer import Trainer, build  # noqa: E402
+from .convert.weights import InitFrom  # noqa: E402
+from .parallel import dist  # noqa: E402
+from .training import runlock  # noqa: E402
+from .training.faults import Verdict, named_collective_failures  # noqa: E402
+from .training.run_files import describe_run, write_final  # noqa: E402
+from .training.trainer import Trainer, build  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:
-    stop = EARLY_STOP or faults.StopSignals().install()
+    stop = EARLY_STOP or StopSignals().install()
     dist.run_main(lambda args: run(args, stop), sys.argv[1:] if argv is None else argv)
 
 
-def run(argv: list[str], stop: faults.StopSignals) -> int:
+def run(argv: list[str], stop: StopSignals) -> int:
     """Parse, start the process group, build, train. Returns the exit status: 0 done (or stopped by a
     signal, with a checkpoint and a requeue marker), 3 stopped by the NaN policy."""
     cfg = config_mod.parse(argv, world=dist.launch_world())
     if cfg is None:  # --help
         return 0
     env = dist.init(cfg.train.device, cfg.train.timeout_s, cfg.train.threads, cfg.parallel.data)
-    with faults.named_collective_failures(env, cfg.train.timeout_s), \
+    with named_collective_failures(env, cfg.train.timeout_s), \
             runlock.held(cfg.run_dir, env, cfg.checkpoint.take_lock):  # one job per run directory
-        trainer = build(cfg, env, stop)
+        trainer = build(cfg, env, stop, init=InitFrom(cfg.train.init_from) if cfg.train.init_from else None)
         try:
             describe_run(cfg, env, trainer.model, trainer.batches.ds, trainer.log)
             return train(trainer, cfg.run_dir)

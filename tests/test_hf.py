@@ -447,9 +447,9 @@ print("ok")
 def test_evaluate_tasks_without_lm_eval_says_how_to_install(monkeypatch):
     import sys
 
-    from dist_gpt.harness import run_tasks
+    from dist_gpt.harness import TaskOptions, run_tasks
 
     monkeypatch.setitem(sys.modules, "lm_eval", None)
     with pytest.raises(ConfigError) as err:
-        run_tasks("runs/x", "hellaswag", None, None, None, 8, "cpu", "fp32", None)
+        run_tasks("runs/x", TaskOptions("hellaswag", batch_size=8, device="cpu"))
     assert "pip install 'dist_gpt[eval]'" in one_line(err)

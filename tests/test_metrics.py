@@ -10,7 +10,7 @@ from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 import dist_gpt.metrics as metrics
 from dist_gpt.errors import ConfigError
 from dist_gpt.parallel.dist import DistEnv
-from dist_gpt.metrics import (LogConfig, MetricsLogger, NullLogger, Throughput, device_peak_flops, format_duration,
+from dist_gpt.metrics import (LogConfig, QuietLogger, RunLogger, Throughput, device_peak_flops, format_duration,
                               format_value, make_logger, mfu, peak_flops_for_name, resolve_peak_flops)
 
 
@@ -50,17 +50,15 @@ def test_scalars_text_and_hparams_read_back(tmp_path):
 
 def test_non_main_ranks_stay_quiet(tmp_path, capsys):
     log = make_logger(tmp_path, LogConfig(), is_main=False, total_steps=10)
-    assert isinstance(log, NullLogger) and not isinstance(log, MetricsLogger)
-    quiet = MetricsLogger(tmp_path, LogConfig(), is_main=False, total_steps=10)
-    for logger in (log, quiet):
-        logger.scalars(1, {"train/loss": 1.0})
-        logger.console(1, {"loss": 1.0})
-        logger.text(1, "sample", "hi")
-        logger.hparams({"a": 1}, {"m": 1.0})
-        logger.print("hello")
-        logger.close()
-        logger.step(1, loss=1.0, lr=1e-3, grad_norm=1.0, step_time=0.1, data_time=0.0)
-        logger.eval(1, loss=1.0, bpb=1.0, blocks=1, best=1.0)
+    assert isinstance(log, QuietLogger) and not isinstance(log, RunLogger)
+    log.scalars(1, {"train/loss": 1.0})
+    log.console(1, {"loss": 1.0})
+    log.text(1, "sample", "hi")
+    log.hparams({"a": 1}, {"m": 1.0})
+    log.print("hello")
+    log.close()
+    log.step(1, loss=1.0, lr=1e-3, grad_norm=1.0, step_time=0.1, data_time=0.0)
+    log.eval(1, loss=1.0, bpb=1.0, blocks=1, best=1.0)
     assert capsys.readouterr().out == ""
     assert list(tmp_path.iterdir()) == []
 

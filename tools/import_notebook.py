@@ -5,7 +5,7 @@
     torchrun --standalone --nproc_per_node=8 -m dist_gpt.train --preset seed --data.path data/notebook \\
         --init-from runs/notebook-import   # printed for your model
 
-The pickle is read without running anything from it (see dist_gpt/notebook.py and
+The pickle is read without running anything from it (see dist_gpt/convert/notebook.py and
 docs/FROM-THE-NOTEBOOK.md); a file naming any other global is refused. Writes a weights-only
 checkpoint `OUT/checkpoints/step_0000000/` and `OUT/model.safetensors`; never overwrites them.
 """

@@ -16,7 +16,11 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
+from safetensors.torch import save_file
+
 from dist_gpt.errors import ConfigError
+
+from .hf.export import write_export
 from .weights import (
     EXPORT_FORMAT,
     KEY_CONFIG,
@@ -46,8 +50,6 @@ def export(checkpoint: str | Path, out: str | Path, which: str = "latest", force
     loaded = load_weights(checkpoint, which=which, option="--checkpoint", quiet=quiet)
     spec, tok_json = export_tokenizer(loaded)
     if fmt == "hf":
-        from .hf.export import write_export
-
         written = write_export(loaded, spec, tok_json, out, force)
         print(f"exported {loaded.source} (step {loaded.step}) as a Hugging Face model directory {out} "
               f"({', '.join(p.name for p in written)})")
@@ -74,8 +76,6 @@ def export_tokenizer(loaded) -> tuple[dict | None, str | None]:
 
 
 def _export_safetensors(loaded, spec: dict | None, tok_json: str | None, out: Path, force: bool) -> list[Path]:
-    from safetensors.torch import save_file
-
     tok_out = out.with_name(out.stem + ".tokenizer.json")
     written = [out] + ([tok_out] if tok_json is not None else [])
     for f in written:

@@ -9,8 +9,10 @@ of a world of 1 and starts no process group at all.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import datetime
 import os
+import platform
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -18,8 +20,10 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.nn.parallel import DistributedDataParallel as DDP
 
-from dist_gpt.errors import ConfigError, UserError
+from dist_gpt.errors import ConfigError, PeerLost, UserError
 
 
 @dataclass
@@ -85,9 +89,6 @@ def _keep_freed_memory(largest: int) -> None:
     the heap and never trimming it removes them; the process keeps its peak heap mapped, which the
     next step needs anyway. Linux with glibc only; elsewhere nothing changes.
     """
-    import ctypes
-    import platform
-
     if platform.libc_ver()[0] != "glibc":
         return
     try:
@@ -168,8 +169,6 @@ def device_mesh(env: DistEnv, cfg: ParallelConfig):
     (nothing to shard: the model is whole on its one device)."""
     if cfg.data == "ddp" or not env.distributed:
         return None
-    from torch.distributed.device_mesh import init_device_mesh
-
     shape = cfg.mesh_shape(env.world_size, env.local_world_size)
     names = ("shard",) if len(shape) == 1 else ("replicate", "shard")
     return init_device_mesh(env.device.type, shape, mesh_dim_names=names)
@@ -192,6 +191,7 @@ def parallelize(model: nn.Module, env: DistEnv, cfg: ParallelConfig, mesh, compi
     if mesh is None:
         fwd_model = torch.compile(model) if compile_model else model
         return fwd_model, wrap(fwd_model, env)
+    # start-up cost: FSDP2 adds ~3 s to a DDP run's start (python -X importtime, 2-core AMD EPYC)
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
     if compile_model:
@@ -214,6 +214,7 @@ def materialize(model: nn.Module, device: torch.device) -> None:
     order (so the random numbers are those an unsharded build with the same seed draws), and only
     this rank's share is kept: no rank ever holds the whole model.
     """
+    # start-up cost: DTensor comes with FSDP2 (~3 s), which a DDP run never loads
     from torch.distributed.tensor import DTensor
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
@@ -246,7 +247,7 @@ def _replay_construction_draws(model: nn.Module) -> None:
 
 def is_sharded(model: nn.Module) -> bool:
     """Whether forward passes of `model` are collective (fsdp/hsdp): every rank must run the same ones."""
-    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.fsdp import FSDPModule  # start-up cost: as in parallelize, ~3 s for FSDP2
 
     return isinstance(model, FSDPModule)
 
@@ -256,7 +257,7 @@ def no_grad_sync(model: nn.Module):
     """Backward passes inside accumulate gradients without reducing them over the ranks (every
     micro-step but the last one of a step). Under fsdp/hsdp the gradients then stay unsharded until
     the last micro-step: gradient accumulation costs a full gradient's memory per rank."""
-    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.fsdp import FSDPModule  # start-up cost: as in parallelize, ~3 s for FSDP2
 
     if isinstance(model, FSDPModule):
         model.set_requires_gradient_sync(False)
@@ -279,8 +280,6 @@ def wrap(model: nn.Module, env: DistEnv) -> nn.Module:
     """
     if not env.distributed:
         return model
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
     return DDP(model, device_ids=[env.local_rank] if env.device.type == "cuda" else None,
                gradient_as_bucket_view=True, bucket_cap_mb=25)
 
@@ -366,13 +365,11 @@ def run_main(run, argv: list[str]) -> None:
 
 def exit_code(run, argv: list[str]) -> int:
     """`run(argv)`'s exit code; a UserError becomes its one-line message and exit code 2, a lost peer
-    (faults.PeerLost) its message and 4 (the tests call entry points in-process through this).
+    (errors.PeerLost) its message and 4 (the tests call entry points in-process through this).
 
     A ConfigError raised before the process group exists comes from the command line, which every
     rank of a launch shares: only the launch's rank 0 prints it, so it appears once, first.
     """
-    from dist_gpt.training.faults import PeerLost
-
     try:
         return run(argv)
     except (UserError, PeerLost) as e:

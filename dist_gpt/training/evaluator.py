@@ -72,7 +72,7 @@ class Evaluator:
         self.last_step: int | None = None
         self.last_loss = float("nan")
         self.last_bpb = float("nan")
-        # eval.tasks: multiple-choice files, read and tokenized once (dist_gpt.tasks)
+        # eval.tasks: multiple-choice files, read and tokenized once (dist_gpt.training.tasks)
         self.tasks = load_tasks(cfg.tasks, val.ds.tokenizer, self.raw_model.cfg.block_size, val.ds.eot_id,
                                 val.batch_size)
 

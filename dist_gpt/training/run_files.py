@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from dist_gpt.errors import ConfigError
+from dist_gpt.parallel import dist
 
 
 def git_sha() -> str | None:
@@ -32,12 +33,8 @@ def git_sha() -> str | None:
         return None
 
 
-def resolve_model_config(model_cfg, data, init_from: str | None = None):
-    """A Hugging Face init_from directory gives the model (dist_gpt.hf.init_model_config); vocab_size
-    0 takes the dataset's; otherwise it must hold every token id of the dataset."""
-    from dist_gpt.convert.hf import init_model_config
-
-    model_cfg = init_model_config(model_cfg, init_from, data)
+def resolve_model_config(model_cfg, data):
+    """vocab_size 0 takes the dataset's; otherwise it must hold every token id of the dataset."""
     if model_cfg.vocab_size == 0:
         return dataclasses.replace(model_cfg, vocab_size=data.vocab_size)
     if model_cfg.vocab_size < data.vocab_size:
@@ -56,8 +53,6 @@ def _write_json(path: Path, obj) -> None:
 
 def make_run_dir(run_dir: Path, env) -> None:
     """Rank 0 creates the run directory; every rank learns the outcome and fails alike if it could not."""
-    from dist_gpt.parallel import dist
-
     error = None
     if env.is_main:
         try:

@@ -27,18 +27,23 @@ from pathlib import Path
 import torch
 from torch.profiler import record_function
 
-from dist_gpt.parallel import dist
-from dist_gpt.checkpoint import Checkpointer, ModelOptimizerState
-from dist_gpt.data import DataConfig, Dataset, TrainBatches, ValBlocks, ensure_default_dataset
-from dist_gpt.training.evaluator import Evaluator
-from .faults import FaultGuard, StopSignals, Verdict
-from dist_gpt.metrics import NullLogger, Throughput, make_logger
+from dist_gpt.checkpoint.manager import Checkpointer
+from dist_gpt.checkpoint.run_state import ConfigIdentity, DatasetIdentity, RunState
+from dist_gpt.checkpoint.state import ModelOptimizerState
+from dist_gpt.data.config import DataConfig
+from dist_gpt.data.dataset import Dataset
+from dist_gpt.data.default import ensure_default_dataset
+from dist_gpt.data.loader import TrainBatches, ValBlocks
+from dist_gpt.metrics import QuietLogger, RunLogger, Throughput, make_logger
 from dist_gpt.model.gpt import GPT
 from dist_gpt.optim.optimizers import LRSchedule, build_optimizers, clip_grad_norm
+from dist_gpt.parallel import dist
 from dist_gpt.parallel.precision import Precision
-from dist_gpt.checkpoint.run_state import ConfigIdentity, DatasetIdentity, RunState
-from dist_gpt.training.run_files import make_run_dir, resolve_model_config
-from dist_gpt.convert.weights import init_from
+
+from .evaluator import Evaluator
+from .faults import FaultGuard, Verdict
+from .run_files import make_run_dir, resolve_model_config
+from .signals import StopSignals
 
 
 @dataclass
@@ -55,7 +60,7 @@ class Trainer:
     evaluator: Evaluator
     checkpointer: Checkpointer
     guard: FaultGuard
-    log: NullLogger
+    log: RunLogger | QuietLogger
     rank: int = 0
     world_size: int = 1
     seed: int = 0                  # train.seed: dropout masks are a function of (seed, step, rank)
@@ -163,14 +168,17 @@ def use_compile(setting: bool | None, device: torch.device) -> bool:
 # Building
 
 
-def build(cfg, env: dist.DistEnv, stop: StopSignals, log: NullLogger | None = None) -> Trainer:
+def build(cfg, env: dist.DistEnv, stop: StopSignals, log: QuietLogger | None = None, init=None) -> Trainer:
     """Every component of a run, wired once, then restored: from checkpoint.resume's checkpoint when
-    there is one, else from train.init_from's weights when given. `log` replaces the run's logger
-    (the benchmarks pass a NullLogger)."""
+    there is one, else from train.init_from's weights. `init` reads those (the train command passes
+    dist_gpt.convert.weights.InitFrom(cfg.train.init_from), so this package never imports the
+    conversions). `log` replaces the run's logger (the benchmarks pass a QuietLogger)."""
     tc = cfg.train
+    if tc.init_from and init is None:
+        raise ValueError("train.init_from is set: pass init=dist_gpt.convert.weights.InitFrom(cfg.train.init_from)")
     torch.manual_seed(tc.seed)  # the model's initial weights
     data = open_dataset(cfg, env)
-    cfg.model = resolve_model_config(cfg.model, data, tc.init_from)
+    cfg.model = resolve_model_config(init.model_config(cfg.model, data) if init else cfg.model, data)
     precision = Precision(tc.precision, env.device)
     model, fwd_model, train_model = build_model(cfg, env, precision.name)
     optimizers = build_optimizers(model, cfg.optim, env.device, exact=precision.name == "fp32",
@@ -195,7 +203,7 @@ def build(cfg, env: dist.DistEnv, stop: StopSignals, log: NullLogger | None = No
                      "run": state, "batches": batches, "precision": precision},
         val_loss=evaluator.loss_at)
     guard = FaultGuard(tc, env, stop, state, checkpointer.rollback, log)
-    restore(checkpointer, model, tc.init_from, state, batches, log)
+    restore(checkpointer, model, init, state, batches, log)
     return Trainer(model=model, train_model=train_model, optimizers=optimizers,
                    schedule=LRSchedule(cfg.optim, tc.steps), precision=precision, batches=batches, state=state,
                    evaluator=evaluator, checkpointer=checkpointer, guard=guard, log=log, rank=env.rank,
@@ -232,13 +240,12 @@ def open_dataset(cfg, env: dist.DistEnv) -> Dataset:
     return Dataset.open(path, verify=cfg.data.verify)
 
 
-def restore(checkpointer: Checkpointer, model: GPT, init_weights: str | None, state: RunState,
-            batches: TrainBatches, log) -> None:
+def restore(checkpointer: Checkpointer, model: GPT, init, state: RunState, batches: TrainBatches, log) -> None:
     """checkpoint.resume first; a fresh run with train.init_from starts from those weights instead."""
     path = checkpointer.restore()
     if path is not None:
         log.print(f"resumed from {path} at step {state.step} ({state.tokens:,} tokens, "
                   f"global batch {batches.position})")
-    elif init_weights:
-        init_from(init_weights, model)
-        log.print(f"initialised the weights from {init_weights} (fresh optimizer, step 0)")
+    elif init is not None:
+        init.load_into(model)
+        log.print(f"initialised the weights from {init.source} (fresh optimizer, step 0)")
