@@ -39,7 +39,7 @@ def _env(extra: dict | None = None) -> dict:
 def export_main(argv: list[str]) -> int:
     """`python -m dist_gpt.export ARGV` in this process: its exit code (the entry point itself ends
     the process through dist.run_main)."""
-    from dist_gpt.convert import export
+    from dist_gpt import export
     from dist_gpt.parallel.dist import exit_code
 
     return exit_code(export.run, argv)
