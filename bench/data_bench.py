@@ -1,9 +1,9 @@
 """Data layer benchmark: prepare throughput per tokenizer, and sampler throughput.
 
-    python bench/data_bench.py                    # everything (about a minute on 2 cores)
-    python bench/data_bench.py --skip-prepare     # the sampler only
-    python bench/data_bench.py --skip-prepare --mixture   # and a 3-source data.mix against one source
-    python bench/data_bench.py --bpe 8192 --workdir /tmp/data_bench
+    python -m bench.data_bench                    # everything (about a minute on 2 cores)
+    python -m bench.data_bench --skip-prepare     # the sampler only
+    python -m bench.data_bench --skip-prepare --mixture   # and a 3-source data.mix against one source
+    python -m bench.data_bench --bpe 8192 --workdir /tmp/data_bench
 
 Prepare: MB/s of `prepare` (encode phase, the default worker count) for each tokenizer on the
 stdlib corpus, next to the tokenizer library alone on the same texts in one process (HF
@@ -29,10 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from dist_gpt.data.sources import stdlib_inputs  # noqa: E402
-from dist_gpt.errors import DataError  # noqa: E402
+from dist_gpt.data.sources import stdlib_inputs
+from dist_gpt.errors import DataError
 
 B, T = 12, 1024
 

@@ -1,10 +1,10 @@
 """Document-aware training on this machine: validation loss with and without blocks aligned to
 document starts (data.align=document) and attention kept inside documents (model.doc_mask).
 
-    python bench/doc_bench.py                                  # both corpora, 3 seeds (~40 min on 2 idle cores)
-    python bench/doc_bench.py --corpus paragraphs --seeds 1    # one corpus, one seed
-    python bench/doc_bench.py --results runs/doc_bench.json
-    python bench/doc_bench.py --from-results runs/doc_bench.json   # report again, train nothing
+    python -m bench.doc_bench                                  # both corpora, 3 seeds (~40 min on 2 idle cores)
+    python -m bench.doc_bench --corpus paragraphs --seeds 1    # one corpus, one seed
+    python -m bench.doc_bench --results runs/doc_bench.json
+    python -m bench.doc_bench --from-results runs/doc_bench.json   # report again, train nothing
 
 Every run is the real training job (`python -m dist_gpt.train`, one process, one CPU thread) with
 the `cpu` preset's modern recipe, as bench/recipe_bench.py runs it (4 layers, 4 heads, 128 wide,
@@ -43,10 +43,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
-from bench.prose_corpus import check_size, write_corpus  # noqa: E402
-from bench.recipe_bench import Run, _run_quiet, bench_arguments, describe_data, prepare_stdlib, train  # noqa: E402
+from bench.prose_corpus import check_size, write_corpus
+from bench.recipe_bench import Run, _run_quiet, bench_arguments, describe_data, prepare_stdlib, train
 
 STEPS = 250
 EVAL_INTERVAL = 100

@@ -1,11 +1,11 @@
 """How exactly dist_gpt computes Hugging Face models, at real model shapes (numbers for docs/INTEROP.md).
 
-    python bench/hf_parity.py                  # GPT-2 small, Qwen3-0.6B and Llama-GQA shapes, both ways
-    python bench/hf_parity.py --tokens 128     # shorter sequences (faster)
+    python -m bench.hf_parity                  # GPT-2 small, Qwen3-0.6B and Llama-GQA shapes, both ways
+    python -m bench.hf_parity --tokens 128     # shorter sequences (faster)
 
 Import: a transformers model of each shape, with transformers' own random initialisation plus
 noise of std 0.02 on every parameter (so norms and biases are not trivial), saved with
-save_pretrained, read by dist_gpt.hf and compared with transformers in fp32 on 2 random sequences:
+save_pretrained, read by dist_gpt.convert.hf and compared with transformers in fp32 on 2 random sequences:
 the largest |logit difference|, the largest logit (for scale) and whether greedy generation of 32
 tokens through dist_gpt's KV cache equals transformers' generate. Export: the same for
 dist_gpt's gpt2-124m preset in both recipes (GPT-2 and Qwen3), initialised with noise likewise,
@@ -16,20 +16,18 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from dist_gpt import config as config_mod  # noqa: E402
-from dist_gpt.convert.hf.export import write_export  # noqa: E402
-from dist_gpt.model.gpt import GPT  # noqa: E402
-from dist_gpt.convert.weights import LoadedWeights, load_weights  # noqa: E402
+from dist_gpt import config as config_mod
+from dist_gpt.convert.hf.export import write_export
+from dist_gpt.model.gpt import GPT
+from dist_gpt.convert.weights import LoadedWeights, load_weights
 
 
 def noisy(model, seed: int = 0):

@@ -1,11 +1,11 @@
 """Memory per rank under ddp and fsdp at 1, 2 and 4 ranks, counted from the tensors each rank holds.
 
-    python bench/memory_bench.py                                  # ~110M-parameter GPT, ddp and fsdp at 1, 2, 4 ranks
-    python bench/memory_bench.py --ranks 2 --layouts ddp fsdp --steps 4
-    python bench/memory_bench.py -- --model.n_layer=6            # anything after -- goes to the trainer's config
+    python -m bench.memory_bench                                  # ~110M-parameter GPT, ddp and fsdp at 1, 2, 4 ranks
+    python -m bench.memory_bench --ranks 2 --layouts ddp fsdp --steps 4
+    python -m bench.memory_bench -- --model.n_layer=6            # anything after -- goes to the trainer's config
 
 Each (layout, ranks) pair is its own `torchrun --standalone` job running this file as a worker. A
-worker builds the trainer exactly as `python -m dist_gpt.train` does (`dist_gpt.trainer.build`, a
+worker builds the trainer exactly as `python -m dist_gpt.train` does (`dist_gpt.training.trainer.build`, a
 scratch run directory, a quiet logger) and reports, for every rank:
 
     params, grads, optimizer   bytes of the tensors this rank holds (a DTensor's local shard), the
@@ -39,7 +39,6 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 MODEL = ["--preset", "cpu", "--recipe", "classic", "--model.n_layer=12", "--model.n_head=12", "--model.n_embd=768",
          "--model.vocab_size=32768", "--model.block_size=256", "--train.precision=fp32", "--train.micro_batch=1",
@@ -63,8 +62,8 @@ def worker(out: Path, argv: list[str], steps: int) -> None:
 
     from dist_gpt import config
     from dist_gpt.parallel import dist
-    from dist_gpt.training.faults import StopSignals
-    from dist_gpt.metrics import NullLogger
+    from dist_gpt.training.signals import StopSignals
+    from dist_gpt.metrics import QuietLogger
     from dist_gpt.training.trainer import build, forward_backward, zero_grads
 
     cfg = config.parse(argv, world=dist.launch_world())
@@ -72,7 +71,7 @@ def worker(out: Path, argv: list[str], steps: int) -> None:
     cfg.train.run_dir = dist.from_rank0(tempfile.mkdtemp(prefix="dist_gpt-membench-") if env.is_main else None)
     cfg.checkpoint.interval, cfg.checkpoint.resume = 0, "none"
     baseline = _rss_bytes()
-    t = build(cfg, env, StopSignals(), log=NullLogger(cfg.log, cfg.train.steps))
+    t = build(cfg, env, StopSignals(), log=QuietLogger(cfg.log, cfg.train.steps))
     params = sum(_local_bytes(p) for p in t.model.parameters())
 
     saved: dict[int, int] = {}
@@ -111,7 +110,7 @@ def worker(out: Path, argv: list[str], steps: int) -> None:
 def run_one(layout: str, ranks: int, argv: list[str], steps: int) -> list[dict]:
     with tempfile.TemporaryDirectory() as out:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",
-               __file__, "--worker", out, "--steps", str(steps), "--", *argv, f"--parallel.data={layout}",
+               "-m", "bench.memory_bench", "--worker", out, "--steps", str(steps), "--", *argv, f"--parallel.data={layout}",
                f"--train.global_batch={ranks}"]
         env = {**os.environ, "PYTHONPATH": str(REPO)}
         proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)

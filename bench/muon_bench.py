@@ -1,10 +1,10 @@
 """Muon's cost at the CPU benchmark shape: Newton-Schulz time per step, and the modern/classic
-step-time ratio, before (torch.optim.Muon, one matrix at a time) and after (dist_gpt.muon, batched).
+step-time ratio, before (torch.optim.Muon, one matrix at a time) and after (dist_gpt.optim.muon, batched).
 
-    python bench/muon_bench.py                                   # the cpu preset, 4 x 4 x 128, context 64, batch 12
-    python bench/muon_bench.py --train.threads=1 --train.precision=bf16 --rounds 20
-    python bench/muon_bench.py --optimizer-only                  # part 1 only (no training steps)
-    torchrun --standalone --nproc_per_node=2 bench/muon_bench.py --train.micro_batch=6   # DDP: each rank's share
+    python -m bench.muon_bench                                   # the cpu preset, 4 x 4 x 128, context 64, batch 12
+    python -m bench.muon_bench --train.threads=1 --train.precision=bf16 --rounds 20
+    python -m bench.muon_bench --optimizer-only                  # part 1 only (no training steps)
+    torchrun --standalone --nproc_per_node=2 -m bench.muon_bench --train.micro_batch=6   # DDP: each rank's share
 
 The shape is the CPU benchmark's (`--preset cpu --model.block_size=64 --train.global_batch=12
 --train.micro_batch=12 --model.vocab_size=0`); any `--section.key=value` of `python -m
@@ -13,14 +13,14 @@ same for every variant; in an fp32 run (`train.precision` fp32, or auto on a CPU
 bf16) Newton-Schulz runs in fp32, as the trainer does, else in torch's bf16.
 
 1. The Muon step alone, on the model's block matrices with fixed random gradients: `before` is
-   torch.optim.Muon as dist_gpt ran it until dist_gpt.muon (fp32 runs: with the fp32 iteration in
-   place of torch's bf16 one), `one by one` is dist_gpt.muon with batched=False, `batched` its
-   default. Under torchrun, dist_gpt.muon divides the work among the ranks (the DDP group) and
+   torch.optim.Muon as dist_gpt ran it until dist_gpt.optim.muon (fp32 runs: with the fp32 iteration in
+   place of torch's bf16 one), `one by one` is dist_gpt.optim.muon with batched=False, `batched` its
+   default. Under torchrun, dist_gpt.optim.muon divides the work among the ranks (the DDP group) and
    `before` does all of it on every rank. Printed: ms per step in Newton-Schulz and in the whole
    step (medians over --rounds rounds of --steps steps, the variants' order rotating each round),
    and whether the variants' weights stayed bit for bit equal.
 2. Training steps (bench/train_bench.py's sides, the trainer's own step functions): classic,
-   modern with `before`, modern with dist_gpt.muon, alternating --chunk steps at a time; printed:
+   modern with `before`, modern with dist_gpt.optim.muon, alternating --chunk steps at a time; printed:
    ms per step and the modern/classic ratio of each (medians of the per-round ratios).
 """
 
@@ -31,22 +31,19 @@ import statistics
 import sys
 import time
 from functools import partial
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `bench.` imports when run as a script
-
-from bench.train_bench import build_side, describe_machine  # noqa: E402
-from dist_gpt import config as config_mod  # noqa: E402
-from dist_gpt.parallel import dist  # noqa: E402
-from dist_gpt.errors import ConfigError  # noqa: E402
-from dist_gpt.model.gpt import GPT  # noqa: E402
-from dist_gpt.optim.muon import Muon, newton_schulz  # noqa: E402
-from dist_gpt.optim.optimizers import split_params  # noqa: E402
-from dist_gpt.parallel.precision import Precision  # noqa: E402
-from dist_gpt.training.run_files import resolve_model_config  # noqa: E402
-from dist_gpt.training.trainer import open_dataset  # noqa: E402
+from bench.train_bench import build_side, describe_machine
+from dist_gpt import config as config_mod
+from dist_gpt.parallel import dist
+from dist_gpt.errors import ConfigError
+from dist_gpt.model.gpt import GPT
+from dist_gpt.optim.muon import Muon, newton_schulz
+from dist_gpt.optim.optimizers import split_params
+from dist_gpt.parallel.precision import Precision
+from dist_gpt.training.run_files import resolve_model_config
+from dist_gpt.training.trainer import open_dataset
 
 SHAPE = ["--preset", "cpu", "--model.block_size=64", "--train.global_batch=12", "--train.micro_batch=12",
          "--model.vocab_size=0"]
@@ -72,7 +69,7 @@ class Timer:
 
 
 class BeforeMuon(torch.optim.Muon if hasattr(torch.optim, "Muon") else torch.optim.Optimizer):
-    """torch.optim.Muon as dist_gpt's trainer ran it before dist_gpt.muon: in fp32 runs with torch's
+    """torch.optim.Muon as dist_gpt's trainer ran it before dist_gpt.optim.muon: in fp32 runs with torch's
     private Newton-Schulz swapped for the same iteration in fp32 (then called ExactMuon)."""
 
     def __init__(self, param_groups: list[dict], ns_dtype: torch.dtype, timer: Timer):
@@ -172,7 +169,7 @@ def training_steps(cl, env, ns_dtype, args, say) -> None:
     after = build_side("C", "train.recipe=modern", cl, env, data, total)
     if env.distributed:  # the DDP group, among which Muon divides its work
         after.trainer.optimizers[1].process_group = torch.distributed.group.WORLD
-    sides["modern, dist_gpt.muon"] = after
+    sides["modern, dist_gpt.optim.muon"] = after
     names = list(sides)
     for side in sides.values():
         side.run(args.warmup, count_data=False)
@@ -190,7 +187,7 @@ def training_steps(cl, env, ns_dtype, args, say) -> None:
 
 
 def parse_args(argv: list[str]):
-    p = argparse.ArgumentParser(prog="python bench/muon_bench.py", allow_abbrev=False,
+    p = argparse.ArgumentParser(prog="python -m bench.muon_bench", allow_abbrev=False,
                                 description=__doc__.split("\n\n")[0],
                                 epilog="Any other option is a dist_gpt.train option (--section.key=value); the "
                                        "defaults are the CPU benchmark shape: " + " ".join(SHAPE))

@@ -1,9 +1,9 @@
 """A natural-language prose corpus assembled from the licence texts already on this machine.
 
-    python bench/prose_corpus.py --out data/recipe_bench/prose.jsonl       # then, as recipe_bench does:
+    python -m bench.prose_corpus --out data/recipe_bench/prose.jsonl       # then, as recipe_bench does:
     python -m tools.prepare data/recipe_bench/prose.jsonl --tokenizer char --val-split 0.1 \
         --out data/recipe_bench/prose
-    python bench/prose_corpus.py --paragraphs --out data/doc_bench/paragraphs.jsonl   # short documents
+    python -m bench.prose_corpus --paragraphs --out data/doc_bench/paragraphs.jsonl   # short documents
 
 English legal prose, one document per licence text, taken in this fixed order until the corpus
 holds `TARGET_CHARS` characters (aiming above MIN_CHARS, 1M, on a machine with enough licence text;

@@ -1,10 +1,10 @@
 """Classic vs modern training recipe: validation loss against training wall time, on this machine.
 
-    python bench/recipe_bench.py                               # both corpora, 3 seeds (~35 min on 2 cores)
-    python bench/recipe_bench.py --corpus prose --seeds 1      # one corpus, one seed
-    python bench/recipe_bench.py --plot docs/recipes.png --results runs/recipe_bench.json
-    python bench/recipe_bench.py --sweep --corpus stdlib       # the learning-rate sweeps (~9 min each)
-    python bench/recipe_bench.py --from-results a.json b.json --plot docs/recipes.png   # report again
+    python -m bench.recipe_bench                               # both corpora, 3 seeds (~35 min on 2 cores)
+    python -m bench.recipe_bench --corpus prose --seeds 1      # one corpus, one seed
+    python -m bench.recipe_bench --plot docs/recipes.png --results runs/recipe_bench.json
+    python -m bench.recipe_bench --sweep --corpus stdlib       # the learning-rate sweeps (~9 min each)
+    python -m bench.recipe_bench --from-results a.json b.json --plot docs/recipes.png   # report again
 
 Every run is the real training job (`python -m dist_gpt.train`, one process) with `--recipe
 classic` or `--recipe modern` as the `cpu` preset defines them (dist_gpt/presets.py, with their
@@ -58,9 +58,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
-from bench.prose_corpus import check_size, write_corpus  # noqa: E402
+from bench.prose_corpus import check_size, write_corpus
 
 CLASSIC_STEPS = 2000
 MODERN_SHORT_LADDER = (300, 400, 500, 650, 850)

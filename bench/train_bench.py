@@ -1,19 +1,19 @@
 """Training throughput of dist_gpt's real step: tokens/s, ms/step, MFU, data wait, peak memory, A/B ratios.
 
-    python bench/train_bench.py --preset debug                                  # a few steps, CI-sized
-    python bench/train_bench.py --preset cpu --recipe classic --model.block_size=64 \\
+    python -m bench.train_bench --preset debug                                  # a few steps, CI-sized
+    python -m bench.train_bench --preset cpu --recipe classic --model.block_size=64 \\
         --train.global_batch=12 --train.micro_batch=12 --model.vocab_size=0 \\
         --data.path=data/nodejs_char --compare reference dist_gpt --steps 300 --chunk 20
-    python bench/train_bench.py ... --compare train.precision=fp32 train.precision=bf16
-    python bench/train_bench.py ... --compare train.compile=false train.compile=true --warmup 20
-    python bench/train_bench.py ... --compare reference dist_gpt --steps 2000 --train.steps=2000 --eval-full
-    python bench/train_bench.py ... --profile runs/profile     # then: tensorboard --logdir runs/profile
-    torchrun --standalone --nproc_per_node=2 bench/train_bench.py --preset debug --compare reference dist_gpt
-    python bench/train_bench.py --preset gpt2-124m --data.path=data/stdlib       # one GPU, any local tokens
+    python -m bench.train_bench ... --compare train.precision=fp32 train.precision=bf16
+    python -m bench.train_bench ... --compare train.compile=false train.compile=true --warmup 20
+    python -m bench.train_bench ... --compare reference dist_gpt --steps 2000 --train.steps=2000 --eval-full
+    python -m bench.train_bench ... --profile runs/profile     # then: tensorboard --logdir runs/profile
+    torchrun --standalone --nproc_per_node=2 -m bench.train_bench --preset debug --compare reference dist_gpt
+    python -m bench.train_bench --preset gpt2-124m --data.path=data/stdlib       # one GPU, any local tokens
 
 Every `--section.key=value`, `--preset`, `--recipe` and `--config` means what it means to
 `python -m dist_gpt.train`; the rest are the benchmark's own (see --help). A dist_gpt side is the
-trainer itself: `dist_gpt.trainer.build` makes its components (model, optimizers, schedule,
+trainer itself: `dist_gpt.training.trainer.build` makes its components (model, optimizers, schedule,
 precision, batches over a real dataset, torch.compile, DDP, fault guard) and the benchmark calls
 `Trainer.step()`, minus evaluation and checkpoints, which the training loop runs only every so many
 steps, and with a quiet logger.
@@ -45,21 +45,20 @@ from pathlib import Path
 import torch
 from torch.profiler import record_function
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `bench.` imports when run as a script
-
-from bench.reference_gpt import ReferenceGPT, ReferenceTrainer  # noqa: E402
-from dist_gpt import config as config_mod  # noqa: E402
-from dist_gpt.parallel import dist  # noqa: E402
-from dist_gpt.training import faults  # noqa: E402
-from dist_gpt.data import TrainBatches, ValBlocks  # noqa: E402
-from dist_gpt.errors import ConfigError  # noqa: E402
-from dist_gpt.training.evaluator import validation_loss  # noqa: E402
-from dist_gpt.training.faults import Verdict  # noqa: E402
-from dist_gpt.metrics import NullLogger, mfu, peak_memory_gib, resolve_peak_flops  # noqa: E402
-from dist_gpt.model.gpt import GPT  # noqa: E402
-from dist_gpt.parallel.precision import Precision  # noqa: E402
-from dist_gpt.training.run_files import resolve_model_config  # noqa: E402
-from dist_gpt.training.trainer import build, open_dataset, use_compile  # noqa: E402
+from bench.reference_gpt import ReferenceGPT, ReferenceTrainer
+from dist_gpt import config as config_mod
+from dist_gpt.parallel import dist
+from dist_gpt.training.signals import StopSignals
+from dist_gpt.data import TrainBatches, ValBlocks
+from dist_gpt.errors import ConfigError
+from dist_gpt.training.evaluator import validation_loss
+from dist_gpt.training.faults import Verdict
+from dist_gpt.metrics import QuietLogger, mfu, peak_memory_gib, resolve_peak_flops
+from dist_gpt.model.gpt import GPT
+from dist_gpt.parallel.precision import Precision
+from dist_gpt.training.run_files import resolve_model_config
+from dist_gpt.parallel.dist import use_compile
+from dist_gpt.training.trainer import build, open_dataset
 
 
 def _no_label(name: str):
@@ -117,7 +116,7 @@ class Side:
 
 
 class DistGPTSide(Side):
-    """dist_gpt exactly as `python -m dist_gpt.train` builds and steps it (`dist_gpt.trainer.build` and
+    """dist_gpt exactly as `python -m dist_gpt.train` builds and steps it (`dist_gpt.training.trainer.build` and
     `Trainer.step`), with a quiet logger, a scratch run directory and no checkpoints; evaluation is
     left to --eval-full. A non-finite loss stops the benchmark (the trainer's default nan_policy)."""
 
@@ -126,7 +125,7 @@ class DistGPTSide(Side):
         cfg.train.run_dir = dist.from_rank0(tempfile.mkdtemp(prefix="dist_gpt-bench-") if env.is_main else None)
         cfg.checkpoint.interval, cfg.checkpoint.resume = 0, "none"
         # never signalled here, but agreed on every step as in training
-        self.trainer = build(cfg, env, faults.StopSignals(), log=NullLogger(cfg.log, total_steps))
+        self.trainer = build(cfg, env, StopSignals(), log=QuietLogger(cfg.log, total_steps))
         super().__init__(label, name, cfg, env, self.trainer.precision.name)
 
     def describe(self) -> str:
@@ -214,7 +213,7 @@ def _reference_compatible(m) -> bool:
 
 
 def parse_args(argv: list[str]):
-    p = argparse.ArgumentParser(prog="python bench/train_bench.py", allow_abbrev=False,
+    p = argparse.ArgumentParser(prog="python -m bench.train_bench", allow_abbrev=False,
                                 description=__doc__.split("\n\n")[0],
                                 epilog="Any other option is a dist_gpt.train option: --preset, --recipe, "
                                        "--config, --section.key=value.")

@@ -29,18 +29,41 @@ from pathlib import Path
 from typing import Any
 
 from .checkpoint.config import CheckpointConfig
-from .data import DataConfig
-from dist_gpt.parallel.dist import ParallelConfig
+from .data.config import DataConfig
+from .data.mixspec import format_mix, format_phases, parse_mix, parse_phases
 from .errors import ConfigError
+from .memory import dry_run_report
 from .metrics import LogConfig
-from dist_gpt.model.gpt import GPTConfig
-from dist_gpt.optim.optimizers import OptimConfig
-from dist_gpt.training.profiler import parse_window
+from .model.gpt import GPTConfig
+from .optim.optimizers import OptimConfig
+from .parallel.dist import ParallelConfig
+from .presets import PRESETS, preset_overrides
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
+
+
+
+def parse_window(text: str | None) -> tuple[int, int] | None:
+    """'10:15' -> (10, 15); None stays None; anything else is a ConfigError naming the option."""
+    if text is None:
+        return None
+    start, colon, stop = str(text).partition(":")
+    try:
+        window = int(start), int(stop)
+    except ValueError:
+        window = None
+    if not colon or window is None or window[0] < 0:
+        raise ConfigError(f"train.profile={text!r} must be START:STOP, two step numbers with 0 <= START < STOP "
+                          "(e.g. --train.profile=10:15 records steps 10 to 14)")
+    if window[0] >= window[1]:
+        what = "an empty" if window[0] == window[1] else "a reversed"
+        low, high = min(window), max(window)
+        raise ConfigError(f"train.profile={text!r} is {what} range: give START < STOP "
+                          f"(e.g. --train.profile={low}:{max(high, low + 1)} records steps {low} to {max(high, low + 1) - 1})")
+    return window
 
 
 @dataclass
@@ -115,7 +138,7 @@ class EvalConfig:
     prompt: str = field(default="\n", metadata={"help": "fixed prompt of the evaluation samples"})
     temperature: float = field(default=0.8, metadata={"help": "sampling temperature of the evaluation samples"})
     top_k: int | None = field(default=200, metadata={"help": "top-k of the evaluation samples (none = off)"})
-    tasks: str | None = field(default=None, metadata={"help": "comma-separated multiple-choice .jsonl files (HellaSwag layout: context, endings, label) scored at every evaluation, split across ranks; logged as val/<file name>/acc and acc_norm (lm-eval's definitions, see dist_gpt/tasks.py)"})
+    tasks: str | None = field(default=None, metadata={"help": "comma-separated multiple-choice .jsonl files (HellaSwag layout: context, endings, label) scored at every evaluation, split across ranks; logged as val/<file name>/acc and acc_norm (lm-eval's definitions, see dist_gpt/training/tasks.py)"})
 
     def __post_init__(self) -> None:
         if self.interval < 0 or self.sample_tokens < 0:
@@ -300,8 +323,6 @@ def _flatten(tree: dict[str, Any], origin: str) -> dict[str, Any]:
 
 
 def _table_forms() -> dict:
-    from .data.mixspec import format_mix, format_phases
-
     return {"data.mix": format_mix, "data.mix_phases": format_phases}
 
 
@@ -385,8 +406,6 @@ def parse_argv(argv: list[str]) -> CommandLine:
 
 def build(preset: str = "cpu", file: str | None = None, overrides: dict[str, Any] | None = None) -> Config:
     """Resolve preset -> recipe bundle -> preset keys -> TOML file -> overrides into a Config."""
-    from .presets import preset_overrides
-
     flat: dict[str, Any] = {}
     file_flat = load_toml(file) if file else {}
     cli = dict(overrides or {})
@@ -411,8 +430,6 @@ def build(preset: str = "cpu", file: str | None = None, overrides: dict[str, Any
 def _check_phases(data, train) -> None:
     """A phase must start inside the run: from a position below train.steps."""
     if data.mix and data.mix_phases:
-        from .data.mixspec import parse_mix, parse_phases
-
         for position, _ in parse_phases(data.mix_phases, [s.name for s in parse_mix(data.mix)]):
             if position >= train.steps:
                 raise ConfigError(f"data.mix_phases: the phase from {position} starts at or after train.steps="
@@ -433,16 +450,12 @@ def parse(argv: list[str] | None = None, world: tuple[int, int] = (1, 1)) -> Con
     cfg.train.grad_accum(world[0])
     cfg.parallel.check_launch(*world)
     if cl.dry_run:
-        from .memory import dry_run_report
-
         print(dry_run_report(cfg, world[0], world[1], cl.dry_run_memory))
         return None
     return cfg
 
 
 def help_text(cfg: Config) -> str:
-    from .presets import PRESETS
-
     lines = [
         "usage: torchrun --nproc_per_node=N -m dist_gpt.train [--preset NAME] [--config FILE] [--section.key=value ...]",
         "",

@@ -45,3 +45,10 @@ class Hang(Refusal):
     are on file, and the watchdog thread ends the process with this status."""
 
     exit_code = 6
+
+
+class PeerLost(Refusal):
+    """A collective failed or timed out because another rank went away (exit status 4); the heartbeat
+    (dist_gpt.training.faults) names it."""
+
+    exit_code = 4

@@ -17,6 +17,7 @@ import argparse
 import shlex
 import sys
 
+from dist_gpt.convert.notebook import import_notebook
 from dist_gpt.errors import UserError
 
 
@@ -33,8 +34,6 @@ def parse_args(argv: list[str] | None):
 
 
 def main(argv: list[str] | None = None) -> int:
-    from dist_gpt.convert.notebook import import_notebook
-
     args = parse_args(argv)
     try:
         r = import_notebook(args.pickle, args.vocab, args.out)

@@ -36,9 +36,9 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-
 from .metrics import format_params, format_value
-from dist_gpt.model.gpt import GPT, GPTConfig
+from .model.gpt import GPT, GPTConfig
+from .parallel.precision import resolve_precision
 
 GIB = 2**30
 _PROBE_VOCAB = 64
@@ -186,8 +186,6 @@ def dry_run_report(cfg, world: int, local_world: int, device_gib: float | None) 
     """What `--dry-run` prints: the run's size and each layout's memory per rank, with and without
     activation checkpointing, and whether it fits `device_gib`. For the device the run would use
     (`--train.device=cuda` plans a GPU run from a machine without one)."""
-    from dist_gpt.parallel.precision import resolve_precision
-
     with torch.device("meta"):
         model = GPT(cfg.model)
     device = cfg.train.device if cfg.train.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")

@@ -1,7 +1,7 @@
 """Metrics: TensorBoard scalars, text and hparams, a console line with an ETA, and MFU (section `log`).
 
-Only rank 0 logs: `make_logger(...)` returns a `MetricsLogger` there and a `NullLogger` (same
-methods, does nothing) on every other rank, so the training loop never branches on rank.
+Only rank 0 logs: `make_logger(...)` returns a `RunLogger` there and a `QuietLogger` (same
+methods, logs nothing) on every other rank, so the training loop never branches on rank.
 TensorBoard events go into the run directory itself, so `tensorboard --logdir runs` names each run
 by its directory (a run begun by an earlier version keeps its `tensorboard/` subdirectory). Each
 scalar carries its unit in its description (and the losses in their display names; tags made at
@@ -27,8 +27,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from tensorboard.compat.proto.summary_pb2 import DATA_CLASS_SCALAR, Summary, SummaryMetadata
+from tensorboard.compat.proto.tensor_pb2 import TensorProto
+from tensorboard.compat.proto.types_pb2 import DT_FLOAT
+from tensorboard.plugins.hparams import api_pb2, metadata
+from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData, SessionStartInfo
 
 from dist_gpt.errors import ConfigError
+from dist_gpt.wandb_sink import WandbSink
 
 
 @dataclass
@@ -48,7 +54,7 @@ class LogConfig:
             raise ConfigError(f"log.peak_tflops={self.peak_tflops} must be > 0 (or unset)")
         if self.wandb:
             try:
-                import wandb  # noqa: F401  (checked here, where the option is, before any rank starts work)
+                import wandb  # noqa: F401  (optional: checked here, where the option is, before any rank starts work)
             except ImportError:
                 raise ConfigError("log.wandb=true needs the wandb package: pip install 'dist_gpt[wandb]' "
                                   "(or drop --log.wandb)") from None
@@ -252,8 +258,6 @@ def tensorboard_dir(run_dir: str | Path) -> Path:
 
 
 def _plugin_summary(tag: str, plugin: str, content: bytes, display_name: str = "", description: str = ""):
-    from tensorboard.compat.proto.summary_pb2 import Summary, SummaryMetadata
-
     meta = SummaryMetadata(plugin_data=SummaryMetadata.PluginData(plugin_name=plugin, content=content),
                            display_name=display_name, summary_description=description)
     return Summary(value=[Summary.Value(tag=tag, metadata=meta)])
@@ -262,9 +266,6 @@ def _plugin_summary(tag: str, plugin: str, content: bytes, display_name: str = "
 def hparams_summaries(hparams: dict, metric_tags) -> list:
     """The HPARAMS plugin's experiment (each hparam with its type, booleans as booleans; each metric
     with its description) and this run's session start, as summaries for the run's own event file."""
-    from tensorboard.plugins.hparams import api_pb2, metadata
-    from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData, SessionStartInfo
-
     start = SessionStartInfo(start_time_secs=time.time())
     infos = []
     for name, value in hparams.items():
@@ -310,9 +311,22 @@ def _rank_fields(ranks: dict | None, world_size: int) -> dict:
             "data max": f"{100 * ranks['perf/data_wait_share_max']:.0f}%"}
 
 
-class NullLogger:
-    """What ranks other than 0 get: every method of MetricsLogger, doing nothing -- except `due`,
-    which answers the same on every rank because callers may run a collective when it is True."""
+@dataclass
+class StepReport:
+    """What a logged step reports (RunLogger.step)."""
+
+    loss: float
+    lr: float
+    grad_norm: float
+    step_time: float           # seconds of this step
+    data_time: float           # seconds of it spent waiting for data
+    ranks: dict | None = None  # every rank's compute time and data wait over the interval (training/stragglers.py)
+
+
+class QuietLogger:
+    """A logger that logs nothing: what ranks other than 0 (and the benchmarks) get. Every method of
+    RunLogger, doing nothing -- except `due`, which answers the same on every rank because callers
+    may run a collective when it is True."""
 
     is_main = False
     tb_dir: Path | None = None
@@ -326,7 +340,7 @@ class NullLogger:
         and the last."""
         return step == 1 or step % self.cfg.interval == 0 or step == self.total_steps
 
-    def step(self, step: int, **values) -> None: ...
+    def step(self, step: int, report: StepReport) -> None: ...
     def eval(self, step: int, *, loss: float, bpb: float, blocks: int, best: float, sources: dict | None = None) -> None: ...
     def scalars(self, step: int, values: dict) -> None: ...
     def console(self, step: int, values: dict) -> None: ...
@@ -337,41 +351,34 @@ class NullLogger:
     def close(self) -> None: ...
 
 
-class MetricsLogger(NullLogger):
-    """Rank 0's logger: TensorBoard events in the run directory, every scalar also appended to
-    <run_dir>/metrics.jsonl (one JSON object per call, for scripts), console lines on stdout.
-    Constructed with is_main=False it stays silent, like NullLogger."""
+class RunLogger(QuietLogger):
+    """Rank 0's logger of the run: TensorBoard events in the run directory, every scalar also appended
+    to <run_dir>/metrics.jsonl (one JSON object per call, for scripts), console lines on stdout."""
 
-    def __init__(self, run_dir: str | Path, cfg: LogConfig, is_main: bool, total_steps: int,
-                 throughput: Throughput | None = None):
+    is_main = True
+
+    def __init__(self, run_dir: str | Path, cfg: LogConfig, total_steps: int, throughput: Throughput | None = None):
         super().__init__(cfg, total_steps, throughput)
-        self.is_main = is_main
         self.writer = None
-        self.jsonl = Path(run_dir) / "metrics.jsonl" if is_main else None
-        if is_main:
-            Path(run_dir).mkdir(parents=True, exist_ok=True)
-        self.tb_dir = tensorboard_dir(run_dir) if cfg.tensorboard and is_main else None
+        self.jsonl = Path(run_dir) / "metrics.jsonl"
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+        self.tb_dir = tensorboard_dir(run_dir) if cfg.tensorboard else None
         if self.tb_dir is not None:
-            from torch.utils.tensorboard import SummaryWriter  # slow import: only where used
+            from torch.utils.tensorboard import SummaryWriter  # start-up cost: ~0.7 s, only where used
 
             # flush every 10 s so `tensorboard --logdir` shows a short CPU run while it trains
             self.writer = SummaryWriter(log_dir=str(self.tb_dir), flush_secs=10)
         self.wandb = None
-        if cfg.wandb and is_main:
-            from .wandb_sink import WandbSink
-
+        if cfg.wandb:
             self.wandb = WandbSink(run_dir, cfg.wandb_project)
         self._eta_origin: tuple[float, int] | None = None  # (time, step) of the first console line
         self._last_step = 0  # hparams metrics are logged at the latest step seen
         self._described: set[str] = set()  # scalar tags written with their description
 
-    def step(self, step: int, *, loss: float, lr: float, grad_norm: float, step_time: float, data_time: float,
-             ranks: dict | None = None) -> None:
-        """The training scalars and console line of one logged step: `step_time` and `data_time` are
-        seconds of this step, the latter spent waiting for data; tokens/s counts every rank's tokens.
-        `ranks`: every rank's compute time and data wait over the log interval (stragglers.RankClock)."""
-        if not self.is_main:
-            return
+    def step(self, step: int, report: StepReport) -> None:
+        """The training scalars and console line of one logged step; tokens/s counts every rank's tokens."""
+        loss, lr, grad_norm, step_time, data_time, ranks = (report.loss, report.lr, report.grad_norm,
+                                                            report.step_time, report.data_time, report.ranks)
         tokens_per_s = self.throughput.tokens_per_step / step_time if step_time > 0 else 0.0
         util = self.throughput.mfu(tokens_per_s)
         mem = peak_memory_gib(self.throughput.device)
@@ -393,8 +400,6 @@ class MetricsLogger(NullLogger):
         """A validation result: scalars val/loss (nats per token), val/bpb, val/best_loss (`best`, the
         run's lowest so far, this one included) and a line; with a mixture's `sources` ({name: {loss,
         bpb, blocks}}) also val/<name>/loss and val/<name>/bpb, and a line per source."""
-        if not self.is_main:
-            return
         values = {"val/loss": loss, "val/bpb": bpb, "val/best_loss": best}
         for name, r in (sources or {}).items():
             values.update({f"val/{name}/loss": r["loss"], f"val/{name}/bpb": r["bpb"]})
@@ -408,8 +413,6 @@ class MetricsLogger(NullLogger):
     def scalars(self, step: int, values: dict) -> None:
         """One TensorBoard scalar per entry ('train/loss': 2.3); None (e.g. MFU n/a) is skipped."""
         self._last_step = max(self._last_step, step)
-        if not self.is_main:
-            return
         values = {tag: float(v) for tag, v in values.items() if v is not None}
         with open(self.jsonl, "a") as f:
             f.write(json.dumps({"step": step, "time": time.time(), **values}) + "\n")
@@ -425,10 +428,6 @@ class MetricsLogger(NullLogger):
         its fast loader (the default) drops the metadata of plain `simple_value` scalars. The points
         themselves stay `simple_value`s, as SummaryWriter writes them."""
         if tag not in self._described:
-            from tensorboard.compat.proto.summary_pb2 import DATA_CLASS_SCALAR
-            from tensorboard.compat.proto.tensor_pb2 import TensorProto
-            from tensorboard.compat.proto.types_pb2 import DT_FLOAT
-
             self._described.add(tag)
             summary = _plugin_summary(tag, "scalars", b"", *describe(tag))
             summary.value[0].metadata.data_class = DATA_CLASS_SCALAR
@@ -441,8 +440,6 @@ class MetricsLogger(NullLogger):
         optimizer steps done (1 .. total_steps). The ETA extrapolates the mean time per step since
         the first console line (so start-up and compilation do not count)."""
         self._last_step = max(self._last_step, step)
-        if not self.is_main:
-            return
         now = time.perf_counter()
         if self._eta_origin is None:
             self._eta_origin = (now, step)
@@ -474,8 +471,7 @@ class MetricsLogger(NullLogger):
             self.scalars(self._last_step, metrics)
 
     def print(self, msg: str) -> None:
-        if self.is_main:
-            print(msg, flush=True)
+        print(msg, flush=True)
 
     def flush(self) -> None:
         if self.writer is not None:
@@ -491,8 +487,8 @@ class MetricsLogger(NullLogger):
 
 
 def make_logger(run_dir: str | Path, cfg: LogConfig, is_main: bool, total_steps: int,
-                throughput: Throughput | None = None) -> NullLogger:
-    """MetricsLogger on rank 0, NullLogger elsewhere."""
+                throughput: Throughput | None = None) -> RunLogger | QuietLogger:
+    """RunLogger on rank 0, QuietLogger elsewhere."""
     if is_main:
-        return MetricsLogger(run_dir, cfg, is_main, total_steps, throughput)
-    return NullLogger(cfg, total_steps, throughput)
+        return RunLogger(run_dir, cfg, total_steps, throughput)
+    return QuietLogger(cfg, total_steps, throughput)

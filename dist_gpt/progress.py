@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import sys
 
+from tqdm import tqdm
+
 
 def progress_bar(total: float | None, desc: str, unit: str = "it", quiet: bool = False, **kwargs):
     """A tqdm bar (a context manager; `.update(n)`), disabled when quiet or stderr is not a terminal.
     unit="B" counts bytes in kB/MB (decimal)."""
-    from tqdm import tqdm
-
     if unit == "B":
         kwargs = {"unit_scale": True, "unit_divisor": 1000, **kwargs}
     return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True, mininterval=0.5,

@@ -13,29 +13,31 @@ TensorBoard logs to runs/cpu/ and resumes from that run's latest checkpoint when
 
 from __future__ import annotations
 
-from dist_gpt.training import faults
+from .training.signals import StopSignals
 
 # Stop handlers before anything heavy: a signal that arrives while torch imports must not kill a rank.
-EARLY_STOP = faults.StopSignals().install() if __name__ == "__main__" else None
+EARLY_STOP = StopSignals().install() if __name__ == "__main__" else None
 
 import sys  # noqa: E402  (after the handlers, on purpose)
 
 from . import config as config_mod  # noqa: E402
-from dist_gpt.parallel import dist  # noqa: E402
-from dist_gpt.parallel import fp8  # noqa: E402
-from dist_gpt.parallel.precision import resolve_precision  # noqa: E402
-from dist_gpt.training import runlock  # noqa: E402
-from dist_gpt.training.oom import MemoryWatch  # noqa: E402
-from dist_gpt.training.run_files import describe_run, write_final  # noqa: E402
-from dist_gpt.training.trainer import Trainer, build  # noqa: E402
+from .convert.weights import InitFrom  # noqa: E402
+from .parallel import dist  # noqa: E402
+from .parallel import fp8  # noqa: E402
+from .parallel.precision import resolve_precision  # noqa: E402
+from .training import runlock  # noqa: E402
+from .training.faults import named_collective_failures  # noqa: E402
+from .training.oom import MemoryWatch  # noqa: E402
+from .training.run_files import describe_run, write_final  # noqa: E402
+from .training.trainer import Trainer, build  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:
-    stop = EARLY_STOP or faults.StopSignals().install()
+    stop = EARLY_STOP or StopSignals().install()
     dist.run_main(lambda args: run(args, stop), sys.argv[1:] if argv is None else argv)
 
 
-def run(argv: list[str], stop: faults.StopSignals) -> int:
+def run(argv: list[str], stop: StopSignals) -> int:
     """Parse, start the process group, build, train. Returns the exit status: 0 done (or stopped by a
     signal, with a checkpoint and a requeue marker); a refusal raises (faults.NonFiniteLoss: the NaN
     policy stopped the run, exit 3; UserError: 2; OutOfMemory: 5; see dist.refuse)."""
@@ -47,10 +49,11 @@ def run(argv: list[str], stop: faults.StopSignals) -> int:
         fp8.check(device, resolve_precision(cfg.train.precision, device))
     env = dist.init(cfg.train.device, cfg.train.timeout_s, cfg.train.threads, cfg.parallel.data,
                     flight_dir=cfg.run_dir / "flight")
-    with faults.named_collective_failures(env, cfg.train.timeout_s), \
+    init = InitFrom(cfg.train.init_from, cfg.train.init_from_unchecked_ids) if cfg.train.init_from else None
+    with named_collective_failures(env, cfg.train.timeout_s), \
             runlock.held(cfg.run_dir, env, cfg.checkpoint.take_lock):  # one job per run directory
         memory = MemoryWatch(cfg, env, argv)  # out of memory: one line; CUDA snapshots
-        trainer = build(cfg, env, stop)
+        trainer = build(cfg, env, stop, init=init)
         if env.distributed:
             (cfg.run_dir / "flight").mkdir(exist_ok=True)  # where NCCL's flight recorder dumps on a timeout
         try:
@@ -89,7 +92,7 @@ def train(t: Trainer, run_dir) -> int:
     t.evaluator.maybe_run(t.state.step, final=True)
     path = t.checkpointer.save(t.state.step)
     t.checkpointer.wait()
-    write_final(run_dir, t.state, t.evaluator, path, t.train_loss, t.log, t.batches.delivered_summary())
+    write_final(run_dir, t, path)
     t.guard.remove_marker(run_dir)
     return 0
 

@@ -29,10 +29,10 @@ def run_id(run_dir: str | Path) -> str:
 
 
 class WandbSink:
-    """One W&B run per run directory; rank 0 only (it lives in rank 0's MetricsLogger)."""
+    """One W&B run per run directory; rank 0 only (it lives in rank 0's RunLogger)."""
 
     def __init__(self, run_dir: str | Path, project: str) -> None:
-        import wandb
+        import wandb  # optional: pip install 'dist_gpt[wandb]' (log.wandb checks it at start)
 
         self.wandb = wandb
         self.run = wandb.init(project=project, id=run_id(run_dir), name=Path(run_dir).resolve().name,

@@ -39,7 +39,7 @@ def _env(extra: dict | None = None) -> dict:
 def export_main(argv: list[str]) -> int:
     """`python -m dist_gpt.export ARGV` in this process: its exit code (the entry point itself ends
     the process through dist.run_main)."""
-    from dist_gpt.convert import export
+    from dist_gpt import export
     from dist_gpt.parallel.dist import exit_code
 
     return exit_code(export.run, argv)
@@ -81,7 +81,7 @@ def run_train(args: list[str], nproc: int = 1, env: dict | None = None, timeout:
 
 
 def pause_env(folder: Path, *points: str | int) -> dict:
-    """The environment that holds a child at `points` (dist_gpt.faults.pause) until the test releases it."""
+    """The environment that holds a child at `points` (dist_gpt.hooks.pause) until the test releases it."""
     folder.mkdir(parents=True, exist_ok=True)
     return {"DIST_GPT_FAULT_PAUSE_AT": ",".join(map(str, points)), "DIST_GPT_FAULT_PAUSE_DIR": str(folder)}
 

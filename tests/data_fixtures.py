@@ -6,8 +6,10 @@ from pathlib import Path
 
 import numpy as np
 
+from dist_gpt.data.format import HEADER_SIZE, ShardHeader, ShardWriter, dtype_code_for_vocab
+from dist_gpt.data.manifest import SPLITS
 from dist_gpt.data.tokenizers import ByteTokenizer
-from dist_gpt.data.writer import DatasetWriter, write_dataset
+from dist_gpt.data.writer import DEFAULT_SHARD_TOKENS, DatasetWriter
 
 
 def counting_dataset(directory: Path, shard_lengths=(5000, 3000, 7000, 1200), val_lengths=(2500, 900),
@@ -58,3 +60,30 @@ def as_version_1(manifest: dict) -> list[str]:
     manifest["version"] = 1
     manifest.pop("checksum", None)
     return [manifest["splits"][split].pop("doc_index")["file"] for split in ("train", "val")]
+
+
+def open_memmap(path: Path | str, header: ShardHeader) -> np.ndarray:
+    """A read-only view of a shard's tokens (training reads with pread instead: flat memory)."""
+    return np.memmap(path, dtype=header.dtype, mode="r", offset=HEADER_SIZE, shape=(header.num_tokens,))
+
+
+def write_shard(path: Path | str, tokens: np.ndarray, vocab_size: int, tokenizer_fingerprint: str,
+                dtype_code: int | None = None) -> ShardHeader:
+    """Write a whole shard at once, through the real ShardWriter."""
+    writer = ShardWriter(path, dtype_code or dtype_code_for_vocab(vocab_size), vocab_size, tokenizer_fingerprint)
+    try:
+        writer.write(np.asarray(tokens))
+        return writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+
+
+def write_dataset(directory: Path, tokenizer, splits: dict[str, list[np.ndarray]],
+                  shard_tokens: int = DEFAULT_SHARD_TOKENS, source: dict | None = None) -> dict:
+    """Write a small dataset from in-memory token arrays (one document per array)."""
+    writer = DatasetWriter(directory, tokenizer, shard_tokens)
+    for split in SPLITS:
+        for tokens in splits.get(split, []):
+            writer.write(split, np.asarray(tokens), source_bytes=int(np.asarray(tokens).size), doc_starts=[0])
+    return writer.finish(source or {"kind": "arrays"})

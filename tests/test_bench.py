@@ -120,7 +120,7 @@ def test_reference_is_the_classic_recipe_step_for_step(one_thread):
 
 HEAP = """
 import ctypes, sys, torch
-from dist_gpt import dist
+from dist_gpt.parallel import dist
 class MallInfo2(ctypes.Structure):
     _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks",
                                               "uordblks", "fordblks", "keepcost")]

@@ -11,7 +11,7 @@ import torch
 from dist_gpt import config as config_mod
 from dist_gpt.checkpoint import Checkpointer, ModelOptimizerState
 from dist_gpt.parallel.dist import DistEnv
-from dist_gpt.metrics import NullLogger
+from dist_gpt.metrics import QuietLogger
 from dist_gpt.checkpoint.run_state import ConfigIdentity, DatasetIdentity
 from dist_gpt.data import Dataset
 from dist_gpt.data.prepare import PrepareOptions, prepare
@@ -42,7 +42,7 @@ def trained_run(run_dir: Path, data_path: Path):
     val_losses = {1: 1.0, 2: 2.0}
     ckpt = Checkpointer(run_dir / "checkpoints", cfg.checkpoint, DistEnv(),
                         {"model_optim": ModelOptimizerState(model, optimizers)},
-                        {"config": ConfigIdentity(cfg, NullLogger()), "dataset": DatasetIdentity(ds, str(data_path))},
+                        {"config": ConfigIdentity(cfg, QuietLogger()), "dataset": DatasetIdentity(ds, str(data_path))},
                         val_loss=val_losses.get)
     snapshots = {}
     for step in val_losses:
@@ -150,7 +150,7 @@ def test_prompt_outside_a_char_vocabulary_names_the_way_out(tmp_path, capsys):
     import numpy as np
 
     from dist_gpt.data.tokenizers import CharTokenizer
-    from dist_gpt.data.writer import write_dataset
+    from tests.data_fixtures import write_dataset
     from conftest import sample_main
 
     data = tmp_path / "data"

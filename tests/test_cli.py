@@ -124,9 +124,9 @@ def test_a_refusal_is_recorded_where_torchrun_reads_a_workers_root_cause(tmp_pat
     """dist.refuse writes the error file that torch's own ProcessFailure parses for torchrun's summary."""
     from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
 
-    from dist_gpt.dist import exit_code
+    from dist_gpt.parallel.dist import exit_code
     from dist_gpt.errors import DataError
-    from dist_gpt.faults import NonFiniteLoss
+    from dist_gpt.training.faults import NonFiniteLoss
 
     error_file = tmp_path / "error.json"
     monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(error_file))

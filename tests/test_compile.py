@@ -21,7 +21,7 @@ import torch
 
 from conftest import EXACT, final, losses, run_train
 from dist_gpt import config, doc_mask
-from dist_gpt.model import GPT
+from dist_gpt.model.gpt import GPT
 from tests.test_train_documents import paragraphs  # noqa: F401  (a module fixture: ~700 short documents)
 
 LONG = 1800  # seconds: a bound on a hang only (a shared machine stretches compile by minutes)
@@ -75,7 +75,7 @@ def test_flex_path_equals_sdpa_in_evaluation_and_sampling_on_cpu(paragraphs):  #
     `cur_qSplitSize` in the generated code); on CUDA that template is Triton's, so the CPU cannot
     prove that combination."""
     from dist_gpt.data import Dataset, ValBlocks
-    from dist_gpt.evaluate import validation_loss
+    from dist_gpt.training.evaluator import validation_loss
 
     model = _debug_model("classic", doc_mask=True).eval()
     val = ValBlocks(Dataset.open(paragraphs), block_size=model.cfg.block_size, batch_size=8, max_blocks=16,

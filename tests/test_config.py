@@ -32,7 +32,7 @@ def test_space_separated_values_aliases_and_bool_flags():
 
 def test_compile_defaults_to_auto_on_gpu_only():
     import torch
-    from dist_gpt.training.trainer import use_compile
+    from dist_gpt.parallel.dist import use_compile
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert config.parse([]).train.compile is None
     assert config.parse(["--train.compile=auto"]).train.compile is None

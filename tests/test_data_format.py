@@ -7,10 +7,9 @@ import numpy as np
 import pytest
 
 from dist_gpt.data import Dataset
-from dist_gpt.data.format import (HEADER_SIZE, ShardWriter, dtype_code_for_vocab, open_memmap, read_header,
-                                  verify_payload, write_shard)
+from dist_gpt.data.format import HEADER_SIZE, ShardWriter, dtype_code_for_vocab, read_header, verify_payload
 from dist_gpt.errors import DataError
-from tests.data_fixtures import as_version_1, random_dataset
+from tests.data_fixtures import as_version_1, open_memmap, random_dataset, write_shard
 
 FP = "ab" * 32
 
@@ -176,7 +175,7 @@ def test_out_of_vocabulary_id_names_the_shard(tmp_path):
     """A payload byte flipped to an id past the vocabulary (not seen by the cheap open) stops the first
     batch that reads it, naming the shard and the command that checks the whole dataset."""
     from dist_gpt.data.tokenizers import CharTokenizer
-    from dist_gpt.data.writer import write_dataset
+    from tests.data_fixtures import write_dataset
 
     d = tmp_path / "ds"
     write_dataset(d, CharTokenizer("abcdefgh"), {"train": [np.arange(2000) % 8], "val": [np.arange(500) % 8]},

@@ -17,10 +17,11 @@ import pytest
 
 from dist_gpt.data import Dataset, ensure_default_dataset
 from conftest import pause_env, wait_paused
-from dist_gpt.data.format import open_memmap, read_header, verify_payload
+from dist_gpt.data.format import read_header, verify_payload
 from dist_gpt.data.prepare import main as prepare_main
 from dist_gpt.data.shard_tools import decode_slice, verify_dataset
 from dist_gpt.errors import DataError
+from tests.data_fixtures import open_memmap
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = {
@@ -289,7 +290,7 @@ def test_interrupted_prepare_leaves_no_partial_shard(tmp_path):
     cmd = [sys.executable, "-m", "tools.prepare", str(big), "--tokenizer", "char", "--workers", "1",
            "--shard-tokens", "1000000", "--out", str(out), "--quiet"]
     for sig in (signal.SIGINT, signal.SIGKILL):
-        # prepare holds after renaming its first shard until the signal comes (dist_gpt.faults.pause)
+        # prepare holds after renaming its first shard until the signal comes (dist_gpt.hooks.pause)
         hold = tmp_path / f"pause-{sig.name}"
         # A shell starts background jobs with SIGINT ignored, and an ignored signal stays ignored across
         # exec: were pytest started so, prepare would never see the Ctrl-C. A handler here is reset to the

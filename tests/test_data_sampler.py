@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from dist_gpt.data import Dataset, TrainBatches, ValBlocks
-from dist_gpt.data.format import open_memmap, read_header
+from dist_gpt.data.format import read_header
 from dist_gpt.data.permutation import FeistelPermutation
 from dist_gpt.data.sampler import WINDOW, TrainLayout, shard_block_starts
 from dist_gpt.errors import DataError
-from tests.data_fixtures import as_version_1, counting_dataset, documents_dataset, random_dataset
+from tests.data_fixtures import as_version_1, counting_dataset, documents_dataset, open_memmap, random_dataset
 
 T = 15  # block_size; blocks are T + 1 = 16 tokens
 

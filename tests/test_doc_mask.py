@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dist_gpt.model import doc_mask
+from dist_gpt.model.gpt import doc_mask
 from dist_gpt.model.gpt import GPT, GPTConfig
 
 EOT = 0

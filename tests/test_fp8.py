@@ -15,7 +15,7 @@ from conftest import final, losses, require, run_train
 from dist_gpt import config
 from dist_gpt.parallel import fp8
 from dist_gpt.errors import ConfigError
-from dist_gpt.model import GPT
+from dist_gpt.model.gpt import GPT
 
 EMULATE = {fp8.EMULATE_ENV: "1"}
 

@@ -41,9 +41,9 @@ from dist_gpt.data.prepare import main as prepare_main
 from dist_gpt.data.shard_tools import verify_dataset
 from dist_gpt.parallel.dist import DistEnv
 from dist_gpt.errors import UserError
-from dist_gpt.training.evaluator import evaluate
+from dist_gpt.evaluate import evaluate
 from conftest import export_main
-from dist_gpt.training.faults import StopSignals
+from dist_gpt.training.signals import StopSignals
 from conftest import sample_main
 from dist_gpt.train import train
 from dist_gpt.training.trainer import build

@@ -386,7 +386,7 @@ def test_an_edited_export_is_refused(tmp_path):
 
 def reseal(out: Path) -> None:
     """Record the CRC32 of an export's edited model.safetensors in its config.json, as export does."""
-    from dist_gpt.hf.files import file_crc32
+    from dist_gpt.convert.hf.files import file_crc32
 
     cfg = json.loads((out / "config.json").read_text())
     cfg["dist_gpt"]["weights_crc32"] = {"model.safetensors": file_crc32(out / "model.safetensors")}
@@ -469,7 +469,7 @@ def test_a_tokenizer_file_that_is_not_utf8_is_one_line(tmp_path):
     from safetensors.torch import save_file
 
     from dist_gpt.errors import DataError
-    from dist_gpt.weights import (EXPORT_FORMAT, KEY_CONFIG, KEY_CRC32, KEY_FORMAT, KEY_HEADER_CRC32,
+    from dist_gpt.convert.weights import (EXPORT_FORMAT, KEY_CONFIG, KEY_CRC32, KEY_FORMAT, KEY_HEADER_CRC32,
                                   KEY_TOKENIZER_FILE, KEY_TOKENIZER_SPEC, header_crc32, tensors_crc32)
 
     hf_model("gpt2").save_pretrained(tmp_path / "dir")
@@ -554,9 +554,10 @@ def test_the_trainer_refuses_or_takes_a_directory_without_tokenizer(tiny_data, t
     import io
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from dist_gpt.dist import DistEnv
-    from dist_gpt.faults import StopSignals
-    from dist_gpt.trainer import build
+    from dist_gpt.convert.weights import InitFrom
+    from dist_gpt.parallel.dist import DistEnv
+    from dist_gpt.training.signals import StopSignals
+    from dist_gpt.training.trainer import build
 
     torch.manual_seed(0)
     GPT2LMHeadModel(GPT2Config(vocab_size=256, n_positions=32, n_embd=32, n_layer=1, n_head=2)).save_pretrained(
@@ -565,10 +566,11 @@ def test_the_trainer_refuses_or_takes_a_directory_without_tokenizer(tiny_data, t
             f"--data.path={tiny_data}", f"--train.run_dir={tmp_path / 'run'}", "--model.block_size=32",
             "--log.tensorboard=false", "--train.steps=1"]
     with pytest.raises(ConfigError) as err:
-        build(config_mod.parse(args), DistEnv(), StopSignals())
+        build(config_mod.parse(args), DistEnv(), StopSignals(), init=InitFrom(str(tmp_path / "gpt2")))
     assert "so the dataset's token ids cannot be checked" in one_line(err) and not (tmp_path / "run").exists()
     with contextlib.redirect_stdout(io.StringIO()) as out:
-        trainer = build(config_mod.parse([*args, "--init-from-unchecked-ids"]), DistEnv(), StopSignals())
+        trainer = build(config_mod.parse([*args, "--init-from-unchecked-ids"]), DistEnv(), StopSignals(),
+                        init=InitFrom(str(tmp_path / "gpt2"), unchecked_ids=True))
         trainer.log.close()
     assert f"initialised the weights from {tmp_path / 'gpt2'}" in out.getvalue()
 
@@ -608,9 +610,9 @@ print("ok")
 def test_evaluate_tasks_without_lm_eval_says_how_to_install(monkeypatch):
     import sys
 
-    from dist_gpt.harness import run_tasks
+    from dist_gpt.harness import TaskOptions, run_tasks
 
     monkeypatch.setitem(sys.modules, "lm_eval", None)
     with pytest.raises(ConfigError) as err:
-        run_tasks("runs/x", "hellaswag", None, None, None, 8, "cpu", "fp32", None)
+        run_tasks("runs/x", TaskOptions("hellaswag", batch_size=8, device="cpu"))
     assert "pip install 'dist_gpt[eval]'" in one_line(err)

@@ -23,11 +23,11 @@ import torch
 from conftest import ASSETS, REPO, require
 
 from dist_gpt.data.tokenizers import ByteTokenizer, CharTokenizer, HFTokenizer
-from dist_gpt.hf.export import write_export
-from dist_gpt.model import GPT, GPTConfig
-from dist_gpt.precision import Precision
-from dist_gpt.tasks import ChoiceTask
-from dist_gpt.weights import LoadedWeights
+from dist_gpt.convert.hf.export import write_export
+from dist_gpt.model.gpt import GPT, GPTConfig
+from dist_gpt.parallel.precision import Precision
+from dist_gpt.training.tasks import ChoiceTask
+from dist_gpt.convert.weights import LoadedWeights
 
 TASK_DIR = ASSETS / "mc_task"
 TASK_FILE = TASK_DIR / "mc_task.jsonl"

@@ -21,11 +21,11 @@ import torch
 
 from conftest import REPO, EXACT, _env, final, pause_env, release, require, run_train, wait_paused
 from dist_gpt import config
-from dist_gpt.dist import FLIGHT_RECORDER, DistEnv, set_flight_recorder_env
+from dist_gpt.parallel.dist import FLIGHT_RECORDER, DistEnv, set_flight_recorder_env
 from dist_gpt.errors import ConfigError
-from dist_gpt.faults import StopSignals
+from dist_gpt.training.signals import StopSignals
 from dist_gpt.train import train
-from dist_gpt.trainer import build
+from dist_gpt.training.trainer import build
 from dist_gpt.wandb_sink import run_id
 
 LABELS = {"data", "forward", "backward", "agree", "optimizer", "evaluate", "checkpoint"}

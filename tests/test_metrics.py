@@ -10,8 +10,8 @@ from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 import dist_gpt.metrics as metrics
 from dist_gpt.errors import ConfigError
 from dist_gpt.parallel.dist import DistEnv
-from dist_gpt.metrics import (LogConfig, MetricsLogger, NullLogger, Throughput, device_peak_flops, format_duration,
-                              describe, format_params, format_value, make_logger, mfu, peak_flops_for_name, resolve_peak_flops)
+from dist_gpt.metrics import (LogConfig, QuietLogger, RunLogger, Throughput, device_peak_flops, format_duration,
+                              StepReport, describe, format_params, format_value, make_logger, mfu, peak_flops_for_name, resolve_peak_flops)
 
 
 def _events(tb_dir):
@@ -50,17 +50,15 @@ def test_scalars_text_and_hparams_read_back(tmp_path):
 
 def test_non_main_ranks_stay_quiet(tmp_path, capsys):
     log = make_logger(tmp_path, LogConfig(), is_main=False, total_steps=10)
-    assert isinstance(log, NullLogger) and not isinstance(log, MetricsLogger)
-    quiet = MetricsLogger(tmp_path, LogConfig(), is_main=False, total_steps=10)
-    for logger in (log, quiet):
-        logger.scalars(1, {"train/loss": 1.0})
-        logger.console(1, {"loss": 1.0})
-        logger.text(1, "sample", "hi")
-        logger.hparams({"a": 1}, {"m": 1.0})
-        logger.print("hello")
-        logger.close()
-        logger.step(1, loss=1.0, lr=1e-3, grad_norm=1.0, step_time=0.1, data_time=0.0)
-        logger.eval(1, loss=1.0, bpb=1.0, blocks=1, best=1.0)
+    assert isinstance(log, QuietLogger) and not isinstance(log, RunLogger)
+    log.scalars(1, {"train/loss": 1.0})
+    log.console(1, {"loss": 1.0})
+    log.text(1, "sample", "hi")
+    log.hparams({"a": 1}, {"m": 1.0})
+    log.print("hello")
+    log.close()
+    log.step(1, StepReport(loss=1.0, lr=1e-3, grad_norm=1.0, step_time=0.1, data_time=0.0))
+    log.eval(1, loss=1.0, bpb=1.0, blocks=1, best=1.0)
     assert capsys.readouterr().out == ""
     assert list(tmp_path.iterdir()) == []
 
@@ -92,7 +90,7 @@ def test_step_and_eval(tmp_path, capsys):
     # 1e6 FLOPs/token x 1e6 tokens/s (2e5 tokens in 0.2 s) over 2 devices of 1 TFLOP/s: MFU 0.5
     throughput = Throughput.of(cfg, DistEnv(world_size=2), "fp32", tokens_per_step=200_000, flops_per_token=1e6)
     log = make_logger(tmp_path, cfg, is_main=True, total_steps=100, throughput=throughput)
-    log.step(10, loss=2.5, lr=3e-4, grad_norm=0.75, step_time=0.2, data_time=0.05)
+    log.step(10, StepReport(loss=2.5, lr=3e-4, grad_norm=0.75, step_time=0.2, data_time=0.05))
     log.eval(10, loss=1.5, bpb=2.0, blocks=64, best=1.5)
     log.eval(20, loss=1.75, bpb=2.3, blocks=64, best=1.5)
     log.close()
@@ -302,7 +300,7 @@ def test_parameter_count_says_what_it_counts():
     """An untied model (an imported Llama's layout): the start-up line gives every parameter, and
     separately those without the embedding tables -- not the latter alone (was 11.60M of 12,128,768)."""
     from dist_gpt import config
-    from dist_gpt.model import GPT
+    from dist_gpt.model.gpt import GPT
 
     cfg = config.build("debug", overrides={"model.tie_embeddings": False, "model.vocab_size": 256})
     model = GPT(cfg.model)

@@ -1,4 +1,4 @@
-"""dist_gpt.muon in one process: torch.optim.Muon's update bit for bit, batched == one by one,
+"""dist_gpt.optim.muon in one process: torch.optim.Muon's update bit for bit, batched == one by one,
 torch.optim.Muon checkpoints resume, the work assignment and the slices of the layouts."""
 
 import copy

@@ -193,12 +193,13 @@ def test_a_second_job_is_refused_naming_the_holder(tmp_path, monkeypatch, other_
     import time
 
     from dist_gpt.errors import ConfigError
-    from dist_gpt.training.runlock import RunLock, _process_start
+    from dist_gpt.processes import process_start
+    from dist_gpt.training.runlock import RunLock
 
     for var in ("SLURM_JOB_ID", "SLURM_RESTART_COUNT", "TORCHELASTIC_RUN_ID", "TORCHELASTIC_RESTART_COUNT"):
         monkeypatch.delenv(var, raising=False)
     run = tmp_path / "run"
-    _lock_file(run, pid=other_process.pid, pid_start=_process_start(other_process.pid), slurm_job_id="4242",
+    _lock_file(run, pid=other_process.pid, pid_start=process_start(other_process.pid), slurm_job_id="4242",
                heartbeat=time.time() - 12)
     with pytest.raises(ConfigError) as e:
         RunLock(run).acquire(heartbeat=False)
@@ -228,7 +229,8 @@ def test_a_stale_lock_is_taken_over(tmp_path, monkeypatch, other_process, case, 
     import sys
     import time
 
-    from dist_gpt.training.runlock import RunLock, _process_start
+    from dist_gpt.processes import process_start
+    from dist_gpt.training.runlock import RunLock
 
     for var in ("SLURM_JOB_ID", "SLURM_RESTART_COUNT", "TORCHELASTIC_RUN_ID", "TORCHELASTIC_RESTART_COUNT"):
         monkeypatch.delenv(var, raising=False)
@@ -239,7 +241,7 @@ def test_a_stale_lock_is_taken_over(tmp_path, monkeypatch, other_process, case, 
         pid = int(gone.stdout)
         _lock_file(run, pid=pid)
     elif case == "reused pid":
-        _lock_file(run, pid=pid, pid_start=_process_start(pid) - 1)
+        _lock_file(run, pid=pid, pid_start=process_start(pid) - 1)
     elif case == "old heartbeat":
         _lock_file(run, host="elsewhere", pid=1, heartbeat=time.time() - 301)
     elif case == "unreadable":
@@ -252,7 +254,7 @@ def test_a_stale_lock_is_taken_over(tmp_path, monkeypatch, other_process, case, 
     else:
         monkeypatch.setenv("TORCHELASTIC_RUN_ID", "abc")
         monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "2")
-        _lock_file(run, pid=pid, pid_start=_process_start(pid), torchrun_run_id="abc", torchrun_restart=1)
+        _lock_file(run, pid=pid, pid_start=process_start(pid), torchrun_run_id="abc", torchrun_restart=1)
     lock = RunLock(run).acquire(heartbeat=False)
     assert re.fullmatch(f"took over the lock {re.escape(str(run / 'lock.json'))} \\({expect.format(pid=pid)}\\)", lock.note), lock.note
     assert lock.holder().is_process(lock.me)

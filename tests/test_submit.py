@@ -77,7 +77,7 @@ def test_local_job_warned_during_startup_is_requeued_and_matches_the_uninterrupt
     run = tmp_path / "run"
     folder = tmp_path / "submitit"
     hold = tmp_path / "pause"
-    # Both trainers are held once their stop handlers are in (dist_gpt.faults.pause), before they are up.
+    # Both trainers are held once their stop handlers are in (dist_gpt.hooks.pause), before they are up.
     # Then what the local executor does before its time limit: USR2 to each task process. The tasks must
     # hold it until the trainers can take it, then pass it on; the trainers wait for it before step
     # 0, so the run cannot end first.

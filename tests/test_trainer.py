@@ -9,7 +9,8 @@ import torch
 
 from dist_gpt import config
 from dist_gpt.parallel.dist import DistEnv
-from dist_gpt.training.faults import StopSignals, Verdict
+from dist_gpt.training.faults import Verdict
+from dist_gpt.training.signals import StopSignals
 from dist_gpt.training.trainer import build
 
 

@@ -7,9 +7,10 @@ See docs/CHECKPOINTS.md for the layout, the commit protocol and what the safe re
 """
 
 from .config import CheckpointConfig
-from .layout import read_manifest, read_meta, resolve_checkpoint
+from .layout import read_manifest, read_meta
 from .loading import load_tensors
 from .manager import Checkpointer
+from .retention import resolve_checkpoint
 from .safe_reader import read_metadata
 from .state import JsonState, ModelOptimizerState
 

@@ -35,7 +35,7 @@ METADATA = ".metadata"
 SUMS_SUFFIX = ".crc32.json"  # per data file, written by the rank that wrote it, merged into DONE
 FORMAT = 2       # of DONE: 2 has "crc32", of its own content; 1 (without) is still read
 META_FORMAT = 1  # of meta.json ("meta_format"; checkpoints written before it was recorded are format 1)
-_STEP_RE = re.compile(r"^step_(\d+)$")
+STEP_RE = re.compile(r"^step_(\d+)$")
 _CHUNK = 16 << 20
 
 
@@ -84,7 +84,7 @@ def list_checkpoints(root: Path) -> list[CheckpointInfo]:
     except (FileNotFoundError, NotADirectoryError):  # nothing there, or a file: no checkpoints
         return []
     for entry in entries:
-        m = _STEP_RE.match(entry.name)
+        m = STEP_RE.match(entry.name)
         if not m or not entry.is_dir():
             continue
         done = entry / DONE
@@ -244,30 +244,7 @@ def clean_partials(root: Path, keep: tuple[Path, ...] = ()) -> list[Path]:
         if not entry.is_dir() or entry in keep:
             continue
         partial = entry.name.startswith((".tmp_step_", ".trash_step_"))
-        if partial or (_STEP_RE.match(entry.name) and not (entry / DONE).exists()):
+        if partial or (STEP_RE.match(entry.name) and not (entry / DONE).exists()):
             shutil.rmtree(entry, ignore_errors=True)
             removed.append(entry)
     return removed
-
-
-def resolve_checkpoint(path: str | Path, which: str = "latest") -> Path:
-    """A checkpoint directory as given, or a run/checkpoints directory's latest (or best) complete one."""
-    from .retention import best_checkpoint  # retention builds on this module
-
-    path = Path(path)
-    if path.is_file():
-        raise CheckpointError(f"{path} is a file, not a checkpoint: pass a run directory, a checkpoint directory "
-                              "(runs/NAME/checkpoints/step_...) or an exported .safetensors file")
-    if (path / DONE).exists() or _STEP_RE.match(path.name):
-        return path
-    for root in (path / "checkpoints", path):
-        found = [c for c in list_checkpoints(root) if c.complete]
-        if not found:
-            continue
-        best = best_checkpoint(found) if which == "best" else None
-        return (best or found[-1]).path
-    if not path.exists():
-        raise CheckpointError(f"{path} does not exist: pass a run directory, a checkpoint directory "
-                              "(runs/NAME/checkpoints/step_...) or an exported .safetensors file")
-    raise CheckpointError(f"{path} holds no complete checkpoint: pass a run directory with checkpoints, "
-                          "a checkpoint directory (runs/NAME/checkpoints/step_...) or a .safetensors file")

@@ -59,14 +59,13 @@ from .layout import (
     read_manifest,
     read_meta,
     remove_checkpoint,
-    resolve_checkpoint,
     step_dir_name,
     tmp_dir_name,
     write_done,
 )
 from .loading import load_tensors, single_process_quiet, unwrap_dcp_error
 from .planners import TensorOnlySavePlanner
-from .retention import apply_retention
+from .retention import apply_retention, resolve_checkpoint
 from .writer import ChecksummedFileSystemWriter, disk_full
 
 

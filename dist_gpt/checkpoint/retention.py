@@ -1,10 +1,12 @@
-"""Which complete checkpoints to keep: the last K, every M-th step, and the best by validation loss."""
+"""Which complete checkpoints to keep (the last K, every M-th step, the best by validation loss) and
+which one a path names (its latest or its best)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from .layout import CheckpointInfo, list_checkpoints, remove_checkpoint
+from ..errors import CheckpointError
+from .layout import STEP_RE, DONE, CheckpointInfo, list_checkpoints, remove_checkpoint
 
 
 def best_checkpoint(checkpoints: list[CheckpointInfo]) -> CheckpointInfo | None:
@@ -43,3 +45,24 @@ def apply_retention(root: Path, keep_last: int, keep_every: int, keep_best: bool
             remove_checkpoint(c.path)
             removed.append(c.path)
     return removed
+
+
+def resolve_checkpoint(path: str | Path, which: str = "latest") -> Path:
+    """A checkpoint directory as given, or a run/checkpoints directory's latest (or best) complete one."""
+    path = Path(path)
+    if path.is_file():
+        raise CheckpointError(f"{path} is a file, not a checkpoint: pass a run directory, a checkpoint directory "
+                              "(runs/NAME/checkpoints/step_...) or an exported .safetensors file")
+    if (path / DONE).exists() or STEP_RE.match(path.name):
+        return path
+    for root in (path / "checkpoints", path):
+        found = [c for c in list_checkpoints(root) if c.complete]
+        if not found:
+            continue
+        best = best_checkpoint(found) if which == "best" else None
+        return (best or found[-1]).path
+    if not path.exists():
+        raise CheckpointError(f"{path} does not exist: pass a run directory, a checkpoint directory "
+                              "(runs/NAME/checkpoints/step_...) or an exported .safetensors file")
+    raise CheckpointError(f"{path} holds no complete checkpoint: pass a run directory with checkpoints, "
+                          "a checkpoint directory (runs/NAME/checkpoints/step_...) or a .safetensors file")

@@ -8,8 +8,9 @@ other two; see `trainer.build`), each with `state_dict()` / `load_state_dict()`:
     "run"      RunState        step, tokens seen, best validation loss, NaN-policy bookkeeping
 
 What may change on resume: train.steps (to train longer), train.micro_batch and the world size (the
-global batch stays, so the data stream is identical), precision, compile, fp8, device, threads, timeouts,
-the NaN policy and every eval/checkpoint/log setting. What may not: the model's shape, the dataset,
+global batch stays, so the data stream is identical), the parallel layout (parallel.data: ddp, fsdp,
+hsdp; DCP reshards), precision, compile, fp8, device, threads, timeouts, the NaN policy and every
+eval/checkpoint/log setting. What may not: the model's shape, the dataset,
 the seed and the global batch; changing optimizer settings is allowed but named in the log.
 """
 

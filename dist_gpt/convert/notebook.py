@@ -32,11 +32,21 @@ import pickle
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
-from dist_gpt.errors import CheckpointError
+from dist_gpt import config as config_mod
+from dist_gpt.checkpoint.config import CheckpointConfig
+from dist_gpt.checkpoint.manager import Checkpointer
+from dist_gpt.checkpoint.state import JsonState, ModelOptimizerState
+from dist_gpt.data.tokenizers import read_char_vocab
+from dist_gpt.errors import CheckpointError, DataError
+from dist_gpt.model.gpt import GPT
+from dist_gpt.parallel.dist import DistEnv
+
+from .export import export
+from .weights import load_weights
 
 # The notebook's classes (any module name: `__main__` from a script or Jupyter, or the user's own
 # file if they imported them) and the torch.nn layers they are made of. All become inert holders.
@@ -286,18 +296,60 @@ def _dict_attr(attrs: dict[str, Any], name: str, path: Path) -> dict[str, Any]:
 # The notebook's layout -> dist_gpt's layout.
 
 
-def map_to_dist_gpt(state: NotebookState, source: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """(model config keys, fp32 state dict) of dist_gpt's GPT holding the notebook's weights.
+@dataclass(frozen=True)
+class Sizes:
+    """The notebook model's sizes, read from its tensors: vocabulary V, context T, width C, L blocks of
+    H heads of width D, MLP hidden width F."""
 
-    Sizes come from the tensors: token table (V, C), position table (T, C), `n_layer` blocks of
-    `n_head` heads, each head's key/query/value (D, C). Per block the heads are fused into one
-    `qkv.weight` of shape (3*H*D, C): rows [q of head 0..H-1 | k of head 0..H-1 | v of head 0..H-1],
-    head h of q at rows h*D:(h+1)*D, which is the order `torch.cat([h(x) for h in heads])` gives.
-    """
+    V: int
+    T: int
+    C: int
+    L: int
+    H: int
+    D: int
+    F: int
+
+
+@dataclass(frozen=True)
+class Rename:
+    """One tensor: its name in dist_gpt's GPT, in the notebook, and its shape given the sizes."""
+
+    ours: str
+    theirs: str
+    shape: Callable[[Sizes], tuple[int, ...]]
+
+
+# Model-level tensors before and after the blocks (the order of GPT's own state dict).
+EMBEDDINGS = (Rename("tok_emb.weight", "token_embedding_table.weight", lambda s: (s.V, s.C)),
+              Rename("pos_emb.weight", "position_embedding_table.weight", lambda s: (s.T, s.C)))
+FINAL = (Rename("norm_f.weight", "ln_f.weight", lambda s: (s.C,)),
+         Rename("norm_f.bias", "ln_f.bias", lambda s: (s.C,)),
+         Rename("head.weight", "lm_head.weight", lambda s: (s.V, s.C)),
+         Rename("head.bias", "lm_head.bias", lambda s: (s.V,)))
+# Per block, under the prefix blocks.{i}. in both layouts (attn.qkv.weight is fused from the heads).
+BLOCK = (Rename("attn.proj.weight", "sa.proj.weight", lambda s: (s.C, s.H * s.D)),
+         Rename("attn.proj.bias", "sa.proj.bias", lambda s: (s.C,)),
+         Rename("norm1.weight", "ln1.weight", lambda s: (s.C,)),
+         Rename("norm1.bias", "ln1.bias", lambda s: (s.C,)),
+         Rename("norm2.weight", "ln2.weight", lambda s: (s.C,)),
+         Rename("norm2.bias", "ln2.bias", lambda s: (s.C,)),
+         Rename("mlp.fc.weight", "ffwd.net.0.weight", lambda s: (s.F, s.C)),
+         Rename("mlp.fc.bias", "ffwd.net.0.bias", lambda s: (s.F,)),
+         Rename("mlp.proj.weight", "ffwd.net.2.weight", lambda s: (s.C, s.F)),
+         Rename("mlp.proj.bias", "ffwd.net.2.bias", lambda s: (s.C,)))
+# Per head, under blocks.{i}.sa.heads.{h}.: q, k and v are fused in this order; tril is the causal mask.
+HEAD = ("query.weight", "key.weight", "value.weight")
+HEAD_MASK = "tril"
+
+
+def map_to_dist_gpt(state: NotebookState, source: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(model config keys, fp32 state dict) of dist_gpt's GPT holding the notebook's weights, by the
+    tables above. Sizes come from the tensors (`_sizes`)."""
     t, src = state.tensors, str(source)
     root = state.modules.get("")
     if getattr(root, "kind", None) != "GPTLanguageModel":
         raise CheckpointError(f"{src} holds a {getattr(root, 'kind', '?')}, not the notebook's GPTLanguageModel")
+    s = _sizes(t, src)
 
     def get(key: str, shape: tuple[int, ...]) -> torch.Tensor:
         if key not in t:
@@ -307,6 +359,27 @@ def map_to_dist_gpt(state: NotebookState, source: str | Path) -> tuple[dict[str,
                                   "from the notebook's layout")
         return t[key].to(torch.float32)
 
+    out = {r.ours: get(r.theirs, r.shape(s)) for r in EMBEDDINGS}
+    for i in range(s.L):
+        b = f"blocks.{i}."  # the same prefix in both layouts
+        out[b + "attn.qkv.weight"] = _fused_qkv(get, b, s, src)
+        out |= {b + r.ours: get(b + r.theirs, r.shape(s)) for r in BLOCK}
+    out |= {r.ours: get(r.theirs, r.shape(s)) for r in FINAL}
+
+    extra = sorted(set(t) - _notebook_keys(s.L, s.H))
+    if extra:
+        raise CheckpointError(f"{src} has tensors the notebook's model does not ({extra[0]}, ...): "
+                              "not the notebook's GPTLanguageModel layout")
+    _check_layer_settings(state, src)
+    model = {
+        "vocab_size": s.V, "block_size": s.T, "n_layer": s.L, "n_head": s.H, "n_embd": s.C, "head_dim": s.D,
+        "mlp_hidden": None if s.F == 4 * s.C else s.F, "dropout": _dropout(state), **NOTEBOOK_ARCHITECTURE,
+    }
+    return model, out
+
+
+def _sizes(t: dict[str, torch.Tensor], src: str) -> Sizes:
+    """Token table (V, C), position table (T, C), `L` blocks of `H` heads, each head's key (D, C)."""
     def count(fmt: str) -> int:
         n = 0
         while fmt.format(n) in t:
@@ -323,46 +396,19 @@ def map_to_dist_gpt(state: NotebookState, source: str | Path) -> tuple[dict[str,
         raise CheckpointError(f"{src} has no attention blocks: not the notebook's GPTLanguageModel layout")
     D = t["blocks.0.sa.heads.0.key.weight"].shape[0]
     F = t["blocks.0.ffwd.net.0.weight"].shape[0] if "blocks.0.ffwd.net.0.weight" in t else 4 * C  # 4*C in the notebook
+    return Sizes(V, T, C, L, H, D, F)
 
-    out = {
-        "tok_emb.weight": get("token_embedding_table.weight", (V, C)),
-        "pos_emb.weight": get("position_embedding_table.weight", (T, C)),
-    }
-    for i in range(L):
-        b = f"blocks.{i}."  # the same prefix in both layouts
-        heads = [f"{b}sa.heads.{h}." for h in range(H)]
-        for h in heads:
-            # The notebook's causal mask is a buffer; dist_gpt's attention is causal by construction.
-            if not torch.equal(get(h + "tril", (T, T)), torch.tril(torch.ones(T, T))):
-                raise CheckpointError(f"{src}: {h}tril is not the causal lower-triangular mask")
-        q = [get(h + "query.weight", (D, C)) for h in heads]
-        k = [get(h + "key.weight", (D, C)) for h in heads]
-        v = [get(h + "value.weight", (D, C)) for h in heads]
-        out[b + "attn.qkv.weight"] = torch.cat(q + k + v, dim=0)  # (3*H*D, C)
-        out[b + "attn.proj.weight"] = get(b + "sa.proj.weight", (C, H * D))
-        out[b + "attn.proj.bias"] = get(b + "sa.proj.bias", (C,))
-        for mine, theirs in (("norm1", "ln1"), ("norm2", "ln2")):
-            out[f"{b}{mine}.weight"] = get(f"{b}{theirs}.weight", (C,))
-            out[f"{b}{mine}.bias"] = get(f"{b}{theirs}.bias", (C,))
-        out[b + "mlp.fc.weight"] = get(b + "ffwd.net.0.weight", (F, C))
-        out[b + "mlp.fc.bias"] = get(b + "ffwd.net.0.bias", (F,))
-        out[b + "mlp.proj.weight"] = get(b + "ffwd.net.2.weight", (C, F))
-        out[b + "mlp.proj.bias"] = get(b + "ffwd.net.2.bias", (C,))
-    out["norm_f.weight"] = get("ln_f.weight", (C,))
-    out["norm_f.bias"] = get("ln_f.bias", (C,))
-    out["head.weight"] = get("lm_head.weight", (V, C))
-    out["head.bias"] = get("lm_head.bias", (V,))
 
-    extra = sorted(set(t) - _notebook_keys(L, H))
-    if extra:
-        raise CheckpointError(f"{src} has tensors the notebook's model does not ({extra[0]}, ...): "
-                              "not the notebook's GPTLanguageModel layout")
-    _check_layer_settings(state, src)
-    model = {
-        "vocab_size": V, "block_size": T, "n_layer": L, "n_head": H, "n_embd": C, "head_dim": D,
-        "mlp_hidden": None if F == 4 * C else F, "dropout": _dropout(state), **NOTEBOOK_ARCHITECTURE,
-    }
-    return model, out
+def _fused_qkv(get, b: str, s: Sizes, src: str) -> torch.Tensor:
+    """Block `b`'s heads fused into one `qkv.weight` of shape (3*H*D, C): rows [q of head 0..H-1 |
+    k of head 0..H-1 | v of head 0..H-1], head h of q at rows h*D:(h+1)*D, which is the order
+    `torch.cat([h(x) for h in heads])` gives."""
+    heads = [f"{b}sa.heads.{h}." for h in range(s.H)]
+    for h in heads:
+        # The notebook's causal mask is a buffer; dist_gpt's attention is causal by construction.
+        if not torch.equal(get(h + HEAD_MASK, (s.T, s.T)), torch.tril(torch.ones(s.T, s.T))):
+            raise CheckpointError(f"{src}: {h}{HEAD_MASK} is not the causal lower-triangular mask")
+    return torch.cat([get(h + name, (s.D, s.C)) for name in HEAD for h in heads], dim=0)  # (3*H*D, C)
 
 
 # The notebook's architecture as dist_gpt model options (the `seed` preset's model keys).
@@ -374,12 +420,12 @@ NOTEBOOK_ARCHITECTURE: dict[str, Any] = {
 
 
 def _notebook_keys(L: int, H: int) -> set[str]:
-    keys = {"token_embedding_table.weight", "position_embedding_table.weight",
-            "ln_f.weight", "ln_f.bias", "lm_head.weight", "lm_head.bias"}
+    """Every tensor name of the notebook's model with L blocks of H heads, from the tables above."""
+    keys = {r.theirs for r in EMBEDDINGS + FINAL}
     for i in range(L):
         b = f"blocks.{i}."
-        keys |= {f"{b}sa.heads.{h}.{n}" for h in range(H) for n in ("tril", "key.weight", "query.weight", "value.weight")}
-        keys |= {f"{b}{m}.{p}" for m in ("sa.proj", "ln1", "ln2", "ffwd.net.0", "ffwd.net.2") for p in ("weight", "bias")}
+        keys |= {b + r.theirs for r in BLOCK}
+        keys |= {f"{b}sa.heads.{h}.{n}" for h in range(H) for n in HEAD + (HEAD_MASK,)}
     return keys
 
 
@@ -416,40 +462,16 @@ class ImportResult:
     train_overrides: list[str]  # options that make `--preset seed` this model
 
 
-def read_vocab(vocab: str | Path):
-    """The notebook's vocabulary: the sorted set of vocab.txt's characters, read as text (universal
-    newlines, so "\\r\\n" counts as "\\n"), as `tools.prepare --tokenizer char --vocab` reads it."""
-    from dist_gpt.data.tokenizers import CharTokenizer
-    from dist_gpt.errors import DataError
-
-    try:
-        text = Path(vocab).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise DataError(f"--vocab {vocab} not found: give the notebook's vocab.txt") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise DataError(f"--vocab {vocab}: cannot read it as UTF-8 text ({e})") from None
-    if not text:
-        raise DataError(f"--vocab {vocab} is empty: give the notebook's vocab.txt")
-    return CharTokenizer("".join(sorted(set(text))))
-
-
 def import_notebook(pkl: str | Path, vocab: str | Path, out: str | Path) -> ImportResult:
     """Read the notebook's `model-01.pkl` safely and write it as the dist_gpt run directory `out`:
     `out/checkpoints/step_0000000/` (weights only, step 0) and `out/model.safetensors`."""
-    from dist_gpt import config as config_mod
-    from dist_gpt.checkpoint import CheckpointConfig, Checkpointer, JsonState, ModelOptimizerState
-    from dist_gpt.parallel.dist import DistEnv
-    from dist_gpt.errors import DataError
-    from .export import export
-    from dist_gpt.model.gpt import GPT
-
     pkl, out = Path(pkl), Path(out)
     ckpt_root, st_file = out / "checkpoints", out / "model.safetensors"
     for existing in (ckpt_root, st_file):
         if existing.exists():
             raise CheckpointError(f"{existing} already exists: choose another --out (nothing was overwritten)")
     model_keys, state_dict = map_to_dist_gpt(load_notebook_state(pkl), pkl)
-    tok = read_vocab(vocab)
+    tok = read_char_vocab(vocab)
     if tok.vocab_size != model_keys["vocab_size"]:
         raise DataError(f"--vocab {vocab} has {tok.vocab_size} distinct characters but {pkl} embeds "
                         f"{model_keys['vocab_size']}: pass the vocab.txt this model was trained with")
@@ -479,8 +501,6 @@ def import_notebook(pkl: str | Path, vocab: str | Path, out: str | Path) -> Impo
 
 def _check_written(out: Path, st_file: Path, state_dict: dict[str, torch.Tensor]) -> None:
     """Read both outputs back the way sample and --init-from will, and compare every tensor bit for bit."""
-    from .weights import load_weights
-
     for where in (out, st_file):
         loaded = load_weights(where).state_dict
         if loaded.keys() != state_dict.keys() or any(not torch.equal(loaded[k], v) for k, v in state_dict.items()):

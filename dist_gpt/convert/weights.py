@@ -4,7 +4,7 @@
     loaded = load_weights("runs/cpu", which="best")                # its best by validation loss
     loaded = load_weights("runs/cpu/checkpoints/step_0001000")     # one checkpoint
     loaded = load_weights("model.safetensors")                     # an export (python -m dist_gpt.export)
-    loaded = load_weights("models/gpt2")                           # a Hugging Face directory (dist_gpt.hf)
+    loaded = load_weights("models/gpt2")                           # a Hugging Face directory (dist_gpt.convert.hf)
     model = GPT(loaded.config); model.load_state_dict(loaded.state_dict)
     loaded.tokenizer.decode(ids)                                   # loaded on first use
 
@@ -12,7 +12,7 @@ A checkpoint is read through the safe reader (no pickle beyond DCP's metadata cl
 the model's tensors are read: the optimizer state stays on disk. An export is read with
 safetensors, whose format holds raw tensors and a string table only, and checked against the
 CRC32 recorded at export. A Hugging Face model directory (config.json + safetensors weights) is
-converted by `dist_gpt.hf`, with its tokenizer.json as the tokenizer.
+converted by `dist_gpt.convert.hf`, with its tokenizer.json as the tokenizer.
 """
 
 from __future__ import annotations
@@ -21,19 +21,26 @@ import json
 import math
 import tempfile
 import zlib
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
 
-from dist_gpt.checkpoint import load_tensors, read_manifest, read_meta, read_metadata, resolve_checkpoint
-from dist_gpt.checkpoint.layout import checkpoint_option
-from dist_gpt.checkpoint.safe_reader import reading_progress
-from dist_gpt.errors import CheckpointError, DataError
-from .hf.files import is_model_dir, require_config
-from dist_gpt.model.gpt import GPTConfig
+from dist_gpt.checkpoint.layout import checkpoint_option, read_manifest, read_meta
+from dist_gpt.checkpoint.loading import load_tensors
+from dist_gpt.checkpoint.retention import resolve_checkpoint
+from dist_gpt.checkpoint.run_state import MODEL_KEYS_FREE
+from dist_gpt.checkpoint.safe_reader import read_metadata, reading_progress
+from dist_gpt.data.manifest import MANIFEST, load_manifest
+from dist_gpt.data.tokenizers import TOKENIZER_FILE, tokenizer_from_spec
+from dist_gpt.errors import CheckpointError, ConfigError, DataError
+from dist_gpt.model.gpt import GPT, GPTConfig
 from dist_gpt.progress import progress_bar
+
+from .hf.convert import EMBEDDED, gpt_config, init_model_config, init_state_dict, read_model
+from .hf.files import is_model_dir, require_config
 
 # Keys of the string table of an exported .safetensors file.
 KEY_FORMAT = "dist_gpt.format"
@@ -89,8 +96,6 @@ def add_source_arguments(parser, verb: str) -> None:
 
 def load_model(args, device: torch.device):
     """(GPT, LoadedWeights): the model named by `add_source_arguments`' flags, on `device`."""
-    from dist_gpt.model.gpt import GPT
-
     loaded = load_weights(args.run or args.checkpoint or args.model, device="cpu", option="--checkpoint",
                           quiet=args.quiet)
     model = GPT(loaded.config)
@@ -102,12 +107,6 @@ def init_from(source: str | Path, model) -> None:
     """train.init_from: load the weights of a run, checkpoint, export or Hugging Face directory into
     `model` (nanoGPT's init_from; the optimizer and the step start fresh). The source's model settings
     must match `model.cfg` (for a Hugging Face directory they are where `model.cfg` came from)."""
-    from dataclasses import asdict
-
-    from dist_gpt.errors import ConfigError
-    from .hf import init_state_dict, is_model_dir
-    from dist_gpt.checkpoint.run_state import MODEL_KEYS_FREE
-
     if is_model_dir(source):  # a Hugging Face directory: model.cfg came from its config.json (runinfo)
         model.load_state_dict(init_state_dict(str(source), model.cfg), strict=True)
         return
@@ -118,6 +117,23 @@ def init_from(source: str | Path, model) -> None:
         what = ", ".join(f"--model.{k}={theirs[k]}" for k in diff)
         raise ConfigError(f"--init-from {source} holds a model with other settings: pass {what}")
     model.load_state_dict(loaded.state_dict, strict=True)
+
+
+@dataclass
+class InitFrom:
+    """train.init_from as the trainer uses it (dist_gpt.training.trainer.build(init=...)): the source's
+    model section, then its weights. The train command makes it, so the trainer never imports the
+    conversions."""
+
+    source: str
+    unchecked_ids: bool = False  # train.init_from_unchecked_ids: a directory without a tokenizer is taken anyway
+
+    def model_config(self, model_cfg: GPTConfig, data) -> GPTConfig:
+        """A Hugging Face directory gives the model section (init_model_config); any other source keeps it."""
+        return init_model_config(model_cfg, self.source, data, self.unchecked_ids)
+
+    def load_into(self, model) -> None:
+        init_from(self.source, model)
 
 
 def tensors_crc32(tensors: dict[str, torch.Tensor]) -> int:
@@ -155,17 +171,6 @@ def model_prefix(keys) -> str:
     return f"{names[0]}.model."
 
 
-def gpt_config(raw: Any, where: Path) -> GPTConfig:
-    if not isinstance(raw, dict):
-        raise CheckpointError(f"{where} carries no model config: it was not written by dist_gpt's trainer")
-    known = {f.name for f in fields(GPTConfig)}
-    unknown = sorted(set(raw) - known)
-    if unknown:
-        raise CheckpointError(f"{where} has model settings this dist_gpt does not know ({', '.join(unknown)}): "
-                              "read it with the dist_gpt version that wrote it")
-    return GPTConfig(**raw)
-
-
 def _from_checkpoint(ckpt: Path, quiet: bool = True) -> LoadedWeights:
     manifest = read_manifest(ckpt)
     meta = read_meta(ckpt, manifest)
@@ -185,8 +190,6 @@ def _from_checkpoint(ckpt: Path, quiet: bool = True) -> LoadedWeights:
 
 
 def _from_safetensors(file: Path, quiet: bool = True) -> LoadedWeights:
-    from safetensors import SafetensorError, safe_open
-
     if not file.is_file():
         raise CheckpointError(f"{file} does not exist: pass an exported .safetensors file "
                               "(python -m dist_gpt.export), a run directory or a checkpoint directory")
@@ -227,9 +230,6 @@ def _from_safetensors(file: Path, quiet: bool = True) -> LoadedWeights:
 
 def _from_hf_dir(directory: Path) -> LoadedWeights:
     """A Hugging Face model directory; one exported by dist_gpt carries its own settings in config.json."""
-    from dist_gpt.data.tokenizers import TOKENIZER_FILE
-    from .hf import EMBEDDED, read_model
-
     config, state, hf = read_model(directory)
     info = hf.get(EMBEDDED) or {}
     eos = hf.get("eos_token_id")
@@ -261,8 +261,6 @@ def header_crc32(info: dict[str, str], tensors: dict[str, torch.Tensor]) -> int:
 def dataset_tokenizer(data_path: str | None, spec: dict | None = None) -> tuple[dict | None, str | None]:
     """(spec, tokenizer.json text or None) of a dataset directory, the spec from its manifest unless given:
     (None, None) when the dataset is gone; a DataError naming the file when what is there is damaged."""
-    from dist_gpt.data.manifest import MANIFEST, load_manifest
-
     if not data_path or not Path(data_path).is_dir():
         return None, None
     if spec is None:
@@ -288,8 +286,6 @@ def read_tokenizer_text(file: Path, fix: str) -> str:
 
 
 def _build_tokenizer(w: LoadedWeights):
-    from dist_gpt.data.tokenizers import tokenizer_from_spec
-
     spec, text, origin = w.tokenizer_spec, w.tokenizer_json, w.source  # origin: what carries the tokenizer
     if spec is None or (text is None and spec.get("kind") == "hf"):  # a checkpoint: the dataset has the file
         spec, text = dataset_tokenizer(w.data_path, spec)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from dist_gpt.data.mixspec import parse_mix, parse_phases, parse_weights
 from dist_gpt.errors import ConfigError
 
 
@@ -44,8 +45,6 @@ class DataConfig:
 
     def __post_init__(self):
         if self.mix is not None:
-            from dist_gpt.data.mixspec import parse_mix, parse_phases, parse_weights
-
             names = [s.name for s in parse_mix(self.mix)]
             parse_phases(self.mix_phases or "", names)
             if self.mix_eval_weights:

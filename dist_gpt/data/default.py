@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from dist_gpt.data.manifest import MANIFEST
+from dist_gpt.data.prepare import PrepareOptions, prepare
 
 
 def ensure_default_dataset(path: str | Path = "data/stdlib") -> Path:
@@ -17,8 +18,6 @@ def ensure_default_dataset(path: str | Path = "data/stdlib") -> Path:
     path = Path(path)
     if (path / MANIFEST).is_file():
         return path
-    from dist_gpt.data.prepare import PrepareOptions, prepare
-
     command = f"python -m tools.prepare --source stdlib --tokenizer byte --out {path}"
     print(f"dataset {path} not found: building the default one (the Python standard library's source, "
           f"byte tokens), as `{command}` would", file=sys.stderr, flush=True)

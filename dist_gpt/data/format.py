@@ -164,11 +164,6 @@ def truncate_shard(path: Path | str, header: ShardHeader, keep: int) -> ShardHea
     return new
 
 
-def open_memmap(path: Path | str, header: ShardHeader) -> np.ndarray:
-    """A read-only view of the tokens, for tools. Training reads with pread instead (flat memory)."""
-    return np.memmap(path, dtype=header.dtype, mode="r", offset=HEADER_SIZE, shape=(header.num_tokens,))
-
-
 class StagedFile:
     """A file written under `<name>.tmp` behind a zeroed header placeholder: `seal` writes the
     header last, syncs and renames it into place, so the final name only ever holds a complete,
@@ -225,15 +220,3 @@ class ShardWriter(StagedFile):
         header = ShardHeader(self.dtype_code, self.vocab_size, self.num_tokens, self.fingerprint, self._sha.hexdigest())
         self.seal(header.pack())
         return header
-
-
-def write_shard(path: Path | str, tokens: np.ndarray, vocab_size: int, tokenizer_fingerprint: str,
-                dtype_code: int | None = None) -> ShardHeader:
-    """Write a whole shard at once (tests and small tools)."""
-    writer = ShardWriter(path, dtype_code or dtype_code_for_vocab(vocab_size), vocab_size, tokenizer_fingerprint)
-    try:
-        writer.write(np.asarray(tokens))
-        return writer.close()
-    except BaseException:
-        writer.abort()
-        raise

@@ -80,7 +80,12 @@ class _HostToDevice:
 
 
 class TrainBatches:
-    """This rank's share of a deterministic stream of global batches of random train blocks."""
+    """This rank's share of a deterministic stream of global batches of random train blocks.
+
+    `prefetch` builds the next batch in a thread while the device computes, on CUDA only.
+    `prefetch_on_cpu=True` runs that thread on a CPU too: it exists so the tests exercise the CUDA prefetch path on machines without
+    a GPU, and is not a setting for training runs.
+    """
 
     def __init__(self, ds: Dataset, block_size: int, global_batch: int, micro_batch: int, rank: int = 0,
                  world_size: int = 1, seed: int = 0, device: torch.device | str = "cpu",

@@ -30,19 +30,25 @@ import sys
 import threading
 import time
 from collections import deque
+from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from dist_gpt.data import encode
 from dist_gpt.data.format import DTYPE_NAMES, HEADER_SIZE, iter_payload, truncate_shard
 from dist_gpt.data.manifest import MANIFEST, load_manifest
 from dist_gpt.data.shard_tools import verify_dataset
-from dist_gpt.data.sources import (CHUNK_BYTES, InputFile, count_docs, describe, inputs_fingerprint, list_inputs, pid_alive,
-                                   plan_units, spool_stdin, stdlib_inputs)
-from dist_gpt.data.tokenizers import (TOKENIZER_FILE, ByteTokenizer, CharTokenizer, HFTokenizer, TiktokenTokenizer)
+from dist_gpt.data.sources import (CHUNK_BYTES, InputFile, describe, inputs_fingerprint, list_inputs,
+                                   spool_stdin, stdlib_inputs)
+from dist_gpt.data.units import count_docs, plan_units
+from dist_gpt.data.tokenizers import (TOKENIZER_FILE, ByteTokenizer, CharTokenizer, HFTokenizer, TiktokenTokenizer,
+                                      read_char_vocab)
 from dist_gpt.data.writer import DEFAULT_SHARD_TOKENS, DatasetWriter
 from dist_gpt.errors import ConfigError, DataError, UserError
+from dist_gpt.processes import pid_alive
 from dist_gpt.progress import progress_bar
 
 DEFAULT_STDLIB_OUT = "data/stdlib"
@@ -267,9 +273,20 @@ def _default_workers(opts: PrepareOptions, tokenizer_arg: str) -> int:
 
 # ---------------------------------------------------------------- tokenizers
 
-def _build_tokenizer(opts, staging: Path, files, units, splitter, workers: int, enc_base, chunk: int):
-    """The tokenizer --tokenizer names; char and bpe:N first read the corpus to build it
-    (`units()` plans a fresh pass over it)."""
+@dataclass
+class CorpusPass:
+    """What another pass over the corpus needs: its files, `units()` (a fresh, lazy plan of work units),
+    the worker processes and their encoding options, and the bytes per task."""
+
+    files: list
+    units: Callable[[], Iterator]
+    workers: int
+    enc_base: encode.EncodeOptions
+    chunk: int
+
+
+def _build_tokenizer(opts, staging: Path, corpus: CorpusPass, splitter):
+    """The tokenizer --tokenizer names; char and bpe:N first read the corpus to build it."""
     arg = opts.tokenizer
     if opts.vocab and arg != "char":
         raise ConfigError("--vocab is for --tokenizer char")
@@ -281,17 +298,12 @@ def _build_tokenizer(opts, staging: Path, files, units, splitter, workers: int, 
         return TiktokenTokenizer("gpt2")
     if arg == "char":
         if opts.vocab:
-            try:
-                # text mode, as the notebook reads it: universal newlines turn \r\n into \n
-                text = Path(opts.vocab).read_text(encoding="utf-8")
-            except (OSError, UnicodeDecodeError) as e:
-                raise DataError(f"--vocab {opts.vocab}: cannot read it as UTF-8 text ({e})") from None
-            if not text:
-                raise DataError(f"--vocab {opts.vocab} is empty")
-            return CharTokenizer("".join(sorted(set(text))))
+            return read_char_vocab(opts.vocab)
         chars: set[str] = set()
+        files = corpus.files
         with _progress(opts, sum(f.size for f in files), "characters") as bar:
-            for results in _ordered_map(encode.collect_chars_task, _tasks(units(), chunk), workers, (enc_base, None)):
+            tasks = _tasks(corpus.units(), corpus.chunk)
+            for results in _ordered_map(encode.collect_chars_task, tasks, corpus.workers, (corpus.enc_base, None)):
                 for r in results:
                     chars.update(r.chars)
                     bar.update(r.raw_bytes)
@@ -300,9 +312,10 @@ def _build_tokenizer(opts, staging: Path, files, units, splitter, workers: int, 
         return CharTokenizer("".join(sorted(chars)))
     if arg.startswith("bpe:"):
         limit = opts.bpe_train_mb * 10**6
+        files = corpus.files
         if splitter is None and not any(f.split for f in files):  # one document: keep off its val tail
             limit = min(limit, int(sum(f.size for f in files) * (1 - opts.val_split)))
-        return _train_bpe(opts, staging, units, enc_base, limit)
+        return _train_bpe(opts, staging, corpus.units, corpus.enc_base, limit)
     if _is_tokenizer_file(arg):
         if not Path(arg).is_file():
             raise DataError(f"--tokenizer {arg}: file not found (expected byte, char, bpe:N, gpt2 or a tokenizer.json)")
@@ -312,8 +325,6 @@ def _build_tokenizer(opts, staging: Path, files, units, splitter, workers: int, 
 
 
 def _train_bpe(opts, staging: Path, units, enc_options, limit: int) -> HFTokenizer:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
     try:
         n = int(opts.tokenizer.split(":", 1)[1])
     except ValueError:
@@ -413,7 +424,7 @@ def _build(opts: PrepareOptions, staging: Path, files, source: dict, request: di
     def units():  # a fresh, lazy pass over the inputs (streamed files are read again by each pass)
         return plan_units(files, doc_counts, chunk, opts.jsonl_field)
 
-    tokenizer = _build_tokenizer(opts, staging, files, units, splitter, workers, enc_base, chunk)
+    tokenizer = _build_tokenizer(opts, staging, CorpusPass(files, units, workers, enc_base, chunk), splitter)
     enc = encode.EncodeOptions(tokenizer.spec, str(staging), files, splitter, opts.jsonl_field, opts.skip_unknown)
     writer = DatasetWriter(staging, tokenizer, opts.shard_tokens)
     dtype = DTYPE_NAMES[writer.dtype_code]

@@ -182,7 +182,7 @@ def _batch_rows(pf, field: str, chunk: int) -> int:
 
 def _parquet_texts(pa, pf, f: InputFile, field: str, chunk: int) -> Iterator[tuple[str | None, int]]:
     """(text, its UTF-8 bytes) of every row, read in record batches."""
-    import pyarrow.compute as pc
+    import pyarrow.compute as pc  # optional dependency: pip install 'dist_gpt[corpora]'
 
     try:
         for batch in pf.iter_batches(batch_size=_batch_rows(pf, field, chunk), columns=[field], use_threads=False):

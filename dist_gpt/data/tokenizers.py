@@ -17,6 +17,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+from tokenizers import Tokenizer
 
 from dist_gpt.errors import DataError
 
@@ -106,12 +107,25 @@ class CharTokenizer:
         return np.array([len(c.encode("utf-8", errors="surrogatepass")) for c in self.chars], dtype=np.int64)
 
 
+def read_char_vocab(vocab: str | Path) -> CharTokenizer:
+    """The characters of a vocabulary file as the original notebook reads its vocab.txt: the sorted set
+    of its characters, read as UTF-8 text (universal newlines, so "\\r\\n" counts as "\\n"). The one
+    reader for `tools.prepare --tokenizer char --vocab` and the notebook importer."""
+    try:
+        text = Path(vocab).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise DataError(f"--vocab {vocab} not found: give the notebook's vocab.txt") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"--vocab {vocab}: cannot read it as UTF-8 text ({e})") from None
+    if not text:
+        raise DataError(f"--vocab {vocab} is empty: give the notebook's vocab.txt")
+    return CharTokenizer("".join(sorted(set(text))))
+
+
 class HFTokenizer:
     """A HF `tokenizers` tokenizer.json: trained by `bpe:N`, or the user's own file."""
 
     def __init__(self, path: Path, name: str, eot_token: str | None = None):
-        from tokenizers import Tokenizer
-
         path = Path(path)
         try:
             raw = path.read_bytes()
@@ -162,7 +176,7 @@ class TiktokenTokenizer:
 
     def __init__(self, encoding: str = "gpt2"):
         try:
-            import tiktoken
+            import tiktoken  # optional dependency: pip install 'dist_gpt[gpt2]'
         except ImportError:
             raise DataError("tokenizer gpt2 needs tiktoken (pip install 'dist_gpt[gpt2]'), or use --tokenizer bpe:N or a tokenizer.json") from None
         try:

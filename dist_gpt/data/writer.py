@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dist_gpt.training import faults
+from dist_gpt import hooks
 from dist_gpt.data.docindex import DocIndexWriter, index_name
 from dist_gpt.data.format import DTYPE_NAMES, ShardHeader, ShardWriter, dtype_code_for_vocab
 from dist_gpt.data.manifest import FORMAT_NAME, FORMAT_VERSION, SPLITS, write_manifest
@@ -60,7 +60,7 @@ class DatasetWriter:
         if writer is not None:
             self.shards[split].append((writer.path.name, writer.close()))
             self._open[split] = None
-            faults.pause("shard")  # test-only: lets a test interrupt prepare with a complete shard on disk
+            hooks.pause("shard")  # test-only: lets a test interrupt prepare with a complete shard on disk
 
     @property
     def documents(self) -> dict[str, int]:
@@ -110,13 +110,3 @@ class DatasetWriter:
         }
         write_manifest(self.directory, manifest)
         return manifest
-
-
-def write_dataset(directory: Path, tokenizer, splits: dict[str, list[np.ndarray]],
-                  shard_tokens: int = DEFAULT_SHARD_TOKENS, source: dict | None = None) -> dict:
-    """Write a small dataset from in-memory token arrays (one document per array)."""
-    writer = DatasetWriter(directory, tokenizer, shard_tokens)
-    for split in SPLITS:
-        for tokens in splits.get(split, []):
-            writer.write(split, np.asarray(tokens), source_bytes=int(np.asarray(tokens).size), doc_starts=[0])
-    return writer.finish(source or {"kind": "arrays"})

@@ -67,7 +67,7 @@ def flex_on_cpu():
 @functools.cache
 def _has_flex() -> bool:
     try:
-        import torch.nn.attention.flex_attention  # noqa: F401  (torch >= 2.5)
+        import torch.nn.attention.flex_attention  # noqa: F401  (optional: torch >= 2.5 has it)
     except ImportError:
         return False
     return True
@@ -76,7 +76,7 @@ def _has_flex() -> bool:
 @torch.compiler.disable  # built eagerly, outside a compiled model's graph, then handed to it
 def block_mask(doc: torch.Tensor):
     """The FlexAttention BlockMask of causal attention inside documents, for doc (B, T)."""
-    from torch.nn.attention.flex_attention import create_block_mask
+    from torch.nn.attention.flex_attention import create_block_mask  # optional: torch >= 2.5
 
     B, T = doc.shape
 
@@ -89,7 +89,7 @@ def block_mask(doc: torch.Tensor):
 def flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask) -> torch.Tensor:
     """FlexAttention, compiled: inside a compiled model by the model's compilation, otherwise by
     its own, made on first use (uncompiled it would materialise the whole score matrix)."""
-    from torch.nn.attention.flex_attention import flex_attention
+    from torch.nn.attention.flex_attention import flex_attention  # optional: torch >= 2.5
 
     if torch.compiler.is_compiling():
         return flex_attention(q, k, v, block_mask=mask)

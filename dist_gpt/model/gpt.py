@@ -13,7 +13,7 @@ tied embeddings). Options cover the modern small-model recipe (rotary positions,
 ReLU^2, zero-initialised output projections, logit soft-capping), the original notebook's exact
 model (post-norm, ReLU, biases on the attention output, MLP, norms and head, 20 heads of 19 = 380
 wide projected back to 384, untied embeddings), and what imported Hugging Face models need
-(grouped-query attention, tanh GELU, SwiGLU, the file's norm epsilon; see dist_gpt/hf/).
+(grouped-query attention, tanh GELU, SwiGLU, the file's norm epsilon; see dist_gpt/convert/hf/).
 
 Parameter names are a contract (the notebook importer, the Muon grouping and checkpoints use them):
     tok_emb.weight (V, C)                     pos_emb.weight (block_size, C)  [learned positions only]

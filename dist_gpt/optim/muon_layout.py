@@ -1,4 +1,4 @@
-"""Where Muon orthogonalises each matrix, and how its update gets there and back (used by dist_gpt.muon).
+"""Where Muon orthogonalises each matrix, and how its update gets there and back (used by dist_gpt.optim.muon).
 
 A parameter is held in one of these layouts (`Layout`):
 

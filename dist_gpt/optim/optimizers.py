@@ -4,7 +4,7 @@ Two optimizer recipes, chosen with `--optim.name`:
 
 * `adamw` (the classic GPT-2 recipe): one AdamW. Every matrix (embeddings, head, block weights) is
   decayed with `optim.weight_decay`; norms and biases (tensors with fewer than 2 dims) are not.
-* `muon`: Muon (`dist_gpt.muon`: torch.optim.Muon's update and state, correct under FSDP2 and with
+* `muon`: Muon (`dist_gpt.optim.muon`: torch.optim.Muon's update and state, correct under FSDP2 and with
   its Newton-Schulz work divided among ranks) for the 2-D weight matrices inside the blocks (names
   `blocks.*`, ndim == 2: fused QKV, attention output, MLP in/out), at `optim.muon_lr`; one AdamW
   for everything else (embeddings, head, norms, biases) at `optim.lr`/`embed_lr`/`head_lr`. Muon

@@ -9,18 +9,28 @@ of a world of 1 and starts no process group at all.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import datetime
+import hashlib
+import json
 import os
+import platform
+import re
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 from dist_gpt.errors import ConfigError, Refusal
+
+from . import fp8
 
 
 @dataclass
@@ -93,9 +103,6 @@ def _keep_freed_memory(largest: int) -> None:
     the heap and never trimming it removes them; the process keeps its peak heap mapped, which the
     next step needs anyway. Linux with glibc only; elsewhere nothing changes.
     """
-    import ctypes
-    import platform
-
     if platform.libc_ver()[0] != "glibc":
         return
     try:
@@ -211,18 +218,23 @@ def device_mesh(env: DistEnv, cfg: ParallelConfig):
     (nothing to shard: the model is whole on its one device)."""
     if cfg.data == "ddp" or not env.distributed:
         return None
-    from torch.distributed.device_mesh import init_device_mesh
-
     shape = cfg.mesh_shape(env.world_size, env.local_world_size)
     names = ("shard",) if len(shape) == 1 else ("replicate", "shard")
     return init_device_mesh(env.device.type, shape, mesh_dim_names=names)
+
+
+def use_compile(setting: bool | None, device: torch.device) -> bool:
+    """train.compile, with auto (None) decided: on for CUDA; off on CPU, where compiling the 4 x 4 x 128
+    model took 13 s and gained 7.7% per step, so it pays only after ~7,900 steps (docs/PERFORMANCE.md).
+    An explicit true/false always wins."""
+    return device.type == "cuda" if setting is None else setting
 
 
 @dataclass
 class Transforms:
     """What `parallelize` applies to the model besides the layout (trainer.build_model decides them)."""
 
-    compile: bool = False   # train.compile, decided (trainer.use_compile)
+    compile: bool = False   # train.compile, decided (use_compile)
     precision: str = "fp32"  # the resolved train.precision: bf16 gathers parameters in bf16 under fsdp on CUDA
     fp8: bool = False       # train.fp8: the blocks' linears in float8 (dist_gpt/parallel/fp8.py)
 
@@ -244,12 +256,11 @@ def parallelize(model: nn.Module, env: DistEnv, cfg: ParallelConfig, mesh,
     training model runs forward/backward. Under fsdp/hsdp both are `model` itself, sharded in place.
     """
     if transforms.fp8:
-        from . import fp8
-
         fp8.convert(model)
     if mesh is None:
         fwd_model = torch.compile(model) if transforms.compile else model
         return fwd_model, wrap(fwd_model, env)
+    # start-up cost: FSDP2 adds ~3 s to a DDP run's start (python -X importtime, 2-core AMD EPYC)
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
     if transforms.compile:
@@ -272,6 +283,7 @@ def materialize(model: nn.Module, device: torch.device) -> None:
     order (so the random numbers are those an unsharded build with the same seed draws), and only
     this rank's share is kept: no rank ever holds the whole model.
     """
+    # start-up cost: DTensor comes with FSDP2 (~3 s), which a DDP run never loads
     from torch.distributed.tensor import DTensor
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
@@ -304,7 +316,7 @@ def _replay_construction_draws(model: nn.Module) -> None:
 
 def is_sharded(model: nn.Module) -> bool:
     """Whether forward passes of `model` are collective (fsdp/hsdp): every rank must run the same ones."""
-    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.fsdp import FSDPModule  # start-up cost: as in parallelize, ~3 s for FSDP2
 
     return isinstance(model, FSDPModule)
 
@@ -314,7 +326,7 @@ def no_grad_sync(model: nn.Module):
     """Backward passes inside accumulate gradients without reducing them over the ranks (every
     micro-step but the last one of a step). Under fsdp/hsdp the gradients then stay unsharded until
     the last micro-step: gradient accumulation costs a full gradient's memory per rank."""
-    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.fsdp import FSDPModule  # start-up cost: as in parallelize, ~3 s for FSDP2
 
     if isinstance(model, FSDPModule):
         model.set_requires_gradient_sync(False)
@@ -337,8 +349,6 @@ def wrap(model: nn.Module, env: DistEnv) -> nn.Module:
     """
     if not env.distributed:
         return model
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
     return DDP(model, device_ids=[env.local_rank] if env.device.type == "cuda" else None,
                gradient_as_bucket_view=True, bucket_cap_mb=25)
 
@@ -354,8 +364,6 @@ def settle_buckets(model: nn.Module, first_step) -> None:
     the training micro-batch's shape (its gradients are dropped, the random state restored); the
     rebuild happens at the next forward, so every real step of every process uses the rebuilt layout.
     """
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
     if not isinstance(model, DDP):
         return
     devices = [model.device] if model.device_type == "cuda" else []
@@ -445,7 +453,7 @@ def run_main(run, argv: list[str]) -> None:
 
 
 def exit_code(run, argv: list[str]) -> int:
-    """`run(argv)`'s exit code; a `Refusal` (UserError: 2, faults.PeerLost: 4, ...) goes through
+    """`run(argv)`'s exit code; a `Refusal` (UserError: 2, errors.PeerLost: 4, ...) goes through
     `refuse` (the tests call entry points in-process through this)."""
     try:
         return run(argv)
@@ -480,8 +488,6 @@ def _first_to_report(error: Refusal, message: str) -> bool:
     """
     if not (dist.is_available() and dist.is_initialized()):
         return not isinstance(error, ConfigError) or launch_rank() == 0
-    import hashlib
-    import re
 
     key = "dist_gpt/refusal/" + hashlib.sha256(re.sub(r"^error: rank \d+: ", "", message).encode()).hexdigest()
     try:
@@ -497,8 +503,6 @@ def record_for_torchrun(message: str) -> None:
     torchrun for each worker), in the JSON of torch.distributed.elastic's ErrorHandler.record_exception:
     the summary torchrun prints on failure then shows it as `traceback : error: ...` instead of
     `error_file: <N/A>`. Nothing to do outside torchrun."""
-    import json
-    import time
 
     path = os.environ.get("TORCHELASTIC_ERROR_FILE")
     if not path:

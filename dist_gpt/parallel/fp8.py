@@ -87,7 +87,7 @@ def _torchao():
     for logger in loggers:
         logger.setLevel(logging.ERROR)
     try:
-        import torchao.float8 as float8
+        import torchao.float8 as float8  # optional: pip install 'dist_gpt[fp8]'
     except ImportError:
         raise ConfigError("train.fp8=true needs torchao: pip install 'dist_gpt[fp8]'") from None
     finally:

@@ -1,34 +1,22 @@
-"""Validation loss in nats and bits per byte, split across ranks; text samples from rank 0.
+"""The trainer's Evaluator: validation loss in nats and bits per byte, split across ranks and
+reduced; multiple-choice accuracy (tasks.py); text samples from rank 0. The command line around the
+same code is `python -m dist_gpt.evaluate` (dist_gpt/evaluate.py); the trainer never imports it.
 
-    python -m dist_gpt.evaluate --run runs/cpu                        # the run's latest checkpoint
-    python -m dist_gpt.evaluate --checkpoint runs/cpu/checkpoints/step_0001000
-    python -m dist_gpt.evaluate --model model.safetensors --data data/stdlib
-    python -m dist_gpt.evaluate --run runs/mix --mix web:data/web:0.7,code:data/code:0.3   # each source, and the total
-    python -m dist_gpt.evaluate --run runs/mix --config mix.toml     # the [data.mix.NAME] tables of a run's TOML
-    torchrun --standalone --nproc_per_node=2 -m dist_gpt.evaluate --run-dir runs/cpu   # split over 2 ranks
-    python -m dist_gpt.evaluate --run runs/cpu --tasks hellaswag,arc_easy   # lm-evaluation-harness (pip install 'dist_gpt[eval]')
-
-(Under torchrun spell it --run-dir: torchrun's own parser takes --run for its --run-path.)
-With --tasks the model is scored by lm-evaluation-harness instead (dist_gpt/harness.py).
-
-The command line evaluates on the dataset's whole validation split (every block once). During
-training the same code evaluates the fixed `eval.max_blocks` subset every `eval.interval` steps.
+During training the Evaluator evaluates the fixed `eval.max_blocks` subset every `eval.interval`
+steps; the command evaluates the dataset's whole validation split (every block once).
 """
 
 from __future__ import annotations
 
-import argparse
 import math
-import sys
+from dataclasses import dataclass
 
 import torch
 from torch.profiler import record_function
 
 from dist_gpt.parallel import dist
 from dist_gpt.checkpoint.state import unwrap_model
-from dist_gpt.progress import progress_bar
 from .tasks import load_tasks
-from dist_gpt.convert.weights import add_source_arguments, load_model
 
 
 @torch.no_grad()
@@ -86,6 +74,14 @@ def bits_per_byte(loss_nats: float, bytes_per_token: float) -> float:
     return loss_nats / math.log(2) / bytes_per_token
 
 
+@dataclass
+class SourceBlocks:
+    """A data.mix run's validation: each source's blocks, and the weights of their total (val/loss)."""
+
+    blocks: dict            # {name: ValBlocks}
+    eval_weights: list[float]
+
+
 class Evaluator:
     """Decides when validation is due, runs it on every rank, reports it from rank 0 with a text
     sample, and keeps the run's best validation loss in the run state (so it survives a resume).
@@ -94,11 +90,15 @@ class Evaluator:
     samples come from the plain module under it. `autocast` is the run's precision context.
     """
 
-    def __init__(self, model, val, autocast, cfg, log, state, sources: dict | None = None,
-                 eval_weights: list[float] | None = None) -> None:
+    def __init__(self, model, val, autocast, cfg, log, state) -> None:
+        """`val`: the validation ValBlocks, or a data.mix run's SourceBlocks (its first source then
+        stands for the run's tokenizer and bytes per token)."""
         self.model, self.raw_model = model, unwrap_model(model)
         # data.mix: {name: ValBlocks} per source; val/loss is their eval_weights-weighted total
-        self.sources, self.eval_weights = sources, eval_weights
+        mixture = val if isinstance(val, SourceBlocks) else None
+        self.sources = mixture.blocks if mixture else None
+        self.eval_weights = mixture.eval_weights if mixture else None
+        val = next(iter(mixture.blocks.values())) if mixture else val
         self.last_sources: dict[str, dict] = {}
         self.val, self.autocast, self.cfg, self.log, self.state = val, autocast, cfg, log, state
         self.bytes_per_token = val.ds.bytes_per_token("val")
@@ -107,7 +107,7 @@ class Evaluator:
         self.last_step: int | None = None
         self.last_loss = float("nan")
         self.last_bpb = float("nan")
-        # eval.tasks: multiple-choice files, read and tokenized once (dist_gpt.tasks)
+        # eval.tasks: multiple-choice files, read and tokenized once (dist_gpt.training.tasks)
         self.tasks = load_tasks(cfg.tasks, val.ds.tokenizer, self.raw_model.cfg.block_size, val.ds.eot_id,
                                 val.batch_size)
 
@@ -163,142 +163,3 @@ class Evaluator:
         if eot_id in new:
             new = new[:new.index(eot_id) + 1]
         return self.cfg.prompt + tokenizer.decode(new)
-
-
-# ---------------------------------------------------------------------------------------------
-# Command line
-
-def parse_args(argv):
-    p = argparse.ArgumentParser(prog="python -m dist_gpt.evaluate", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_source_arguments(p, "evaluates")
-    p.add_argument("--data", help="dataset directory (default: the one the model was trained on); it must be made "
-                                  "with the model's tokenizer")
-    p.add_argument("--mix", help="evaluate on each source of a mixture, NAME:PATH:WEIGHT,... as data.mix; prints "
-                                 "every source's numbers and their weighted total")
-    p.add_argument("--config", help="a training TOML file: its data.mix (and data.mix_phases, data.mix_eval_weights) "
-                                    "as --mix; the total uses the evaluation weights training used")
-    p.add_argument("--allow-tokenizer-mismatch", action="store_true",
-                   help="evaluate on a --data made with another tokenizer anyway (the loss then means nothing "
-                        "comparable; a warning says so)")
-    p.add_argument("--batch-size", type=int, default=16, help="sequences per forward pass (default 16)")
-    p.add_argument("--max-blocks", type=int, default=None, help="evaluate only this many blocks (default: all)")
-    p.add_argument("--precision", default="fp32", help="auto | fp32 | bf16 | fp16 (default fp32)")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    h = p.add_argument_group("lm-evaluation-harness (instead of the validation loss)")
-    h.add_argument("--tasks", help="comma-separated lm-eval task names, e.g. hellaswag,arc_easy")
-    h.add_argument("--include-path", help="directory of your own lm-eval task YAML files")
-    h.add_argument("--limit", type=float, default=None, help="examples per task (a fraction if < 1; default all)")
-    h.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples (default: the task's)")
-    h.add_argument("--output", help="write lm-eval's results as JSON to this file")
-    return p.parse_args(argv)
-
-
-def evaluate(argv: list[str] | None) -> int:
-    from dist_gpt.data import Dataset, ValBlocks
-    from dist_gpt.parallel.precision import Precision
-
-    args = parse_args(argv)
-    if args.tasks:
-        from dist_gpt.harness import run_tasks
-
-        run_tasks(args.run or args.checkpoint or args.model, args.tasks, args.include_path, args.limit,
-                  args.num_fewshot, args.batch_size, args.device, args.precision, args.output)
-        return 0
-    env = dist.init(args.device)
-    args.quiet = args.quiet or not env.is_main  # one progress bar: rank 0's
-    model, loaded = load_model(args, env.device)
-    if args.mix or args.config:
-        return evaluate_mixture(args, env, model, loaded)
-    data = Dataset.open(args.data or loaded.data_path)
-    check_tokenizer(data, loaded, args.allow_tokenizer_mismatch, warn=env.is_main)
-    val = ValBlocks(data, block_size=loaded.config.block_size, batch_size=args.batch_size, rank=env.rank,
-                    world_size=env.world_size, max_blocks=args.max_blocks, device=env.device,
-                    documents=loaded.config.doc_mask)
-    mine = -(-len(val) // env.world_size)  # rank 0's share, the one its bar shows: blocks 0, W, 2W, ...
-    with progress_bar(mine, "evaluate", unit="blocks", quiet=args.quiet) as bar:
-        loss, blocks = validation_loss(model, Counted(val, bar), Precision(args.precision, env.device).autocast())
-    if env.is_main:
-        bpb = bits_per_byte(loss, data.bytes_per_token("val"))
-        print(f"{loaded.source}: val loss {loss:.4f} nats/token, {bpb:.4f} bits/byte "
-              f"over {blocks} blocks of {loaded.config.block_size} tokens")
-    return 0
-
-
-def evaluate_mixture(args, env, model, loaded) -> int:
-    """--mix / --config: every source's validation loss and bits per byte, then their weighted total."""
-    from dist_gpt.config import load_toml
-    from dist_gpt.data import DataConfig, ValBlocks
-    from dist_gpt.data.mixloader import open_mixture
-    from dist_gpt.errors import ConfigError
-    from dist_gpt.parallel.precision import Precision
-
-    data = {k.split(".", 1)[1]: v for k, v in (load_toml(args.config) if args.config else {}).items()
-            if k.startswith("data.mix")}
-    if args.mix:
-        data = {"mix": args.mix}
-    if not data.get("mix"):
-        raise ConfigError(f"--config {args.config}: the file has no data.mix ([data.mix.NAME] tables) to evaluate on")
-    mix = open_mixture(DataConfig(**data))
-    check_tokenizer(mix.primary, loaded, args.allow_tokenizer_mismatch, warn=env.is_main)
-    vals = {s.name: ValBlocks(s.ds, block_size=loaded.config.block_size, batch_size=args.batch_size, rank=env.rank,
-                              world_size=env.world_size, max_blocks=args.max_blocks, device=env.device,
-                              documents=loaded.config.doc_mask) for s in mix.sources}
-    mine = sum(-(-len(v) // env.world_size) for v in vals.values())
-    with progress_bar(mine, "evaluate", unit="blocks", quiet=args.quiet) as bar:
-        counted = {name: Counted(v, bar) for name, v in vals.items()}
-        per_source = mixture_loss(model, counted, Precision(args.precision, env.device).autocast())
-    loss, bpb, blocks = weighted_total(per_source, mix.eval_weights)
-    if env.is_main:
-        for (name, r), w in zip(per_source.items(), mix.eval_weights):
-            print(f"{loaded.source} on {name}: val loss {r['loss']:.4f} nats/token, {r['bpb']:.4f} bits/byte "
-                  f"over {r['blocks']} blocks (weight {w:.4g})")
-        print(f"{loaded.source}: weighted val loss {loss:.4f} nats/token, {bpb:.4f} bits/byte over {blocks} blocks "
-              f"of {loaded.config.block_size} tokens")
-    return 0
-
-
-class Counted:
-    """`val`'s batches (what validation_loss iterates), each counted in `bar` by its blocks once
-    evaluated; everything else (device, block_size, max_batches) is `val`'s."""
-
-    def __init__(self, val, bar) -> None:
-        self.val, self.bar = val, bar
-
-    def __getattr__(self, name):
-        return getattr(self.val, name)
-
-    def __iter__(self):
-        for batch in self.val:  # (x, y) or (x, y, doc)
-            yield batch
-            self.bar.update(batch[1].size(0))
-
-
-def check_tokenizer(data, loaded, allow_mismatch: bool, warn: bool = True) -> None:
-    """The dataset must be made with the tokenizer the model was trained with (its fingerprint, which
-    the checkpoint or export records): ids of another tokenizer give a loss that means nothing."""
-    from dist_gpt.errors import DataError
-
-    if data.vocab_size > loaded.config.vocab_size:
-        raise DataError(f"dataset {data.path} has {data.vocab_size} tokens but the model only "
-                        f"{loaded.config.vocab_size}: evaluate on a dataset made with the model's tokenizer")
-    trained = loaded.dataset.get("tokenizer_fingerprint")
-    if trained is None or trained == data.tokenizer_fingerprint:
-        return
-    what = (f"dataset {data.path} was made with another tokenizer ({data.manifest['tokenizer'].get('name')}, "
-            f"fingerprint {data.tokenizer_fingerprint[:12]}) than {loaded.source} was trained with "
-            f"({loaded.dataset.get('tokenizer')}, {trained[:12]})")
-    if not allow_mismatch:
-        raise DataError(f"{what}: evaluate on a dataset made with the model's tokenizer, or pass "
-                        "--allow-tokenizer-mismatch to evaluate anyway")
-    if warn:
-        print(f"WARNING: {what}; evaluating anyway (--allow-tokenizer-mismatch): the loss is not comparable "
-              "with the model's own validation loss", file=sys.stderr, flush=True)
-
-
-def main(argv: list[str] | None = None) -> None:
-    dist.run_main(evaluate, sys.argv[1:] if argv is None else argv)
-
-
-if __name__ == "__main__":
-    main()

@@ -30,18 +30,7 @@ signal reaches the agent only) the heartbeat stops writing instead of failing th
 orphaned, see that their parent is no longer the agent that started them: that counts as a stop
 request (AGENT_LOST), agreed and saved like a signal, since nothing would ever restart them.
 
-Fault injection for the tests, read from the environment (never set in normal use):
-    DIST_GPT_FAULT_NAN_AT=P          the loss of global batch P becomes NaN (once per process)
-    DIST_GPT_FAULT_KILL_AT=S:R       rank R SIGKILLs itself before step S, on torchrun's first attempt only
-    DIST_GPT_FAULT_SIGNAL_AT=S:NAME  rank 0 sends itself signal NAME before step S (first attempt only)
-    DIST_GPT_FAULT_HANG_AT=S:R       rank R stops answering (sleeps) before step S
-    DIST_GPT_FAULT_OOM_AT=S:R        rank R raises torch.OutOfMemoryError at the start of step S (first attempt only)
-    DIST_GPT_FAULT_SLOW=R:MS         rank R spends MS more milliseconds of CPU time computing each step (a busy
-                                     loop, not a sleep: stragglers.py measures compute as CPU time)
-    DIST_GPT_FAULT_PAUSE_AT=P,...    hold the process at each point P until the test releases it (see
-                                     `pause`; needs DIST_GPT_FAULT_PAUSE_DIR): `start` (the trainer's stop
-                                     handlers are in), `shard` (prepare renamed a complete shard), or a
-                                     step number S (every rank, before step S, after a checkpoint due at S)
+Fault injection for the tests (the DIST_GPT_FAULT_* variables) lives in dist_gpt/hooks.py.
 """
 
 from __future__ import annotations
@@ -49,37 +38,20 @@ from __future__ import annotations
 import contextlib
 import datetime
 import enum
-import json
 import os
-import signal
+import socket
 import sys
+import threading
 import time
 from pathlib import Path
 
-from dist_gpt.errors import Refusal
+import torch
 
-# No torch import at module level: the entry points install StopSignals before importing torch.
+from dist_gpt.errors import PeerLost, Refusal
+from dist_gpt.hooks import FaultInjector
+from dist_gpt.parallel import dist
 
-STOP_SIGNALS = {signal.SIGTERM: 1, signal.SIGUSR1: 2, signal.SIGUSR2: 3}
-AGENT_LOST = 4  # not a signal: the torchrun agent that started this rank is gone
-CODE_TO_NAME = {**{code: sig.name for sig, code in STOP_SIGNALS.items()}, AGENT_LOST: "AGENT_LOST"}
-MARKER = "requeue.json"
-
-
-class StopSignals:
-    """Records the last stop signal; `FaultGuard.after_loss` agrees on it at each step boundary."""
-
-    def __init__(self) -> None:
-        self.code = 0
-
-    def install(self) -> "StopSignals":
-        for sig in STOP_SIGNALS:
-            signal.signal(sig, self._handle)
-        pause("start", self)
-        return self
-
-    def _handle(self, signum, frame) -> None:  # no work in a handler: just remember it
-        self.code = STOP_SIGNALS[signal.Signals(signum)]
+from .signals import AGENT_LOST, CODE_TO_NAME, MARKER, StopSignals, write_marker
 
 
 class Verdict(enum.Enum):
@@ -111,10 +83,6 @@ class FaultGuard:
 
     def after_loss(self, loss, position: int) -> Verdict:
         """Agree with every rank on stop signals and a non-finite loss (of global batch `position`)."""
-        import torch
-
-        from dist_gpt.parallel import dist
-
         loss = self.inject.corrupt_loss(loss, position)
         self.heartbeat.beat(self.state.step, phase=1)
         code = self.stop.code or (AGENT_LOST if self.agent_pid not in (None, os.getppid()) else 0)
@@ -164,15 +132,6 @@ class FaultGuard:
             (Path(run_dir) / MARKER).unlink(missing_ok=True)
 
 
-def write_marker(run_dir: Path, signal_name: str, step: int, checkpoint: Path | None) -> Path:
-    path = run_dir / MARKER
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"signal": signal_name, "step": step,
-                               "checkpoint": str(checkpoint) if checkpoint else None,
-                               "time": time.time()}, indent=2))
-    os.replace(tmp, path)
-    return path
-
 
 # ---------------------------------------------------------------------------------------------
 # A rank that stops answering
@@ -193,8 +152,6 @@ class Heartbeat:
     PHASES = ("in the forward/backward (gradient all-reduce) of", "in the stop/NaN agreement of")
 
     def __init__(self, env, agent_pid: int | None = None) -> None:
-        from dist_gpt.parallel import dist
-
         self.rank, self.world_size = env.rank, env.world_size
         self.store = dist.default_store() if env.distributed else None
         self.agent_pid = agent_pid  # torchrun's agent, which hosts the store (None: not under torchrun)
@@ -204,9 +161,6 @@ class Heartbeat:
         while the process runs: a rank stopped (SIGSTOP, a frozen node) stops counting, even when its
         (step, phase) record equals the others'."""
         if self.store is not None:
-            import socket
-            import threading
-
             self.store.set(HOST_KEY.format(self.rank), socket.gethostname())
             threading.Thread(target=self._beat_forever, name="dist_gpt-heartbeat", daemon=True).start()
         return self
@@ -241,8 +195,6 @@ class Heartbeat:
                   "the heartbeat is off for the rest of this run", file=sys.stderr)
 
     def records(self) -> dict[int, tuple[int, int]]:
-        from dist_gpt.parallel import dist
-
         store, seen = dist.default_store(), {}
         try:
             store.set_timeout(datetime.timedelta(seconds=10))
@@ -256,8 +208,6 @@ class Heartbeat:
 
     def _read(self, key: str) -> dict[int, str]:
         """{rank: value} of `key` for every rank that wrote it ({} when the store is gone)."""
-        from . import dist
-
         store, out = dist.default_store(), {}
         try:
             store.set_timeout(datetime.timedelta(seconds=10))
@@ -315,96 +265,12 @@ class NonFiniteLoss(Refusal):
     exit_code = 3
 
 
-class PeerLost(Refusal):
-    """A collective failed or timed out because another rank went away (exit status 4)."""
-
-    exit_code = 4
-
-
 @contextlib.contextmanager
 def named_collective_failures(env, timeout_s: float):
     """Turn a collective's timeout or a lost peer into PeerLost with one line naming the silent rank."""
-    from dist_gpt.parallel import dist
-
     try:
         yield
     except RuntimeError as e:
         if not env.distributed or not dist.is_collective_failure(e):
             raise
         raise PeerLost(Heartbeat(env).describe(e, timeout_s)) from None
-
-
-# ---------------------------------------------------------------------------------------------
-# Test-only fault injection
-
-def _first_attempt() -> bool:
-    return os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0" and os.environ.get("SLURM_RESTART_COUNT", "0") == "0"
-
-
-def pause(point: str, stop: StopSignals | None = None) -> None:
-    """Test-only: hold this process at `point` while a test acts on it, so the test never races it.
-
-    With `point` in DIST_GPT_FAULT_PAUSE_AT (on the first attempt of a restarted job only), the process
-    writes DIR/paused-POINT-PID (DIR = DIST_GPT_FAULT_PAUSE_DIR) and waits until DIR/release-POINT exists
-    or a stop signal reached `stop`; SIGINT ends the wait as a KeyboardInterrupt, SIGKILL as ever. Whoever
-    leaves the wait writes DIR/release-POINT, so a job requeued without a restart count (submitit's local
-    executor) does not pause there again.
-    """
-    if point not in os.environ.get("DIST_GPT_FAULT_PAUSE_AT", "").split(",") or not _first_attempt():
-        return
-    folder = Path(os.environ["DIST_GPT_FAULT_PAUSE_DIR"])
-    release = folder / f"release-{point}"
-    if release.exists():
-        return
-    (folder / f"paused-{point}-{os.getpid()}").touch()
-    while not release.exists() and not (stop is not None and stop.code):
-        time.sleep(0.01)
-    release.touch()
-
-
-class FaultInjector:
-    def __init__(self, rank: int, stop: StopSignals | None = None) -> None:
-        self.rank, self.stop = rank, stop
-        nan_at = os.environ.get("DIST_GPT_FAULT_NAN_AT")
-        self.nan_at = int(nan_at) if nan_at else None
-        self.kill = self._parse("DIST_GPT_FAULT_KILL_AT")
-        self.signal = self._parse("DIST_GPT_FAULT_SIGNAL_AT")
-        self.hang = self._parse("DIST_GPT_FAULT_HANG_AT")
-        self.oom = self._parse("DIST_GPT_FAULT_OOM_AT")
-        slow = self._parse("DIST_GPT_FAULT_SLOW")
-        self.slow_s = int(slow[1]) / 1000 if slow and slow[0] == rank else 0.0
-
-    @staticmethod
-    def _parse(name: str) -> tuple[int, str] | None:
-        raw = os.environ.get(name)
-        if not raw:
-            return None
-        step, _, arg = raw.partition(":")
-        return int(step), arg
-
-    def before_step(self, step: int) -> None:
-        pause(str(step), self.stop)
-        if self.kill and self.kill[0] == step and int(self.kill[1]) == self.rank and _first_attempt():
-            os.kill(os.getpid(), signal.SIGKILL)
-        if self.hang and self.hang[0] == step and int(self.hang[1]) == self.rank:
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)  # torchrun's SIGTERM may end the hung rank
-            time.sleep(24 * 3600)
-        if self.signal and self.signal[0] == step and self.rank == 0 and _first_attempt():
-            os.kill(os.getpid(), getattr(signal, self.signal[1]))
-        if self.oom and self.oom[0] == step and int(self.oom[1]) == self.rank and _first_attempt():
-            import torch
-
-            raise torch.OutOfMemoryError(f"CUDA out of memory (DIST_GPT_FAULT_OOM_AT={step}:{self.rank})")
-
-    def slow(self) -> None:
-        """DIST_GPT_FAULT_SLOW: burn this thread's CPU time, the way a slower device or a throttled core would."""
-        if self.slow_s:
-            end = time.thread_time() + self.slow_s
-            while time.thread_time() < end:
-                pass
-
-    def corrupt_loss(self, loss, position: int):
-        if self.nan_at is not None and position == self.nan_at:
-            self.nan_at = None
-            return loss * float("nan")
-        return loss

@@ -25,6 +25,7 @@ import torch
 
 from dist_gpt.errors import OutOfMemory
 from dist_gpt.memory import GIB, ActivationProbe, estimate
+from dist_gpt.metrics import peak_memory_gib
 
 
 class MemoryWatch:
@@ -77,8 +78,6 @@ class MemoryWatch:
 
     def _usage(self) -> str:
         if not self.cuda:  # the test hook's path: a CPU has no allocator statistics
-            from dist_gpt.metrics import peak_memory_gib
-
             return f"allocated n/a, reserved n/a, peak {peak_memory_gib('cpu'):.2f} GiB (resident set)"
         dev = self.env.device
         return (f"allocated {torch.cuda.memory_allocated(dev) / GIB:.1f} GiB, reserved "

@@ -22,28 +22,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from torch.profiler import ProfilerActivity
 
-from dist_gpt.errors import ConfigError
-
-
-def parse_window(text: str | None) -> tuple[int, int] | None:
-    """'10:15' -> (10, 15); None stays None; anything else is a ConfigError naming the option."""
-    if text is None:
-        return None
-    start, colon, stop = str(text).partition(":")
-    try:
-        window = int(start), int(stop)
-    except ValueError:
-        window = None
-    if not colon or window is None or window[0] < 0:
-        raise ConfigError(f"train.profile={text!r} must be START:STOP, two step numbers with 0 <= START < STOP "
-                          "(e.g. --train.profile=10:15 records steps 10 to 14)")
-    if window[0] >= window[1]:
-        what = "an empty" if window[0] == window[1] else "a reversed"
-        low, high = min(window), max(window)
-        raise ConfigError(f"train.profile={text!r} is {what} range: give START < STOP "
-                          f"(e.g. --train.profile={low}:{max(high, low + 1)} records steps {low} to {max(high, low + 1) - 1})")
-    return window
 
 
 class StepProfiler:
@@ -69,8 +49,6 @@ class StepProfiler:
             self.close()
 
     def _start(self) -> None:
-        from torch.profiler import ProfilerActivity
-
         cuda = self.device.type == "cuda"
         if cuda:
             torch.cuda.memory._record_memory_history(max_entries=100_000)

@@ -22,6 +22,7 @@ import torch
 
 from dist_gpt.errors import ConfigError
 from dist_gpt.metrics import format_params
+from dist_gpt.parallel import dist
 
 
 def git_sha() -> str | None:
@@ -33,13 +34,8 @@ def git_sha() -> str | None:
         return None
 
 
-def resolve_model_config(model_cfg, data, init_from: str | None = None, unchecked_ids: bool = False):
-    """A Hugging Face init_from directory gives the model (dist_gpt.hf.init_model_config; `unchecked_ids`:
-    train.init_from_unchecked_ids); vocab_size 0 takes the dataset's; otherwise it must hold every
-    token id of the dataset."""
-    from dist_gpt.convert.hf import init_model_config
-
-    model_cfg = init_model_config(model_cfg, init_from, data, unchecked_ids)
+def resolve_model_config(model_cfg, data):
+    """vocab_size 0 takes the dataset's; otherwise it must hold every token id of the dataset."""
     if model_cfg.vocab_size == 0:
         return dataclasses.replace(model_cfg, vocab_size=data.vocab_size)
     if model_cfg.vocab_size < data.vocab_size:
@@ -58,8 +54,6 @@ def _write_json(path: Path, obj) -> None:
 
 def make_run_dir(run_dir: Path, env) -> None:
     """Rank 0 creates the run directory; every rank learns the outcome and fails alike if it could not."""
-    from dist_gpt.parallel import dist
-
     error = None
     if env.is_main:
         try:
@@ -86,8 +80,6 @@ def layout_name(parallel, env) -> str:
 
 
 def describe_run(cfg, env, model, data, log) -> None:
-    from .trainer import use_compile  # the trainer builds on this module
-
     tokens_per_step = cfg.train.global_batch * cfg.model.block_size
     accum = cfg.train.grad_accum(env.world_size)
     info = {
@@ -103,7 +95,7 @@ def describe_run(cfg, env, model, data, log) -> None:
         "backend": env.backend,
         "layout": layout_name(cfg.parallel, env),
         "threads_per_rank": torch.get_num_threads(),
-        "compile": use_compile(cfg.train.compile, env.device),  # train.compile with auto decided
+        "compile": dist.use_compile(cfg.train.compile, env.device),  # train.compile with auto decided
         "grad_accum": accum,
         "tokens_per_step": tokens_per_step,
         "params": model.num_params(),
@@ -128,10 +120,12 @@ def describe_run(cfg, env, model, data, log) -> None:
     log.hparams(cfg.to_dict())
 
 
-def write_final(run_dir: Path, state, evaluator, checkpoint: Path | None, train_loss: float, log,
-                sources: dict | None = None) -> None:
-    """Rank 0 writes final.json and prints where everything went. `sources`: what each source of a
-    data.mix delivered ({name: {path, tokens, blocks, epochs, ...}}), given its last validation numbers."""
+def write_final(run_dir: Path, trainer, checkpoint: Path | None) -> None:
+    """Rank 0 writes final.json and prints where everything went: the trainer's state, last losses and, for
+    a data.mix, what each source delivered ({name: {path, tokens, blocks, epochs, ...}}) with its last
+    validation numbers."""
+    state, evaluator, train_loss, log = trainer.state, trainer.evaluator, trainer.train_loss, trainer.log
+    sources = trainer.batches.delivered_summary()
     final = {
         "step": state.step,
         "tokens": state.tokens,

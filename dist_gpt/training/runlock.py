@@ -31,29 +31,15 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from dist_gpt.errors import ConfigError
+from dist_gpt.parallel import dist
+from dist_gpt.processes import pid_alive, process_start
+
+from .run_files import make_run_dir
+
 
 LOCK = "lock.json"
 REFRESH_S = 30.0   # heartbeat period
 STALE_S = 300.0    # a heartbeat older than this: the holder is gone (ten missed heartbeats)
-
-
-def _process_start(pid: int) -> int | None:
-    """The process's start time in clock ticks since boot (Linux), or None where /proc has no answer."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        return int(stat.rsplit(")", 1)[1].split()[19])  # field 22 of proc(5), after "pid (comm)"
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-def _alive(pid: int, start: int | None) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass  # someone else's process: alive
-    return start is None or _process_start(pid) in (start, None)
 
 
 @dataclass
@@ -71,7 +57,7 @@ class Holder:
     @classmethod
     def this_process(cls) -> "Holder":
         env, now = os.environ, time.time()
-        return cls(socket.gethostname(), os.getpid(), _process_start(os.getpid()), env.get("SLURM_JOB_ID"),
+        return cls(socket.gethostname(), os.getpid(), process_start(os.getpid()), env.get("SLURM_JOB_ID"),
                    int(env.get("SLURM_RESTART_COUNT", "0")), env.get("TORCHELASTIC_RUN_ID"),
                    int(env.get("TORCHELASTIC_RESTART_COUNT", "0")), now, now)
 
@@ -140,7 +126,7 @@ class RunLock:
         later = self.me.later_attempt_of(holder)
         if later:
             return later
-        if holder.host == self.me.host and not _alive(holder.pid, holder.pid_start):
+        if holder.host == self.me.host and not pid_alive(holder.pid, holder.pid_start):
             return f"its process {holder.pid} on this host is gone"
         if time.time() - holder.heartbeat > STALE_S:
             return f"{holder.describe()}, more than {STALE_S:.0f} s"
@@ -195,9 +181,6 @@ def held(run_dir: str | Path, env, take_over: bool):
     """The trainer's form, around everything it does in the run directory: rank 0 creates the directory
     and takes its lock, every rank learns the outcome (all go on, or all raise the same one-line error),
     and rank 0 releases the lock at the end."""
-    from dist_gpt.parallel import dist
-    from dist_gpt.training.run_files import make_run_dir
-
     make_run_dir(Path(run_dir), env)
     lock, error = None, None
     if env.is_main:

@@ -33,22 +33,30 @@ from pathlib import Path
 import torch
 from torch.profiler import record_function
 
-from dist_gpt.parallel import dist, fp8
-from dist_gpt.checkpoint import Checkpointer, ModelOptimizerState
-from dist_gpt.data import DataConfig, Dataset, TrainBatches, ValBlocks, ensure_default_dataset
+from dist_gpt.checkpoint.manager import Checkpointer
+from dist_gpt.config import parse_window
+from dist_gpt.checkpoint.run_state import ConfigIdentity, DatasetIdentity, RunState
+from dist_gpt.checkpoint.state import ModelOptimizerState
+from dist_gpt.data.config import DataConfig
+from dist_gpt.data.dataset import Dataset
+from dist_gpt.data.default import ensure_default_dataset
+from dist_gpt.data.loader import TrainBatches, ValBlocks
+from dist_gpt.data.mixloader import MixtureBatches, open_mixture
+from dist_gpt.data.mixspec import parse_mix
 from dist_gpt.errors import DataError
-from dist_gpt.training.evaluator import Evaluator
-from .faults import FaultGuard, StopSignals, Verdict
-from dist_gpt.metrics import NullLogger, Throughput, make_logger
+from dist_gpt.metrics import QuietLogger, RunLogger, StepReport, Throughput, make_logger
 from dist_gpt.model.gpt import GPT
 from dist_gpt.optim.optimizers import LRSchedule, build_optimizers, clip_grad_norm
+from dist_gpt.parallel import dist, fp8
 from dist_gpt.parallel.precision import Precision
-from dist_gpt.checkpoint.run_state import ConfigIdentity, DatasetIdentity, RunState
-from dist_gpt.training.run_files import make_run_dir, resolve_model_config
-from dist_gpt.training.profiler import StepProfiler, parse_window
-from dist_gpt.training.stragglers import RankClock
-from dist_gpt.training.watchdog import HangWatchdog
-from dist_gpt.convert.weights import init_from
+
+from .evaluator import Evaluator, SourceBlocks
+from .faults import FaultGuard, Verdict
+from .profiler import StepProfiler
+from .run_files import make_run_dir, resolve_model_config
+from .signals import StopSignals
+from .stragglers import RankClock
+from .watchdog import HangWatchdog
 
 
 @dataclass
@@ -65,7 +73,7 @@ class Trainer:
     evaluator: Evaluator
     checkpointer: Checkpointer
     guard: FaultGuard
-    log: NullLogger
+    log: RunLogger | QuietLogger
     rank: int = 0
     world_size: int = 1
     seed: int = 0                  # train.seed: dropout masks are a function of (seed, step, rank)
@@ -115,9 +123,9 @@ class Trainer:
         self.state.tokens += self.tokens_per_step
         if self.log.due(self.state.step):  # the only read-back of the loss besides the agreement
             self.train_loss = (dist.all_reduce_sum(loss.detach().clone()) / self.world_size).item()
-            self.log.step(self.state.step, loss=self.train_loss, lr=self.optimizers[0].param_groups[0]["lr"],
-                          grad_norm=float(grad_norm), step_time=time.perf_counter() - t0, data_time=self.data_time,
-                          ranks=self.clock.report())
+            self.log.step(self.state.step, StepReport(
+                loss=self.train_loss, lr=self.optimizers[0].param_groups[0]["lr"], grad_norm=float(grad_norm),
+                step_time=time.perf_counter() - t0, data_time=self.data_time, ranks=self.clock.report()))
             self._report_data()
         return verdict
 
@@ -186,25 +194,21 @@ def dropout_seed(seed: int, step: int, rank: int) -> int:
     return (seed * 1_000_003 + step) * 4099 + rank
 
 
-def use_compile(setting: bool | None, device: torch.device) -> bool:
-    """train.compile, with auto (None) decided: on for CUDA; off on CPU, where compiling the 4 x 4 x 128
-    model took 13 s and gained 7.7% per step, so it pays only after ~7,900 steps (docs/PERFORMANCE.md).
-    An explicit true/false always wins."""
-    return device.type == "cuda" if setting is None else setting
-
-
 # ---------------------------------------------------------------------------------------------
 # Building
 
 
-def build(cfg, env: dist.DistEnv, stop: StopSignals, log: NullLogger | None = None) -> Trainer:
+def build(cfg, env: dist.DistEnv, stop: StopSignals, log: QuietLogger | None = None, init=None) -> Trainer:
     """Every component of a run, wired once, then restored: from checkpoint.resume's checkpoint when
-    there is one, else from train.init_from's weights when given. `log` replaces the run's logger
-    (the benchmarks pass a NullLogger)."""
+    there is one, else from train.init_from's weights. `init` reads those (the train command passes
+    dist_gpt.convert.weights.InitFrom(cfg.train.init_from), so this package never imports the
+    conversions). `log` replaces the run's logger (the benchmarks pass a QuietLogger)."""
     tc = cfg.train
+    if tc.init_from and init is None:
+        raise ValueError("train.init_from is set: pass init=dist_gpt.convert.weights.InitFrom(cfg.train.init_from)")
     torch.manual_seed(tc.seed)  # the model's initial weights
     data = open_dataset(cfg, env)
-    cfg.model = resolve_model_config(cfg.model, data, tc.init_from, tc.init_from_unchecked_ids)
+    cfg.model = resolve_model_config(init.model_config(cfg.model, data) if init else cfg.model, data)
     precision = Precision(tc.precision, env.device)
     model, fwd_model, train_model = build_model(cfg, env, precision.name)
     optimizers = build_optimizers(model, cfg.optim, env.device, exact=precision.name == "fp32",
@@ -216,8 +220,8 @@ def build(cfg, env: dist.DistEnv, stop: StopSignals, log: NullLogger | None = No
     log = log or make_logger(cfg.run_dir, cfg.log, env.is_main, tc.steps, throughput)
     state = RunState()
     vals = val_blocks(cfg, env, data)
-    evaluator = Evaluator(fwd_model, next(iter(vals.values())), precision.autocast(), cfg.eval, log, state,
-                          sources=vals if cfg.data.mix else None, eval_weights=getattr(data, "eval_weights", None))
+    val = SourceBlocks(vals, data.eval_weights) if cfg.data.mix else next(iter(vals.values()))
+    evaluator = Evaluator(fwd_model, val, precision.autocast(), cfg.eval, log, state)
     if cfg.data.mix:
         note_mixture(data, cfg.data.mix, log)
     checkpointer = Checkpointer(
@@ -227,7 +231,7 @@ def build(cfg, env: dist.DistEnv, stop: StopSignals, log: NullLogger | None = No
                      "run": state, "batches": batches, "precision": precision},
         val_loss=evaluator.loss_at)
     guard = FaultGuard(tc, env, stop, state, checkpointer.rollback, log)
-    restore(checkpointer, model, tc.init_from, state, batches, log)
+    restore(checkpointer, model, init, state, batches, log)
     dist.settle_buckets(train_model, lambda: first_backward(train_model, cfg, env.device, precision))
     return Trainer(model=model, train_model=train_model, optimizers=optimizers,
                    schedule=LRSchedule(cfg.optim, tc.steps), precision=precision, batches=batches, state=state,
@@ -265,7 +269,7 @@ def build_model(cfg, env: dist.DistEnv, precision: str) -> tuple[GPT, torch.nn.M
     else:
         with torch.device("meta"):
             model = GPT(cfg.model)
-    transforms = dist.Transforms(compile=use_compile(cfg.train.compile, env.device), precision=precision,
+    transforms = dist.Transforms(compile=dist.use_compile(cfg.train.compile, env.device), precision=precision,
                                  fp8=cfg.train.fp8)
     fwd_model, train_model = dist.parallelize(model, env, cfg.parallel, mesh, transforms)
     if mesh is not None:
@@ -280,8 +284,6 @@ def train_batches(cfg, env: dist.DistEnv, data) -> TrainBatches:
                   rank=env.rank, world_size=env.world_size, seed=tc.seed, device=env.device,
                   prefetch=cfg.data.prefetch, align=cfg.data.align, documents=cfg.model.doc_mask)
     if cfg.data.mix:
-        from dist_gpt.data.mixloader import MixtureBatches
-
         return MixtureBatches(data, **common, override=cfg.data.mix_override)
     return TrainBatches(data, **common)
 
@@ -303,8 +305,6 @@ def val_blocks(cfg, env: dist.DistEnv, data) -> dict[str, ValBlocks]:
 
 def note_mixture(mix, spec: str, log) -> None:
     """One line on rank 0 saying what the mixture is, normalised."""
-    from dist_gpt.data.mixspec import parse_mix
-
     raw = sum(s.weight for s in parse_mix(spec))
     shares = ", ".join(f"{s.name} {s.weight:.4g}" for s in mix.sources)
     note = f" (the weights summed to {raw:g}: normalised)" if abs(raw - 1) > 1e-9 else ""
@@ -316,8 +316,6 @@ def open_dataset(cfg, env: dist.DistEnv) -> Dataset:
     """Rank 0 prepares the default dataset once while the others wait, then every rank opens it
     (every source of data.mix instead, when given)."""
     if cfg.data.mix:
-        from dist_gpt.data.mixloader import open_mixture
-
         return open_mixture(cfg.data)
     path = Path(cfg.data.path)
     is_default = path.resolve() == Path(DataConfig.path).resolve()
@@ -327,13 +325,12 @@ def open_dataset(cfg, env: dist.DistEnv) -> Dataset:
     return Dataset.open(path, verify=cfg.data.verify)
 
 
-def restore(checkpointer: Checkpointer, model: GPT, init_weights: str | None, state: RunState,
-            batches: TrainBatches, log) -> None:
+def restore(checkpointer: Checkpointer, model: GPT, init, state: RunState, batches: TrainBatches, log) -> None:
     """checkpoint.resume first; a fresh run with train.init_from starts from those weights instead."""
     path = checkpointer.restore()
     if path is not None:
         log.print(f"resumed from {path} at step {state.step} ({state.tokens:,} tokens, "
                   f"global batch {batches.position})")
-    elif init_weights:
-        init_from(init_weights, model)
-        log.print(f"initialised the weights from {init_weights} (fresh optimizer, step 0)")
+    elif init is not None:
+        init.load_into(model)
+        log.print(f"initialised the weights from {init.source} (fresh optimizer, step 0)")

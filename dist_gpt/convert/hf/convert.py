@@ -11,8 +11,10 @@ that a bias dist_gpt lacks is zero in the file).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import torch
 
@@ -46,11 +48,20 @@ def read_hf_config(directory: str | Path) -> dict:
     return hf
 
 
+def gpt_config(raw: Any, where: Path) -> GPTConfig:
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{where} carries no model config: it was not written by dist_gpt's trainer")
+    known = {f.name for f in dataclasses.fields(GPTConfig)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise CheckpointError(f"{where} has model settings this dist_gpt does not know ({', '.join(unknown)}): "
+                              "read it with the dist_gpt version that wrote it")
+    return GPTConfig(**raw)
+
+
 def model_config(hf: dict, where: str) -> GPTConfig:
     """The GPTConfig of an HF config.json: dist_gpt's embedded settings if present and consistent
     with the HF keys, else the one the HF keys describe."""
-    from ..weights import gpt_config
-
     embedded = (hf.get(EMBEDDED) or {}).get("model")
     ours = gpt_config(embedded, Path(where)) if embedded is not None else None
     theirs = ARCHS[hf["model_type"]].config_from_hf(hf, where, relu2_ok=ours is not None and ours.mlp == "relu2")
@@ -138,8 +149,6 @@ def _check_tokenizer(directory: Path, hf: dict, cfg: GPTConfig, data, unchecked_
     the directory's tokenizer.json (which `tools.prepare --tokenizer DIR/tokenizer.json` copies byte
     for byte, so their SHA-256 fingerprints agree). With neither there is nothing to compare the
     dataset's ids with: refused unless `unchecked_ids`."""
-    import hashlib
-
     fix = f"prepare it with --tokenizer {directory / 'tokenizer.json'}"
     expected = ((hf.get(EMBEDDED) or {}).get("dataset") or {}).get("tokenizer_fingerprint")
     if expected is None and (directory / "tokenizer.json").is_file():

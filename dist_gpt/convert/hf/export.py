@@ -3,17 +3,18 @@
     DIR/config.json            the HF architecture's keys, plus dist_gpt's own settings under "dist_gpt"
                                (with the CRC32 of model.safetensors, which dist_gpt checks on reading)
     DIR/model.safetensors      the weights under the architecture's names (float32, as trained)
-    DIR/tokenizer.json         the dataset's tokenizer as an HF tokenizer (dist_gpt/hf/tokenizer.py)
+    DIR/tokenizer.json         the dataset's tokenizer as an HF tokenizer (dist_gpt/convert/hf/tokenizer.py)
     DIR/tokenizer_config.json  PreTrainedTokenizerFast, end-of-text as bos/eos (byte, char: a declared
                                bos, for lm-eval), no added BOS
 
 `AutoModelForCausalLM.from_pretrained(DIR)` and `AutoTokenizer.from_pretrained(DIR)` load it with
 no network and no trust_remote_code; `--init-from DIR`, `dist_gpt.sample --model DIR` and
-`dist_gpt.weights.load_weights(DIR)` read it back bit for bit.
+`dist_gpt.convert.weights.load_weights(DIR)` read it back bit for bit.
 """
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
 
 from .convert import EMBEDDED, export_model
@@ -24,10 +25,8 @@ FORMAT = "2"  # 2 records the CRC32 of model.safetensors (files.WEIGHTS_CRC32); 
 
 
 def write_export(loaded, spec: dict | None, tokenizer_json: str | None, out: str | Path, force: bool) -> list[Path]:
-    """Write `loaded` (a dist_gpt.weights.LoadedWeights) to the directory `out`; return the files written.
+    """Write `loaded` (a dist_gpt.convert.weights.LoadedWeights) to the directory `out`; return the files written.
     `spec`/`tokenizer_json` describe its tokenizer (None: exported without one)."""
-    from dataclasses import asdict
-
     cfg = loaded.config
     hf, tensors = export_model(cfg, loaded.state_dict)
     carried = spec is not None and not (spec.get("kind") == "hf" and tokenizer_json is None)

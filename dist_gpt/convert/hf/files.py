@@ -16,6 +16,8 @@ import zlib
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 from dist_gpt.errors import CheckpointError, ConfigError
 
@@ -138,8 +140,6 @@ class WeightFiles:
 
     @staticmethod
     def _open(file: Path):
-        from safetensors import SafetensorError, safe_open
-
         try:
             return safe_open(str(file), framework="pt")
         except (SafetensorError, OSError, ValueError) as e:
@@ -149,8 +149,6 @@ class WeightFiles:
         return name in self.files
 
     def get(self, name: str) -> torch.Tensor:
-        from safetensors import SafetensorError
-
         file = self.files[name]
         if file not in self._handles:
             self._handles[file] = self._open(file)
@@ -167,8 +165,6 @@ def write_model_dir(out: Path, config: dict, tensors: dict[str, torch.Tensor], f
     Everything is written into a temporary directory beside `out` first and moved in when complete,
     so a crash leaves no half-written model. An existing `out` that is not empty is refused unless
     `force`, and then only the files named here are replaced."""
-    from safetensors.torch import save_file
-
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file: --format hf writes a directory; choose another --out")

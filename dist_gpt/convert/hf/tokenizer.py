@@ -23,7 +23,10 @@ from __future__ import annotations
 
 import json
 
-from dist_gpt.errors import ConfigError
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+
+from dist_gpt.data.tokenizers import TiktokenTokenizer
+from dist_gpt.errors import ConfigError, DataError
 
 GPT2_PATTERN_TIKTOKEN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
@@ -44,8 +47,6 @@ def bytes_to_unicode() -> dict[int, str]:
 
 
 def byte_tokenizer_json() -> str:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-
     table = bytes_to_unicode()
     tok = Tokenizer(models.BPE(vocab={table[b]: b for b in range(256)}, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
@@ -54,8 +55,6 @@ def byte_tokenizer_json() -> str:
 
 
 def char_tokenizer_json(chars: str) -> str:
-    from tokenizers import Tokenizer, decoders, models
-
     tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(chars)}, merges=[]))
     tok.decoder = decoders.Fuse()
     return tok.to_str()
@@ -65,8 +64,6 @@ def tiktoken_tokenizer_json(encoding) -> str:
     """A tiktoken Encoding with GPT-2's split pattern as GPT-2's HF tokenizer. tiktoken keeps
     only ranks (token bytes -> id); BPE's merges are recovered by re-running BPE on each token with
     the lower ranks: the last merge that builds it is its pair (transformers' TikTokenConverter)."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
-
     if encoding._pat_str not in (GPT2_PATTERN_TIKTOKEN, GPT2_PATTERN):
         raise ConfigError(f"tokenizer {encoding.name}: only GPT-2's split pattern has a byte-level HF equivalent")
     ranks: dict[bytes, int] = encoding._mergeable_ranks
@@ -158,9 +155,6 @@ def _token_of(tokenizer_json: str, token_id: int) -> str | None:
 
 
 def _tiktoken_json(name: str) -> str:
-    from dist_gpt.data.tokenizers import TiktokenTokenizer
-    from dist_gpt.errors import DataError
-
     try:
         encoding = TiktokenTokenizer(name)._enc
     except DataError as e:
