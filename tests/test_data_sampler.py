@@ -157,9 +157,10 @@ def test_bad_batch_shapes_are_clear(ds):
     from dist_gpt.config import TrainConfig
     from dist_gpt.errors import ConfigError
 
-    # the rule lives in the config (TrainConfig.grad_accum); the loader only refuses an impossible split
+    # the rule lives in the config (TrainConfig.grad_accum, checked by config.parse against the launch's
+    # world size); the loader only refuses an impossible split
     with pytest.raises(ConfigError, match=r"train.global_batch=10 must be a multiple of train.micro_batch × world size = 4 × 1"):
-        TrainConfig(global_batch=10, micro_batch=4)
+        TrainConfig(global_batch=10, micro_batch=4).grad_accum(1)
     with pytest.raises(ConfigError, match=r"= 4 × 2 on 2 ranks: change train.global_batch or train.micro_batch"):
         TrainConfig(global_batch=12, micro_batch=4).grad_accum(2)
     assert TrainConfig(global_batch=16, micro_batch=4).grad_accum(2) == 2
