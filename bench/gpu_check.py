@@ -58,8 +58,8 @@ PLAN = {
 FLIGHT_RECORDER_ENTRIES = "2000"
 
 
-def missing_dependency(part: str) -> str | None:
-    """Why `part` cannot run here for want of a package or an option, else None."""
+def missing_dependency(part: str, cpu: bool) -> str | None:
+    """Why `part` cannot run here for want of a package, an option or FP8 hardware, else None."""
     if part == "cuda_tests" and importlib.util.find_spec("pytest") is None:
         return "pytest not installed"
     if part == "throughput_fp8":
@@ -69,6 +69,10 @@ def missing_dependency(part: str) -> str | None:
             return "train.fp8 is not an option of this dist_gpt"
         if importlib.util.find_spec("torchao") is None:
             return "torchao not installed"
+        import torch
+
+        if not cpu and torch.cuda.get_device_capability() < (8, 9):
+            return f"needs FP8 matmuls (compute capability 8.9+), {torch.cuda.get_device_name()} has none"
     return None
 
 
@@ -87,7 +91,7 @@ def run_part(part: str, args, data: Path) -> dict:
     needs_cuda, gpu_s, cpu_s = PLAN[part]
     if needs_cuda and args.cpu:
         return {"skipped": "needs CUDA"}
-    why = missing_dependency(part)
+    why = missing_dependency(part, args.cpu)
     if why:
         return {"skipped": why}
     timeout = round((cpu_s if args.cpu else gpu_s) * args.timeout_factor)
