@@ -25,7 +25,7 @@ from dist_gpt.faults import StopSignals, Verdict
 from dist_gpt.metrics import NullLogger, mfu, resolve_peak_flops
 
 REPO = Path(__file__).resolve().parents[1]
-QUIET = ["--log.tensorboard=false", "--eval.sample_tokens=0", "--data.prefetch=false"]
+QUIET = ["--log.tensorboard=false", "--eval.sample_tokens=0"]
 
 
 @dataclass
