@@ -152,3 +152,45 @@ def test_cpu_steps_keep_freed_memory_mapped():
     assert mmapped < block and heap_held >= block and heap_freed >= block  # from the heap, and kept
     mmapped_plain, _, _ = heap("plain")
     assert mmapped_plain >= block  # the premise: by default such a block is mmapped (and unmapped on free)
+
+
+@pytest.mark.slow
+def test_gpu_check_on_a_cpu_reports_every_part(tmp_path):
+    """`python -m bench.gpu_check --cpu`: one JSON line per part, each passed or skipped with its
+    reason, the CUDA-only parts skipped, and the loss curve falling. (The timeouts are stretched: on a
+    shared machine a part may take several times its budget; nothing here is timed.)"""
+    from bench.gpu_check import PLAN
+
+    out = run_train(["--cpu", "--out", str(tmp_path), "--timeout-factor", "8"], module="bench.gpu_check",
+                    timeout=3600).stdout
+    lines = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    assert [r["part"] for r in lines] == list(PLAN)
+    for r in lines:
+        assert r.get("ok") is True or (isinstance(r.get("skipped"), str) and r["skipped"]), r
+    by_part = {r["part"]: r for r in lines}
+    assert by_part["cuda_tests"]["skipped"] == by_part["memory"]["skipped"] == "needs CUDA"
+    curve = by_part["loss_curve"]
+    assert curve["ok"] and curve["loss_last20"] < 0.8 * curve["loss_first20"]
+    assert by_part["fsdp"]["sharded"] and by_part["flight_recorder"]["entries"] > 0
+    assert by_part["doc_mask"]["attention"] == "sdpa-mask"
+    assert (tmp_path / "flight_recorder_rank0.pkl").exists()
+
+
+def test_gpt2_track_reaches_its_target_over_two_seeds(tiny_data, tmp_path):
+    """The time-to-target track end to end at tiny scale: two seeds of the debug preset on a prepared
+    byte dataset, each trained until its validation loss reaches 3.0 nats (it starts at ln 256 = 5.5)."""
+    out = run_train(["--preset", "debug", f"--data.path={tiny_data}", "--target", "3.0", "--seeds", "0", "1",
+                     "--max-steps", "150", "--eval-every", "25", "--warmup", "5", "--train.threads=1",
+                     "--out", str(tmp_path)], module="bench.gpt2_track").stdout
+    report = json.loads((tmp_path / "track.json").read_text())
+    runs, summary = report["runs"], report["summary"]
+    assert [r["seed"] for r in runs] == [0, 1]
+    for r in runs:
+        assert r["reached"] and r["val_loss"] <= 3.0 and r["steps"] % 25 == 0 and r["steps"] <= 150
+        assert r["time_to_target_s"] > 0 and r["tokens_per_s"] > 0 and r["mfu"] is None  # no peak for a CPU
+        assert r["tokens"] == r["steps"] * 8 * 32  # the debug preset's global batch x context
+    assert summary["reached"] == 2 and summary["time_to_target_s"]["n"] == 2
+    assert summary["time_to_target_s"]["std"] >= 0 and summary["steps_to_target"]["mean"] > 0
+    assert "reached by 2 of 2 seeds" in out and "mean ± std over seeds" in out
+    # seeds differ: their runs are not copies of one another
+    assert runs[0]["val_loss"] != runs[1]["val_loss"]

@@ -170,6 +170,7 @@ def test_bad_batch_shapes_are_clear(ds):
         TrainBatches(ds, 100_000, 8, 8)
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_pinned_prefetched_stream_equals_cpu(ds):
     cpu = _global_stream(ds, 2, 2, batches=8)
@@ -180,6 +181,7 @@ def test_cuda_pinned_prefetched_stream_equals_cpu(ds):
     assert all(torch.equal(a, b.cpu()) for a, b in zip(val_cpu, val_cuda))
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_document_stream_equals_cpu(tmp_path):
     docs_ds = Dataset.open(documents_dataset(tmp_path / "docs"))

@@ -117,6 +117,7 @@ def test_generation_past_the_context_keeps_documents():
     assert outs[0] == outs[1] and len(outs[0]) > 32 - 24  # past the context (unless it ended early)
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_flex_document_masking():
     model = _model().cuda()

@@ -65,6 +65,7 @@ def test_a_profile_window_traces_every_phase_and_nothing_outside_it(tiny_data, t
     assert sum(e["name"] == "optimizer" for e in events if e.get("cat") == "user_annotation") == 2
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_a_cuda_profile_holds_the_memory_timeline(tiny_data, tmp_path):
     run_train(_train_args(tiny_data, tmp_path, "--train.steps=2", "--train.device=cuda", "--train.profile=1:2"))
@@ -123,6 +124,7 @@ def test_out_of_memory_in_a_step_is_one_line_with_what_would_fit(tiny_data, tmp_
                          "--train.steps=3 --dry-run --dry-run-world=1")
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_a_cuda_memory_snapshot_at_the_end_and_on_out_of_memory(tiny_data, tmp_path):
     args = _train_args(tiny_data, tmp_path, "--train.steps=2", "--train.device=cuda", "--train.memory_snapshot=true")

@@ -115,6 +115,7 @@ def test_an_fsdp_run_is_evaluated_sampled_and_exported_in_one_process(tiny_data,
     assert again.stdout == out.stdout
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs CUDA")
 def test_fsdp_on_a_gpu_gathers_bf16_parameters_and_keeps_fp32_gradients(tmp_path):
     """The GPU mixed-precision policy (never run on this project's CPU machines): under fsdp with

@@ -124,6 +124,7 @@ def test_fp16_overflow_skips_the_step_and_backs_off():
     assert prec.scaler.get_scale() == 2.0 ** 29
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_auto_is_bf16_with_tf32():
     expected = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
