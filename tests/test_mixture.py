@@ -16,7 +16,7 @@ from dist_gpt.data import DataConfig
 from dist_gpt.data.mixloader import MixtureBatches, open_mixture
 from dist_gpt.data.mixture import MixSchedule, integer_weights, round_robin
 from dist_gpt.data.tokenizers import CharTokenizer
-from dist_gpt.data.writer import write_dataset
+from tests.data_fixtures import write_dataset
 from dist_gpt.errors import ConfigError, DataError
 
 T = 16
