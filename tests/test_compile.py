@@ -20,7 +20,8 @@ import pytest
 import torch
 
 from conftest import EXACT, final, losses, run_train
-from dist_gpt import config, doc_mask
+from dist_gpt import config
+from dist_gpt.model import doc_mask
 from dist_gpt.model.gpt import GPT
 from tests.test_train_documents import paragraphs  # noqa: F401  (a module fixture: ~700 short documents)
 
