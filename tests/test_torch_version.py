@@ -29,11 +29,11 @@ def test_versions_parse_without_local_or_prerelease_suffixes():
     assert parse_version("2.13.0+cpu") == (2, 13, 0)
     assert parse_version("2.10.0.dev20250601") == (2, 10, 0)
     assert parse_version("2.7.0a0+git1234abc") == (2, 7, 0)
-    assert MIN_TORCH == (2, 7)
-    for ok in ("2.7.0", "2.7.1+cu118", "2.13.0+cpu", "2.14.1", "3.0.0", None):
+    assert MIN_TORCH == (2, 9)
+    for ok in ("2.9.0", "2.9.1+cu118", "2.13.0+cpu", "2.14.1", "3.0.0", None):
         assert torch_problem(ok) is None
     assert "torch 2.5.1+cu121 is installed" in torch_problem("2.5.1+cu121")
-    assert torch_problem("2.6.0+cu124") is not None  # failed the fast tests (README)
+    assert torch_problem("2.6.0+cu124") is not None and torch_problem("2.7.1") is not None  # failed the fast tests (README)
 
 
 def test_an_older_torch_stops_a_command_with_one_line_once():
@@ -41,12 +41,12 @@ def test_an_older_torch_stops_a_command_with_one_line_once():
     assert out.returncode == 2 and out.stdout == ""
     lines = out.stderr.splitlines()
     assert len(lines) == 1 and "Traceback" not in out.stderr
-    assert lines[0].startswith("error: torch 2.5.1+cu121 is installed, dist_gpt needs torch>=2.7")
+    assert lines[0].startswith("error: torch 2.5.1+cu121 is installed, dist_gpt needs torch>=2.9")
     # under torchrun every rank stops, but only rank 0 says why
     other = _run_with_torch("2.4.0", {"RANK": "1"})
     assert other.returncode == 2 and other.stderr == ""
     # a supported version passes the gate: --help prints the options
-    fine = _run_with_torch("2.7.0+cu126")
+    fine = _run_with_torch("2.9.0+cu126")
     assert fine.returncode == 0 and "--train.steps" in fine.stdout
 
 
