@@ -106,8 +106,9 @@ def test_lm_eval_scores_exports_of_every_tokenizer_as_dist_gpt_does(tmp_path):
     assert (results["acc,none"], results["acc_norm,none"]) == (ours["byte"]["acc"], ours["byte"]["acc_norm"])
 
     # python -m dist_gpt.evaluate --model EXPORT --tasks (lm-eval's Python API) on the others
-    script = ("import json, sys\nfrom dist_gpt.harness import run_tasks\n"
-              "print(json.dumps({d: run_tasks(d, 'dist_gpt_mc', '.', None, None, 8, 'cpu', 'fp32', None)['dist_gpt_mc']"
+    script = ("import json, sys\nfrom dist_gpt.harness import TaskOptions, run_tasks\n"
+              "opts = TaskOptions('dist_gpt_mc', '.', batch_size=8, device='cpu', precision='fp32')\n"
+              "print(json.dumps({d: run_tasks(d, opts)['dist_gpt_mc']"
               " for d in sys.argv[1:]}))")
     names = ["char", "bpe", "user"]
     api = subprocess.run([sys.executable, "-c", script, *(str(exports[n]) for n in names)], capture_output=True,

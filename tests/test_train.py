@@ -12,8 +12,11 @@ def test_debug_preset_end_to_end_on_two_ranks_with_tensorboard(tiny_data, tmp_pa
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     run = tmp_path / "run"
+    # straggler_ratio 4: two equal ranks' CPU times per step differ by up to 2x on a busy shared machine
+    # (measured 16.2 against 8.1 ms), so the check that equal ranks are not named keeps a margin; the
+    # detection itself is tested at 30x in tests/test_long_run.py (DIST_GPT_FAULT_SLOW)
     out = run_train(["--preset", "debug", f"--data.path={tiny_data}", f"--train.run_dir={run}",
-                     "--train.precision=fp32"], nproc=2)
+                     "--train.precision=fp32", "--train.straggler_ratio=4"], nproc=2)
     last = out.stdout.strip().splitlines()[-1]
     assert last.startswith("final: step 20") and "nats/byte" in last and "bits/byte" in last
     fin = final(run)
