@@ -85,6 +85,11 @@ class TrainConfig:
     init_from_unchecked_ids: bool = field(default=False, metadata={"help": "with init_from a Hugging Face model directory that has no tokenizer.json (so the dataset's token ids cannot be checked against the model's): start anyway, trusting that the dataset was tokenized as the model was"})
     nan_policy: str = field(default="stop", metadata={"help": "on a NaN/inf loss: skip (drop the step) | rollback (reload the last checkpoint and skip the bad batches) | stop"})
     nan_max_rollbacks: int = field(default=3, metadata={"help": "rollbacks allowed before the run stops (nan_policy=rollback)"})
+    spike_policy: str = field(default="off", metadata={"help": "on a finite loss spike (the global loss's z-score against the last spike_window steps reaches spike_z, or the gradient norm's reaches spike_grad_z): off | warn (log it) | skip (drop the update) | rollback (reload the last checkpoint and skip the spike_skip_batches global batches that end at the spike; at most nan_max_rollbacks times); see docs/CHECKPOINTS.md"})
+    spike_z: float = field(default=6.0, metadata={"help": "z-score (deviations above the window's mean) of the loss that makes a step a spike (> 0)"})
+    spike_grad_z: float = field(default=30.0, metadata={"help": "z-score of the gradient norm that makes a step a spike (0 = the loss alone decides); higher than spike_z because gradient norms are heavy-tailed: healthy runs reached z 13 (docs/CHECKPOINTS.md)"})
+    spike_window: int = field(default=100, metadata={"help": "accepted steps the mean and deviation are taken over; detection starts once it is full (>= 2)"})
+    spike_skip_batches: int = field(default=10, metadata={"help": "spike_policy=rollback: global batches skipped after the rollback, the ones ending at the spike (>= 1)"})
     timeout_s: float = field(default=600.0, metadata={"help": "collective timeout: a rank that stops answering fails the job after this many seconds"})
     threads: int | None = field(default=None, metadata={"help": "CPU threads per rank (default: the cores this rank may use / ranks on the node)"})
     hang_timeout_s: float = field(default=900.0, metadata={"help": "a rank whose own step makes no progress for this many seconds writes every thread's Python stack to <run_dir>/hang/rank<r>.txt and exits 6 (0 = off; paused for the first step, evaluation and saves; keep it above train.timeout_s so a peer's silence is named first)"})
@@ -98,6 +103,19 @@ class TrainConfig:
         _choice("train.precision", self.precision, ("auto", "fp32", "bf16", "fp16"))
         _choice("train.device", self.device, ("auto", "cpu", "cuda"))
         _choice("train.nan_policy", self.nan_policy, ("skip", "rollback", "stop"))
+        _choice("train.spike_policy", self.spike_policy, ("off", "warn", "skip", "rollback"))
+        if not self.spike_z > 0:
+            raise ConfigError(f"train.spike_z={self.spike_z:g} must be > 0 (a step whose loss or gradient norm is this "
+                              "many deviations above the window's mean is a spike; e.g. --train.spike_z=6)")
+        if self.spike_grad_z < 0:
+            raise ConfigError(f"train.spike_grad_z={self.spike_grad_z:g} must be >= 0 (0: the gradient norm never "
+                              "makes a spike by itself; e.g. --train.spike_grad_z=30)")
+        if self.spike_window < 2:
+            raise ConfigError(f"train.spike_window={self.spike_window} must be at least 2 (the steps a deviation is "
+                              "taken over; e.g. --train.spike_window=100)")
+        if self.spike_skip_batches < 1:
+            raise ConfigError(f"train.spike_skip_batches={self.spike_skip_batches} must be at least 1 (the global "
+                              "batches a spike rollback skips; e.g. --train.spike_skip_batches=10)")
         parse_window(self.profile)
         if self.hang_timeout_s < 0:
             raise ConfigError(f"train.hang_timeout_s={self.hang_timeout_s:g} must be >= 0 (0 turns the hang "

@@ -3,6 +3,10 @@
 go here.
 
     DIST_GPT_FAULT_NAN_AT=P          the loss of global batch P becomes NaN (once per process)
+    DIST_GPT_FAULT_POISON_AT=P       every token of global batch P (inputs and targets) becomes token 0 on every
+                                     rank, once per process (a rolled-back run that meets P again trains on it
+                                     unpoisoned): a finite loss spike whose one unclipped update visibly damages
+                                     a run (bench/spike_bench.py)
     DIST_GPT_FAULT_KILL_AT=S:R       rank R SIGKILLs itself before step S, on torchrun's first attempt only
     DIST_GPT_FAULT_SIGNAL_AT=S:NAME  rank 0 sends itself signal NAME before step S (first attempt only)
     DIST_GPT_FAULT_HANG_AT=S:R       rank R stops answering (sleeps) before step S
@@ -49,13 +53,15 @@ def pause(point: str, stop=None) -> None:
 
 
 class FaultInjector:
-    """The step-level faults above, for one rank: `before_step` kills, hangs or signals; `corrupt_loss`
-    turns the chosen global batch's loss into NaN."""
+    """The step-level faults above, for one rank: `before_step` kills, hangs or signals; `poison` spoils
+    the chosen global batch's targets; `corrupt_loss` turns the chosen global batch's loss into NaN."""
 
     def __init__(self, rank: int, stop=None) -> None:
         self.rank, self.stop = rank, stop
         nan_at = os.environ.get("DIST_GPT_FAULT_NAN_AT")
         self.nan_at = int(nan_at) if nan_at else None
+        poison_at = os.environ.get("DIST_GPT_FAULT_POISON_AT")
+        self.poison_at = int(poison_at) if poison_at else None
         self.kill = self._parse("DIST_GPT_FAULT_KILL_AT")
         self.signal = self._parse("DIST_GPT_FAULT_SIGNAL_AT")
         self.hang = self._parse("DIST_GPT_FAULT_HANG_AT")
@@ -91,6 +97,16 @@ class FaultInjector:
             end = time.thread_time() + self.slow_s
             while time.thread_time() < end:
                 pass
+
+    def poison(self, position: int, micro: list) -> list:
+        """DIST_GPT_FAULT_POISON_AT: the first time global batch `position` is drawn, every token of this
+        rank's micro-batches [(x, y, *doc)] becomes token 0: one context and one answer the model finds
+        unlikely at every position, so the loss jumps and the gradients add up instead of cancelling
+        (a norm ~100x the usual)."""
+        if self.poison_at is None or position != self.poison_at:
+            return micro
+        self.poison_at = None
+        return [(x.new_zeros(x.shape), y.new_zeros(y.shape), *doc) for x, y, *doc in micro]
 
     def corrupt_loss(self, loss, position: int):
         if self.nan_at is not None and position == self.nan_at:

@@ -214,6 +214,9 @@ SCALARS: dict[str, tuple[str, str]] = {
     "ranks/compute_ms_median": ("ranks/compute_ms_median", "median over the ranks of each rank's compute ms per step over the log interval (CPU: its training thread's CPU time; CUDA: its forward's GPU time; collective waits excluded)"),
     "ranks/compute_ms_max": ("ranks/compute_ms_max", "the slowest rank's compute ms per step over the log interval"),
     "ranks/slowest": ("ranks/slowest", "the rank id with the largest compute time over the log interval"),
+    "train/spikes": ("train/spikes", "loss spikes detected so far (train.spike_policy): steps whose loss or gradient norm z-score reached train.spike_z"),
+    "train/spike_loss_z": ("train/spike_loss_z", "z-score of a spike step's loss against the last train.spike_window accepted steps"),
+    "train/spike_grad_norm_z": ("train/spike_grad_norm_z", "z-score of a spike step's gradient norm against the last train.spike_window accepted steps"),
     "perf/data_wait_share_max": ("perf/data_wait_share_max", "the largest share of the log interval any rank spent waiting for data (0 to 1)"),
 }
 # Tags made at run time, described by pattern (first match wins): (regex, display name, description),
@@ -345,6 +348,7 @@ class QuietLogger:
     def scalars(self, step: int, values: dict) -> None: ...
     def console(self, step: int, values: dict) -> None: ...
     def text(self, step: int, tag: str, text: str) -> None: ...
+    def event(self, step: int, name: str, fields: dict) -> None: ...
     def hparams(self, config: dict, metrics: dict | None = None) -> None: ...
     def print(self, msg: str) -> None: ...
     def flush(self) -> None: ...
@@ -455,6 +459,12 @@ class RunLogger(QuietLogger):
             self.writer.add_text(tag, "\n".join("    " + line for line in text.split("\n")), step)
         if self.wandb is not None:
             self.wandb.text(step, tag, text)
+
+    def event(self, step: int, name: str, fields: dict) -> None:
+        """An event (a loss spike) as one line of metrics.jsonl: {"step", "time", "event": name, **fields}.
+        Its scalars (e.g. train/spikes) are logged apart, by `scalars`."""
+        with open(self.jsonl, "a") as f:
+            f.write(json.dumps({"step": step, "time": time.time(), "event": name, **fields}) + "\n")
 
     def hparams(self, config: dict, metrics: dict | None = None) -> None:
         """The run's (nested) config as hparams, against the metrics the HPARAMS tab compares runs by:

@@ -5,11 +5,11 @@ other two; see `trainer.build`), each with `state_dict()` / `load_state_dict()`:
 
     "config"   ConfigIdentity  the resolved config; on load, checks this run may continue it
     "dataset"  DatasetIdentity the dataset's fingerprint and tokenizer; on load, checks it is the same
-    "run"      RunState        step, tokens seen, best validation loss, NaN-policy bookkeeping
+    "run"      RunState        step, tokens seen, best validation loss, NaN- and spike-policy bookkeeping
 
 What may change on resume: train.steps (to train longer), train.micro_batch and the world size (the
 global batch stays, so the data stream is identical), the parallel layout (parallel.data: ddp, fsdp,
-hsdp; DCP reshards), precision, compile, fp8, device, threads, timeouts, the NaN policy and every
+hsdp; DCP reshards), precision, compile, fp8, device, threads, timeouts, the NaN and spike policies and every
 eval/checkpoint/log setting. What may not: the model's shape, the dataset,
 the seed and the global batch; changing optimizer settings is allowed but named in the log.
 """
@@ -32,7 +32,9 @@ class RunState:
     best_val: float = float("inf")
     rollbacks: int = 0
     bad_positions: list[int] = field(default_factory=list)  # global batches skipped after a NaN rollback
-    skipped: list[int] = field(default_factory=list)        # global batches dropped by nan_policy=skip
+    skipped: list[int] = field(default_factory=list)        # global batches dropped by nan_policy/spike_policy=skip
+    spikes: int = 0                                         # loss spikes detected (train.spike_policy)
+    spike_history: list[list[float]] = field(default_factory=list)  # [loss, grad norm] of the last spike_window accepted steps
     resumed_step: int = -1                                  # the step this process resumed at (-1: fresh)
 
     def state_dict(self) -> dict:

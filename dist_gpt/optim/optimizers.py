@@ -213,16 +213,21 @@ class LRSchedule:
         return mult
 
 
-def clip_grad_norm(params, max_norm: float) -> torch.Tensor:
-    """Global L2 norm of the gradients (a 0-dim tensor, no host sync); scales them down to
-    `max_norm` when it is > 0. Under DDP every rank holds the same reduced grads, so the same norm;
-    under FSDP each rank holds a shard (a DTensor) and the norm is reduced over the shards."""
+def grad_norm(params) -> torch.Tensor:
+    """Global L2 norm of the gradients (a 0-dim tensor, no host sync). Under DDP every rank holds the
+    same reduced grads, so the same norm; under FSDP each rank holds a shard (a DTensor) and the norm
+    is reduced over the shards (a collective)."""
+    total = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+    if hasattr(total, "full_tensor"):  # a DTensor: partial norms of the shards, summed over ranks
+        total = total.full_tensor()
+    return total
+
+
+def clip_grad_norm(params, max_norm: float, total: torch.Tensor | None = None) -> torch.Tensor:
+    """Scale the gradients down to global norm `max_norm` when it is > 0; returns their norm before
+    clipping (`total` when the caller computed it with `grad_norm` already)."""
     params = [p for p in params if p.grad is not None]
-    if hasattr(torch.nn.utils, "get_total_norm"):  # torch >= 2.6
-        total = torch.nn.utils.get_total_norm([p.grad for p in params])
-        if hasattr(total, "full_tensor"):  # a DTensor: partial norms of the shards, summed over ranks
-            total = total.full_tensor()
-        if max_norm > 0:
-            torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
-        return total
-    return torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+    total = grad_norm(params) if total is None else total
+    if max_norm > 0:
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
+    return total

@@ -3,8 +3,10 @@
 `FaultGuard` is asked twice per step, on every rank:
 
     guard.before_step(step)                 heartbeat; test-only injection (kill, hang, signal)
-    verdict = guard.after_loss(loss, position)   one all-reduce: stop signals + non-finite loss
-                                            -> PROCEED | SKIP | ROLLED_BACK, or NonFiniteLoss
+    verdict = guard.after_loss(loss, position, grad_norm)
+                                            one all-reduce: stop signals, non-finite loss, the global
+                                            loss and gradient norm (loss spikes)
+                                            -> PROCEED | SKIP | ROLLED_BACK, or NonFiniteLoss / LossSpikes
 
 Stop signals. SIGTERM, SIGUSR1 and SIGUSR2 (SLURM's warning before a time limit or preemption;
 submitit's default is USR2) only set a flag in the handler. The per-step all-reduce makes every
@@ -18,6 +20,11 @@ marker an earlier stop left, whatever launched it.
 Non-finite losses follow `train.nan_policy`: skip the step, roll back to the latest checkpoint and
 skip the offending global batch from then on, or stop: every rank raises `NonFiniteLoss`, a
 refusal (dist.refuse: one line, exit 3).
+
+Finite loss spikes follow `train.spike_policy` (off | warn | skip | rollback; training/spikes.py):
+the agreement carries the step's global loss and gradient norm, so every rank sees the same z-scores
+before the optimizer step and takes the same action; a rollback skips the `train.spike_skip_batches`
+global batches that end at the spike and counts against `train.nan_max_rollbacks`.
 
 The heartbeat. Each rank records in the rendezvous store how far it got, (step, phase): one small
 write before the step's forward/backward and one before the agreement, and a daemon thread counts a
@@ -52,16 +59,17 @@ from dist_gpt.hooks import FaultInjector
 from dist_gpt.parallel import dist
 
 from .signals import AGENT_LOST, CODE_TO_NAME, MARKER, StopSignals, write_marker
+from .spikes import MAX_SKIPS_IN_A_ROW, Spike, SpikeDetector
 
 
 class Verdict(enum.Enum):
     PROCEED = "proceed"          # take the optimizer step
-    SKIP = "skip"                # drop this step's gradients (nan_policy=skip)
+    SKIP = "skip"                # drop this step's gradients (nan_policy=skip, spike_policy=skip)
     ROLLED_BACK = "rolled back"  # the state was reloaded from the latest checkpoint
 
 
 class FaultGuard:
-    """The heartbeat, the stop-signal agreement, the NaN policy and the test-only fault injection.
+    """The heartbeat, the stop-signal agreement, the NaN and spike policies and the test-only fault injection.
 
     `rollback()` reloads the latest checkpoint into the run's state and returns its path (None when
     there is none): the checkpointer's, handed over once at build time.
@@ -70,8 +78,12 @@ class FaultGuard:
     def __init__(self, cfg, env, stop: StopSignals, state, rollback, log) -> None:
         self.policy, self.max_rollbacks = cfg.nan_policy, cfg.nan_max_rollbacks
         self.stop, self.state, self.rollback, self.log = stop, state, rollback, log
-        self.is_main = env.is_main
+        self.is_main, self.world_size = env.is_main, env.world_size
         self.inject = FaultInjector(env.rank, stop)
+        self.spikes = SpikeDetector(cfg, state)
+        self.spike_skip_batches = cfg.spike_skip_batches
+        self.skips_in_a_row = 0  # consecutive steps spike_policy=skip dropped
+        self.loss_sum = float("nan")  # the last agreed step's loss summed over the ranks (float32)
         self.stopped_by: str | None = None  # the agreed stop signal's name, once one arrived
         # torchrun's workers are its children; an orphaned worker is re-parented (to init or a subreaper)
         self.agent_pid = os.getppid() if "TORCHELASTIC_RUN_ID" in os.environ else None
@@ -81,15 +93,30 @@ class FaultGuard:
         self.inject.before_step(step)
         self.heartbeat.beat(step, phase=0)
 
-    def after_loss(self, loss, position: int) -> Verdict:
-        """Agree with every rank on stop signals and a non-finite loss (of global batch `position`)."""
+    def after_loss(self, loss, position: int, grad_norm=None) -> Verdict:
+        """Agree with every rank on stop signals, a non-finite loss (of global batch `position`) and,
+        with train.spike_policy on, a loss spike: one all-reduce (sum) of
+        [one flag per stop code..., non-finite, loss, grad norm (rank 0's; the same on every rank)]."""
         loss = self.inject.corrupt_loss(loss, position)
         self.heartbeat.beat(self.state.step, phase=1)
         code = self.stop.code or (AGENT_LOST if self.agent_pid not in (None, os.getppid()) else 0)
-        flags = torch.stack([torch.tensor(float(code), device=loss.device), (~torch.isfinite(loss)).float()])
-        code, nonfinite = dist.all_reduce_max(flags).tolist()  # the step's one host-device synchronisation
-        self.stopped_by = CODE_TO_NAME[int(code)] if code else self.stopped_by
-        return self._nonfinite(position) if nonfinite else Verdict.PROCEED
+        codes = [float(c == code) for c in CODE_TO_NAME]
+        norm = grad_norm.float().reshape(1) if grad_norm is not None and self.is_main else loss.new_zeros(1)
+        agreed = dist.all_reduce_sum(torch.cat([
+            torch.tensor(codes, device=loss.device), (~torch.isfinite(loss)).float().reshape(1),
+            loss.float().reshape(1), norm]))
+        *flags, nonfinite, self.loss_sum, norm = agreed.tolist()  # the step's one host-device synchronisation
+        code = max((c for c, flag in zip(CODE_TO_NAME, flags) if flag), default=0)
+        self.stopped_by = CODE_TO_NAME[code] if code else self.stopped_by
+        if nonfinite:
+            return self._nonfinite(position)
+        if self.spikes.on and grad_norm is not None:
+            return self._spike(position, norm)
+        return Verdict.PROCEED
+
+    def global_loss(self) -> float:
+        """The last agreed step's loss, mean over the ranks (float32 arithmetic, as logged before)."""
+        return (torch.tensor(self.loss_sum, dtype=torch.float32) / self.world_size).item()
 
     def _nonfinite(self, position: int) -> Verdict:
         """Apply train.nan_policy to a NaN/inf loss of global batch `position` (every rank agrees)."""
@@ -100,17 +127,64 @@ class FaultGuard:
             return Verdict.SKIP
         if self.policy == "stop":
             raise NonFiniteLoss(f"{where}; stopping (train.nan_policy=stop; try nan_policy=rollback or a lower optim.lr)")
-        if self.state.rollbacks >= self.max_rollbacks:
-            raise NonFiniteLoss(f"{where}: {self.state.rollbacks} rollbacks already; stopping "
-                                "(raise train.nan_max_rollbacks or lower optim.lr)")
-        bad, rollbacks = self.state.bad_positions + [position], self.state.rollbacks + 1
-        path = self.rollback()  # reloads the run state too: what we learnt is put back below
+        stop = NonFiniteLoss(f"{where}: {self.state.rollbacks} rollbacks already; stopping "
+                             "(raise train.nan_max_rollbacks or lower optim.lr)")
+        path = self._roll_back([position], stop)
         if path is None:
             raise NonFiniteLoss(f"{where}: no checkpoint to roll back to; stopping "
                                 "(raise train.nan_max_rollbacks or lower optim.lr)")
-        self.state.bad_positions, self.state.rollbacks = bad, rollbacks
-        self.log.print(f"{where}: rolled back to {path.name}, skipping that batch (rollback {rollbacks})")
+        self.log.print(f"{where}: rolled back to {path.name}, skipping that batch (rollback {self.state.rollbacks})")
         return Verdict.ROLLED_BACK
+
+    def _roll_back(self, positions: list[int], too_many: Refusal) -> Path | None:
+        """Reload the latest checkpoint and skip the global batches `positions` from then on; raise
+        `too_many` past train.nan_max_rollbacks. None (nothing changed) when there is no checkpoint."""
+        if self.state.rollbacks >= self.max_rollbacks:
+            raise too_many
+        learnt = {"bad_positions": sorted(set(self.state.bad_positions) | set(positions)),
+                  "rollbacks": self.state.rollbacks + 1, "spikes": self.state.spikes}
+        path = self.rollback()  # reloads the run state too: what we learnt is put back below
+        if path is not None:
+            for key, value in learnt.items():
+                setattr(self.state, key, value)
+        return path
+
+    def _spike(self, position: int, grad_norm: float) -> Verdict:
+        """Apply train.spike_policy to this step's global loss and gradient norm (every rank agrees)."""
+        spike = self.spikes.check(self.state.step, position, self.global_loss(), grad_norm)
+        if spike is None:
+            self.skips_in_a_row = 0
+            return Verdict.PROCEED
+        self.state.spikes += 1
+        policy = self.spikes.policy
+        if policy == "warn":
+            return self._report(spike, "update taken (train.spike_policy=warn)", Verdict.PROCEED)
+        if policy == "rollback":
+            first = max(0, position - self.spike_skip_batches + 1)
+            stop = LossSpikes(f"{spike.describe()}: {self.state.rollbacks} rollbacks already; stopping (raise "
+                              "train.nan_max_rollbacks, lower optim.lr or raise train.spike_z)")
+            path = self._roll_back(list(range(first, position + 1)), stop)
+            if path is not None:
+                return self._report(spike, f"rolled back to {path.name}, skipping global batches {first}..{position} "
+                                    f"(rollback {self.state.rollbacks})", Verdict.ROLLED_BACK)
+        self.skips_in_a_row += 1
+        if self.skips_in_a_row > MAX_SKIPS_IN_A_ROW:
+            raise LossSpikes(f"{spike.describe()}: {MAX_SKIPS_IN_A_ROW} steps in a row skipped; the loss has "
+                             "shifted, not spiked: stopping (use train.spike_policy=rollback, lower optim.lr "
+                             "or raise train.spike_z)")
+        self.state.skipped.append(position)
+        why = "no checkpoint to roll back to yet: " if policy == "rollback" else ""
+        return self._report(spike, f"{why}update skipped (train.spike_policy={policy})", Verdict.SKIP)
+
+    def _report(self, spike: Spike, action: str, verdict: Verdict) -> Verdict:
+        """One spike on the console, TensorBoard (text, train/spikes, z-scores) and metrics.jsonl."""
+        line = f"{spike.describe()}: {action}"
+        self.log.print(line)
+        self.log.text(spike.step, "train/spikes", line)
+        self.log.scalars(spike.step, {"train/spikes": self.state.spikes, "train/spike_loss_z": spike.loss_z,
+                                      "train/spike_grad_norm_z": spike.grad_norm_z})
+        self.log.event(spike.step, "spike", {**vars(spike), "action": action})
+        return verdict
 
     def leave_marker(self, run_dir: Path, step: int, checkpoint: Path | None) -> None:
         """After the stop save: rank 0 writes requeue.json for the launchers."""
@@ -261,6 +335,13 @@ class Heartbeat:
 
 class NonFiniteLoss(Refusal):
     """train.nan_policy stopped the run (exit status 3); every rank raises it at the same step."""
+
+    exit_code = 3
+
+
+class LossSpikes(Refusal):
+    """train.spike_policy stopped the run (exit status 3): rollbacks used up, or a loss that kept
+    spiking under skip; every rank raises it at the same step."""
 
     exit_code = 3
 

@@ -1,7 +1,7 @@
 """One builder and one step: the objects a run is made of, and the training step they take.
 
     trainer = build(cfg, env, stop)   # every component, restored from a checkpoint when there is one
-    verdict = trainer.step()          # one optimizer step: PROCEED, or SKIP / ROLLED_BACK (NonFiniteLoss: stop)
+    verdict = trainer.step()          # one optimizer step: PROCEED, or SKIP / ROLLED_BACK (NonFiniteLoss, LossSpikes: stop)
 
 The training loop (`dist_gpt.train`) and the benchmarks (`bench/train_bench.py`) drive exactly
 these objects and this step. Each component is handed the few things it uses when it is built:
@@ -13,7 +13,7 @@ these objects and this step. Each component is handed the few things it uses whe
     state         RunState: step, tokens, best validation loss, NaN bookkeeping (resume.py)
     evaluator     validation loss and samples when due (evaluate.py)
     checkpointer  owns every stateful object above; saves when due, restores, rolls back (checkpoint/)
-    guard         FaultGuard: heartbeat, stop signals, NaN policy, fault injection (faults.py)
+    guard         FaultGuard: heartbeat, stop signals, NaN and spike policies, fault injection (faults.py)
     log           metrics on rank 0, a no-op elsewhere (metrics.py)
     profiler      a torch.profiler trace of the steps train.profile names (profiler.py)
     clock         this rank's compute and data-wait time, gathered on log steps (stragglers.py)
@@ -46,7 +46,7 @@ from dist_gpt.data.mixspec import parse_mix
 from dist_gpt.errors import DataError
 from dist_gpt.metrics import QuietLogger, RunLogger, StepReport, Throughput, make_logger
 from dist_gpt.model.gpt import GPT
-from dist_gpt.optim.optimizers import LRSchedule, build_optimizers, clip_grad_norm
+from dist_gpt.optim.optimizers import LRSchedule, build_optimizers, clip_grad_norm, grad_norm
 from dist_gpt.parallel import dist, fp8
 from dist_gpt.parallel.precision import Precision
 
@@ -108,23 +108,26 @@ class Trainer:
         self.data_time = time.perf_counter() - t0
         self.guard.inject.slow()  # test-only: DIST_GPT_FAULT_SLOW makes one rank a straggler
         loss = forward_backward(self.train_model, micro, self.autocast, self.precision.scaler)
+        # train.spike_policy decides before the optimizer step, on the norm the optimizer would clip with
+        norm = self._grad_norm() if self.guard.spikes.on else None
         self.clock.end(mark)
         with record_function("agree"):
-            verdict = self.guard.after_loss(loss, position)
+            verdict = self.guard.after_loss(loss, position, norm)
         if verdict is not Verdict.PROCEED:
             zero_grads(self.optimizers)
             return verdict
         mark = self.clock.begin()
         with record_function("optimizer"):
-            grad_norm = optimizer_step(self.params, self.optimizers, self.precision.scaler, self.grad_clip)
+            norm = optimizer_step(self.params, self.optimizers, self.precision.scaler, self.grad_clip,
+                                  norm if not self.precision.scaler.is_enabled() else None)
         self.clock.end(mark)
         self.clock.step_done(self.data_time)
         self.state.step += 1
         self.state.tokens += self.tokens_per_step
-        if self.log.due(self.state.step):  # the only read-back of the loss besides the agreement
-            self.train_loss = (dist.all_reduce_sum(loss.detach().clone()) / self.world_size).item()
+        if self.log.due(self.state.step):  # the loss came with the agreement: no read-back of our own
+            self.train_loss = self.guard.global_loss()
             self.log.step(self.state.step, StepReport(
-                loss=self.train_loss, lr=self.optimizers[0].param_groups[0]["lr"], grad_norm=float(grad_norm),
+                loss=self.train_loss, lr=self.optimizers[0].param_groups[0]["lr"], grad_norm=float(norm),
                 step_time=time.perf_counter() - t0, data_time=self.data_time, ranks=self.clock.report()))
             self._report_data()
         return verdict
@@ -141,11 +144,20 @@ class Trainer:
                            f", past data.max_epochs={self.max_epochs:g}: repeating data this often stops helping; "
                            "add data or train fewer steps")
 
+    def _grad_norm(self) -> torch.Tensor:
+        """The global gradient norm before clipping (0-d tensor); under fp16 the scaled gradients' norm
+        over the loss scale (one host read of the scale: fp16 with a spike policy only)."""
+        norm = grad_norm(self.params)
+        scaler = self.precision.scaler
+        return norm / scaler.get_scale() if scaler.is_enabled() else norm
+
     def _next_batch(self) -> tuple[int, list]:
-        """(global batch index, this rank's micro-batches), past the batches a NaN rollback condemned."""
+        """(global batch index, this rank's micro-batches), past the batches a rollback condemned; the
+        test hook DIST_GPT_FAULT_POISON_AT may replace one of them by a batch that makes the loss spike."""
         while self.batches.position in self.state.bad_positions:
             self.batches.skip(1)
-        return self.batches.position, self.batches.next()
+        position = self.batches.position
+        return position, self.guard.inject.poison(position, self.batches.next())
 
 
 def forward_backward(model, micro: list, autocast, scaler) -> torch.Tensor:
@@ -167,15 +179,16 @@ def forward_backward(model, micro: list, autocast, scaler) -> torch.Tensor:
     return losses[0] if n == 1 else torch.stack(losses).mean()
 
 
-def optimizer_step(params: list, optimizers: list, scaler, grad_clip: float) -> torch.Tensor:
-    """Unscale (fp16 only), clip, step every optimizer and drop the gradients.
+def optimizer_step(params: list, optimizers: list, scaler, grad_clip: float, norm=None) -> torch.Tensor:
+    """Unscale (fp16 only), clip, step every optimizer and drop the gradients. `norm`: the gradients'
+    global norm when the caller computed it already (the spike policy), else computed here.
 
     Returns the global gradient norm before clipping as a 0-d tensor (no host sync).
     """
     if scaler.is_enabled():
         for opt in optimizers:
             scaler.unscale_(opt)
-    grad_norm = clip_grad_norm(params, grad_clip)
+    grad_norm = clip_grad_norm(params, grad_clip, norm)
     for opt in optimizers:
         scaler.step(opt)  # a disabled scaler (every mode but fp16) just calls opt.step()
     scaler.update()
