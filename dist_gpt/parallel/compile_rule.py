@@ -32,7 +32,7 @@ thread), on the side of compiling less. MARGIN covers what the estimate leaves o
 a run stopped early, a warm cache making compiles cheaper is not counted on).
 
 Auto also stays eager wherever compiling cannot work (`refusal`): torch without dynamo support for
-this Python, or a CPU without the C++ compiler inductor builds its kernels with.
+this Python, a CPU without the C++ compiler inductor builds its kernels with, or CUDA without Triton.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ HELP = ("torch.compile the model: true | false | auto (unset: on for CUDA; on CP
         "n_layer x n_embd / threads, and compile ~"
         f"{COMPILE_S:g} + {COMPILE_S_PER_LAYER:g} x n_layer s (a cold inductor cache), as measured on a 2-core "
         "AMD EPYC, see docs/PERFORMANCE.md; a resumed run keeps the choice its checkpoint recorded; off where "
-        "compiling cannot work: no dynamo for this Python, no C++ compiler on CPU). The start-up log says "
+        "compiling cannot work: no dynamo for this Python, no C++ compiler on CPU, no Triton on CUDA). The start-up log says "
         "what auto decided and why")
 
 
@@ -120,6 +120,10 @@ def refusal(device_type: str) -> str | None:
     """Why torch.compile cannot work in this process on `device_type`, or None where it can."""
     if not torch._dynamo.is_dynamo_supported():
         return f"torch {torch.__version__} has no torch.compile for this Python"
+    if device_type == "cuda":
+        from torch.utils._triton import has_triton  # optional: only asked on CUDA
+
+        return None if has_triton() else "no Triton for inductor's GPU kernels: pip install triton"
     if device_type != "cpu":
         return None
     try:  # optional: inductor's own compiler search (g++, or $CXX), only asked on CPU
