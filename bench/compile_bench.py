@@ -66,11 +66,13 @@ def cpu_of(side, steps: int) -> float:
 def parse_args(argv: list[str]):
     p = argparse.ArgumentParser(prog="python -m bench.compile_bench", allow_abbrev=False,
                                 description=__doc__.split("\n\n")[0],
-                                epilog="Any other option is a dist_gpt.train option (--preset, --recipe, --section.key=value).")
+                                epilog="Any other option is a dist_gpt.train option "
+                                       "(--preset, --recipe, --section.key=value).")
     p.add_argument("--steps", type=int, default=60, help="steps per side, warm-up included (default 60)")
     p.add_argument("--warmup", type=int, default=10, help="first steps per side, the compile among them (default 10)")
     p.add_argument("--chunk", type=int, default=10, help="steps per alternating chunk (default 10)")
-    p.add_argument("--warm-cache", metavar="DIR", help="an inductor cache directory to reuse (default: a fresh, cold one)")
+    p.add_argument("--warm-cache", metavar="DIR",
+                   help="an inductor cache directory to reuse (default: a fresh, cold one)")
     args, rest = p.parse_known_args(argv)
     if args.steps < args.warmup + args.chunk or args.warmup < 1 or args.chunk < 1:
         raise ConfigError(f"--steps={args.steps} must be at least --warmup + --chunk ({args.warmup} + {args.chunk})")
@@ -115,7 +117,7 @@ def run(argv: list[str]) -> int:
           f"pays after {compile_s / (saved / 1000) if saved > 0 else float('inf'):,.0f} steps")
     print(f"rule's estimates: saved {compile_rule.saved_ms_per_step(case):.2f} ms/step, "
           f"compile {compile_rule.compile_seconds(case.n_layer):.1f} s "
-          f"(activations {case.activations:,.0f} per step, {case.n_layer} layers x {case.micro_steps} micro-batches)")
+          f"(width work {case.width_work:,.0f} per step, {case.n_layer} layers x {case.micro_steps} micro-batches)")
     return 0
 
 

@@ -39,7 +39,7 @@ def test_rule_decisions_at_a_few_points():
     # the debug preset's tiny model never repays a compile in any run the tests make
     assert not decide(None, _cpu_case(1000, "debug", world=1)).on
     # CUDA compiles; an explicit setting always wins; what cannot compile stays eager under auto
-    cuda = CompileCase("cuda", steps=10, n_layer=2, micro_steps=1, activations=1.0)
+    cuda = CompileCase("cuda", steps=10, n_layer=2, micro_steps=1, width_work=1.0)
     assert decide(None, cuda).on and decide(False, _cpu_case(80_000)).reason == "false (set)"
     assert decide(True, _cpu_case(10)).on
     refused = CompileCase("cpu", 10**9, 4, 1, 1e9, refused="no C++ compiler for inductor's CPU kernels")

@@ -1,8 +1,8 @@
 """When `train.compile=auto` compiles: a pure rule from the run's length and shape, with its numbers.
 
-    case = CompileCase(device="cpu", steps=800, n_layer=4, micro_steps=1, activations=..., threads=1)
+    case = CompileCase(device="cpu", steps=800, n_layer=4, micro_steps=1, width_work=..., threads=1)
     choice = decide(None, case)     # train.compile=auto, a fresh run
-    choice.on, choice.reason        # False, "auto -> off (800 steps x ~38 ms saved <= 2 x ~44 s compile)"
+    choice.on, choice.reason        # False, "auto -> off (800 steps x ~39 ms saved <= 2 x ~44 s compile)"
 
 An explicit true/false always wins. A resumed run keeps the choice its checkpoint recorded
 (`recorded`), so training longer never switches compile mid-run; a checkpoint written before the
@@ -16,14 +16,15 @@ compiles on CPU"), and the rule is the simplest that fits them:
 
     compile_s  ~ COMPILE_S + COMPILE_S_PER_LAYER x n_layer              (a cold inductor cache)
     saved_ms   ~ SAVED_MS_PER_LAYER_PASS x n_layer x micro_steps         (every model)
-               + SAVED_NS_PER_ACTIVATION x activations / threads / 1e6   (composite models only)
+               + SAVED_NS_PER_WIDTH_WORK x width_work / threads / 1e6    (composite models only)
     on when      steps x saved_ms / 1000 > MARGIN x compile_s
 
 The saving has two parts. A block's forward and backward run dozens of small operators, and a
 compiled block a few fused kernels instead: a fixed time per block per micro-batch (`micro_steps`:
-this rank's micro-batches per step), which dominates tiny models. And inductor fuses elementwise
-work, which saves memory traffic in proportion to the activations a step writes (`activations` =
-tokens per rank per step x n_layer x n_embd), not to its matmul FLOPs. That second part is large
+this rank's micro-batches per step), which dominates tiny models. And a share of the step's
+work proper: `width_work` = tokens per rank per step x n_layer x n_embd², the shape of the matmul
+FLOPs (a quarter of the modern step at 128 and at 256 wide, at 4 and 8 blocks; a term linear in
+n_embd, as elementwise work alone would be, was off by 2x at 256 wide). That second part is large
 only where the norms, positions or MLP run eagerly as several operators each (RMSNorm, rotary
 positions, QK-norm, ReLU²: "composite", the modern recipe, which compile made 24% faster); the
 classic recipe's LayerNorm and GELU are single operators already, and its measured saving (4%) is
@@ -46,17 +47,17 @@ import torch
 COMPILE_S = 36.0                 # seconds of compile at any depth (dynamo, AOT autograd, inductor, g++ start-up)
 COMPILE_S_PER_LAYER = 2.0        # seconds per transformer block (4 blocks: 44 s, 8 blocks: 52 s)
 SAVED_MS_PER_LAYER_PASS = 1.4    # ms saved per block per micro-batch, forward + backward (operator overhead)
-SAVED_NS_PER_ACTIVATION = 31.0   # ns saved per activation element per step at one thread (composite models)
+SAVED_NS_PER_WIDTH_WORK = 0.25   # ns saved per token x layer x n_embd² per step at one thread (composite models)
 MARGIN = 2.0                     # compile only when the saving is at least twice the compile time
 
 HELP = ("torch.compile the model: true | false | auto (unset: on for CUDA; on CPU only when the run is long "
         f"enough to repay compiling: steps x saved > {MARGIN:g} x compile, with saved ~{SAVED_MS_PER_LAYER_PASS:g} ms "
-        f"x n_layer x micro-batches per rank per step + {SAVED_NS_PER_ACTIVATION:g} ns x tokens per rank per step x "
-        "n_layer x n_embd / threads, and compile ~"
+        f"x n_layer x micro-batches per rank per step + {SAVED_NS_PER_WIDTH_WORK:g} ns x tokens per rank per step x "
+        "n_layer x n_embd² / threads for models with RMSNorm, rotary, QK-norm or ReLU², and compile ~"
         f"{COMPILE_S:g} + {COMPILE_S_PER_LAYER:g} x n_layer s (a cold inductor cache), as measured on a 2-core "
         "AMD EPYC, see docs/PERFORMANCE.md; a resumed run keeps the choice its checkpoint recorded; off where "
-        "compiling cannot work: no dynamo for this Python, no C++ compiler on CPU, no Triton on CUDA). The start-up log says "
-        "what auto decided and why")
+        "compiling cannot work: no dynamo for this Python, no C++ compiler on CPU, no Triton on CUDA). "
+        "The start-up log says what auto decided and why")
 
 
 @dataclass(frozen=True)
@@ -67,8 +68,8 @@ class CompileCase:
     steps: int             # optimizer steps the run will take
     n_layer: int
     micro_steps: int       # this rank's micro-batches per optimizer step (gradient accumulation)
-    activations: float     # tokens per rank per step x n_layer x n_embd
-    composite: bool = True  # RMSNorm, rotary, QK-norm or ReLU²: elementwise work compile fuses
+    width_work: float      # tokens per rank per step x n_layer x n_embd²
+    composite: bool = True  # RMSNorm, rotary, QK-norm or ReLU² (several eager operators each): both parts saved
     threads: int = 1       # CPU threads per rank
     refused: str | None = None  # why compiling cannot work here (`refusal`), or None
 
@@ -89,7 +90,7 @@ def saved_ms_per_step(case: CompileCase) -> float:
     overhead = SAVED_MS_PER_LAYER_PASS * case.n_layer * case.micro_steps
     if not case.composite:
         return overhead
-    return overhead + SAVED_NS_PER_ACTIVATION * case.activations / max(1, case.threads) / 1e6
+    return overhead + SAVED_NS_PER_WIDTH_WORK * case.width_work / max(1, case.threads) / 1e6
 
 
 def decide(setting: bool | None, case: CompileCase, recorded: bool | None = None,

@@ -41,7 +41,7 @@ def compile_case(cfg, world_size: int, device: str, threads: int, refused: str |
     tokens = tc.global_batch // world_size * m.block_size  # per rank per step
     micro_steps = max(1, tc.global_batch // (tc.micro_batch * world_size))
     return CompileCase(device=device, steps=tc.steps, n_layer=m.n_layer, micro_steps=micro_steps,
-                       activations=float(tokens * m.n_layer * m.n_embd), threads=threads, refused=refused,
+                       width_work=float(tokens * m.n_layer * m.n_embd ** 2), threads=threads, refused=refused,
                        composite=m.norm == "rmsnorm" or m.positions == "rope" or m.qk_norm or m.mlp == "relu2")
 
 
