@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import os
 import resource
+import shutil
 import statistics
 import sys
 import tempfile
@@ -118,6 +119,8 @@ def run(argv: list[str]) -> int:
     print(f"rule's estimates: saved {compile_rule.saved_ms_per_step(case):.2f} ms/step, "
           f"compile {compile_rule.compile_seconds(case.n_layer):.1f} s "
           f"(width work {case.width_work:,.0f} per step, {case.n_layer} layers x {case.micro_steps} micro-batches)")
+    if not args.warm_cache:
+        shutil.rmtree(cache, ignore_errors=True)  # the cold cache this run made (a named one is the user's)
     return 0
 
 
