@@ -68,7 +68,8 @@ EVAL_INTERVAL = 200
 SHAPE = ["--model.n_layer=4", "--model.n_head=4", "--model.n_embd=128", "--model.block_size=64",
          "--model.dropout=0", "--model.vocab_size=0", "--train.global_batch=12", "--train.micro_batch=12"]
 # Logging every step gives every step's time; the console line is off the timed path.
-COMMON = ["--preset", "cpu", "--log.interval=1", "--log.tensorboard=false",
+# Eager, as every recorded sweep was run (train.compile=auto would compile runs long enough to repay it).
+COMMON = ["--preset", "cpu", "--log.interval=1", "--log.tensorboard=false", "--train.compile=false",
           "--eval.max_blocks=none", "--eval.batch_size=64", "--eval.sample_tokens=0", "--checkpoint.interval=0"]
 CORPORA = ("stdlib", "prose")
 

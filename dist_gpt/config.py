@@ -36,6 +36,7 @@ from .memory import dry_run_report
 from .metrics import LogConfig
 from .model.gpt import GPTConfig
 from .optim.optimizers import OptimConfig
+from .parallel import compile_rule
 from .parallel.dist import ParallelConfig
 from .presets import PRESETS, preset_overrides
 
@@ -77,7 +78,7 @@ class TrainConfig:
     global_batch: int = field(default=32, metadata={"help": "sequences per optimizer step summed over all ranks; gradient accumulation = global_batch / (micro_batch × world size)"})
     micro_batch: int = field(default=16, metadata={"help": "sequences per rank per forward pass"})
     precision: str = field(default="auto", metadata={"help": "auto | fp32 | bf16 | fp16 (auto: bf16 autocast on GPU and on CPUs with native bf16, else fp32)"})
-    compile: bool | None = field(default=None, metadata={"help": "torch.compile the model: true | false | auto (unset: on for CUDA; off on CPU, where it measured 13 s of compile for 7.7% per step, see docs/PERFORMANCE.md)"})
+    compile: bool | None = field(default=None, metadata={"help": compile_rule.HELP})
     fp8: bool = field(default=False, metadata={"help": "train the blocks' linear layers in FP8 (torchao float8, tensorwise scaling; embeddings and head stay bf16): needs torchao (pip install 'dist_gpt[fp8]'), train.precision bf16 and a GPU of compute capability 8.9+ (H100, L4, RTX 4090); see dist_gpt/parallel/fp8.py"})
     seed: int = field(default=1337, metadata={"help": "seed of initialisation, data order and dropout"})
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda"})

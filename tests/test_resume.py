@@ -256,7 +256,8 @@ def test_usr1_to_the_process_group_of_plain_torchrun_saves_when_its_agent_dies(t
 
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "dist_gpt.train",
-           *_args(tiny_data, run, "--train.steps=1000000", "--eval.interval=0", "--log.interval=1000")]
+           *_args(tiny_data, run, "--train.steps=1000000", "--eval.interval=0", "--log.interval=1000",
+                  "--train.compile=false")]  # auto would compile a run this long (compile_rule.py): not tested here
     proc = subprocess.Popen(cmd, env=_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     # run.json is written by rank 0 once every rank joined the process group.

@@ -9,7 +9,8 @@ other two; see `trainer.build`), each with `state_dict()` / `load_state_dict()`:
 
 What may change on resume: train.steps (to train longer), train.micro_batch and the world size (the
 global batch stays, so the data stream is identical), the parallel layout (parallel.data: ddp, fsdp,
-hsdp; DCP reshards), precision, compile, fp8, device, threads, timeouts, the NaN and spike policies and every
+hsdp; DCP reshards), precision, compile (explicitly: auto keeps the train.compile the saved config
+recorded, training/compile_choice.py), fp8, device, threads, timeouts, the NaN and spike policies and every
 eval/checkpoint/log setting. What may not: the model's shape, the dataset,
 the seed and the global batch; changing optimizer settings is allowed but named in the log.
 """

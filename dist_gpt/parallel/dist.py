@@ -224,9 +224,9 @@ def device_mesh(env: DistEnv, cfg: ParallelConfig):
 
 
 def use_compile(setting: bool | None, device: torch.device) -> bool:
-    """train.compile, with auto (None) decided: on for CUDA; off on CPU, where compiling the 4 x 4 x 128
-    model took 13 s and gained 7.7% per step, so it pays only after ~7,900 steps (docs/PERFORMANCE.md).
-    An explicit true/false always wins."""
+    """train.compile with auto (None) decided as before the run-length rule: on for CUDA, off on CPU.
+    The trainer decides with `compile_rule.decide` (which compiles long CPU runs too); this is how
+    auto resumes a checkpoint written before the choice was recorded. An explicit true/false wins."""
     return device.type == "cuda" if setting is None else setting
 
 

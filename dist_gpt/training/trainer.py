@@ -50,6 +50,7 @@ from dist_gpt.optim.optimizers import LRSchedule, build_optimizers, clip_grad_no
 from dist_gpt.parallel import dist, fp8
 from dist_gpt.parallel.precision import Precision
 
+from .compile_choice import choose_compile
 from .evaluator import Evaluator, SourceBlocks
 from .faults import FaultGuard, Verdict
 from .profiler import StepProfiler
@@ -223,6 +224,8 @@ def build(cfg, env: dist.DistEnv, stop: StopSignals, log: QuietLogger | None = N
     data = open_dataset(cfg, env)
     cfg.model = resolve_model_config(init.model_config(cfg.model, data) if init else cfg.model, data)
     precision = Precision(tc.precision, env.device)
+    compiling = choose_compile(cfg, env)  # auto decided (or kept as the resumed checkpoint recorded)
+    tc.compile = compiling.on             # resolved: the checkpoint's config records what the run compiles with
     model, fwd_model, train_model = build_model(cfg, env, precision.name)
     optimizers = build_optimizers(model, cfg.optim, env.device, exact=precision.name == "fp32",
                                   process_group=dist.replica_group(env, cfg.parallel))
@@ -231,6 +234,7 @@ def build(cfg, env: dist.DistEnv, stop: StopSignals, log: QuietLogger | None = N
     throughput = Throughput.of(cfg.log, env, precision.name, tc.global_batch * cfg.model.block_size,
                                model.flops_per_token())
     log = log or make_logger(cfg.run_dir, cfg.log, env.is_main, tc.steps, throughput)
+    log.print(f"compile: {compiling.reason}")
     state = RunState()
     vals = val_blocks(cfg, env, data)
     val = SourceBlocks(vals, data.eval_weights) if cfg.data.mix else next(iter(vals.values()))
