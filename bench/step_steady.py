@@ -15,9 +15,12 @@ side alike, and records every step's wall time (`Trainer.step()`, as the trainin
 perf/step_time_ms measures it on a log step).
 
 Per side it prints the median step, p90/median and p99/median (how steady), the minor page faults
-and involuntary context switches per step (getrusage, per chunk), the modern/classic ratio (the
-median over rounds of the ratio of the chunks' medians) and a histogram of step time over the median.
-Then the modern step of each precision, over `--breakdown` further steps with timers on: forward (the
+and involuntary context switches per step (getrusage, per chunk), the median and p90/median of the
+step's CPU time (the process's, all threads: time-slicing with other processes leaves it alone,
+extra work raises it, so the two tell a busy machine from a slower step), the modern/classic ratio
+(the median over rounds of the ratio of the chunks' medians; in wall and in CPU time) and a
+histogram of step time over the median. Then the modern step of each precision, in CPU time (on an
+idle machine and one thread, the wall time), over `--breakdown` further steps with timers on: forward (the
 model's forward hooks), backward (forward's end to the last gradient accumulated), Newton-Schulz
 (Muon's orthogonalisation), the rest of the optimizers (AdamW, Muon's momentum and update), and the
 rest of the step (data, the fault guard's agreement, clipping, zeroing the gradients); medians in ms.
@@ -56,6 +59,8 @@ class Track:
     recipe: str
     precision: str
     step_ms: list[float] = field(default_factory=list)
+    cpu_ms: list[float] = field(default_factory=list)  # the process's CPU time per step (time.process_time)
+    chunk_cpu_median: list[float] = field(default_factory=list)
     chunk_median: list[float] = field(default_factory=list)
     faults: int = 0            # minor page faults during the steady chunks
     switches: int = 0          # involuntary context switches during the steady chunks
@@ -64,14 +69,16 @@ class Track:
         before = resource.getrusage(resource.RUSAGE_SELF)
         times = []
         for _ in range(steps):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             self.side.step()
             times.append(1000 * (time.perf_counter() - t0))
+            self.cpu_ms.append(1000 * (time.process_time() - c0))
         after = resource.getrusage(resource.RUSAGE_SELF)
         self.faults += after.ru_minflt - before.ru_minflt
         self.switches += after.ru_nivcsw - before.ru_nivcsw
         self.step_ms += times
         self.chunk_median.append(statistics.median(times))
+        self.chunk_cpu_median.append(statistics.median(self.cpu_ms[-steps:]))
 
 
 def parse_args(argv: list[str]):
@@ -114,7 +121,9 @@ def histogram(step_ms: list[float]) -> str:
 
 
 class PhaseTimer:
-    """Wall time of one trainer's step phases, from hooks (CPU: every kernel runs synchronously).
+    """CPU time (time.process_time) of one trainer's step phases, from hooks (CPU: every kernel runs
+    synchronously, so a phase's kernels run between its hooks; on a busy machine wall time would
+    count the other processes' time slices too).
 
     forward: the trained model's forward hooks; backward: forward's end to the last gradient
     accumulated; optimizers: every optimizer's step hooks; newton_schulz: Muon's `_orthogonalise`
@@ -135,16 +144,16 @@ class PhaseTimer:
             opt._orthogonalise = self._timed(opt._orthogonalise)
 
     def _mark(self, name: str) -> None:
-        self.marks[name] = time.perf_counter()
+        self.marks[name] = time.process_time()
 
     def _add(self, key: str, start: str) -> None:
-        self.spent[key] += time.perf_counter() - self.marks[start]
+        self.spent[key] += time.process_time() - self.marks[start]
 
     def _timed(self, fn):
         def timed(*args, **kwargs):
-            t0 = time.perf_counter()
+            t0 = time.process_time()
             out = fn(*args, **kwargs)
-            self.spent["newton_schulz"] += time.perf_counter() - t0
+            self.spent["newton_schulz"] += time.process_time() - t0
             return out
         return timed
 
@@ -152,9 +161,9 @@ class PhaseTimer:
         """One timed step -> ms of forward, backward, newton_schulz, optimizer_rest, other."""
         self.marks.clear()
         self.spent = {"optimizers": 0.0, "newton_schulz": 0.0}
-        t0 = time.perf_counter()
+        t0 = time.process_time()
         side.step()
-        total = time.perf_counter() - t0
+        total = time.process_time() - t0
         fwd, bwd = self.marks["f1"] - self.marks["f0"], self.marks["b1"] - self.marks["f1"]
         ns, opt = self.spent["newton_schulz"], self.spent["optimizers"]
         parts = {"forward": fwd, "backward": bwd, "newton_schulz": ns, "optimizer_rest": opt - ns,
@@ -201,22 +210,26 @@ def measure(tracks: list[Track], args) -> None:
 
 def report(tracks: list[Track], args, say) -> None:
     say(f"{'side':<14} {'steps':>6} {'median ms':>10} {'p90/median':>11} {'p99/median':>11} {'max/median':>11} "
-        f"{'faults/step':>12} {'invol. cs/step':>15}")
+        f"{'faults/step':>12} {'invol. cs/step':>15} {'CPU ms':>7} {'CPU p90/med':>11}")
     for t in tracks:
         med, n = statistics.median(t.step_ms), len(t.step_ms)
         say(f"{t.side.name:<14} {n:>6} {med:>10.2f} {percentile(t.step_ms, 0.9) / med:>11.3f} "
             f"{percentile(t.step_ms, 0.99) / med:>11.3f} {max(t.step_ms) / med:>11.3f} {t.faults / n:>12.1f} "
-            f"{t.switches / n:>15.2f}")
+            f"{t.switches / n:>15.2f} {statistics.median(t.cpu_ms):>7.2f} "
+            f"{percentile(t.cpu_ms, 0.9) / statistics.median(t.cpu_ms):>11.3f}")
     for prec in dict.fromkeys(t.precision for t in tracks):
         classic, modern = (next(t for t in tracks if t.precision == prec and t.recipe == r) for r in RECIPES)
         ratios = [m / c for m, c in zip(modern.chunk_median, classic.chunk_median)]
+        cpu = [m / c for m, c in zip(modern.chunk_cpu_median, classic.chunk_cpu_median)]
         say(f"modern/classic {prec}: {statistics.median(ratios):.3f} (median of {len(ratios)} rounds' chunk-median "
-            f"ratios; min {min(ratios):.3f}, max {max(ratios):.3f})")
+            f"ratios; min {min(ratios):.3f}, max {max(ratios):.3f}); in CPU time {statistics.median(cpu):.3f}")
+    say("(wall time; CPU ms: the process's CPU time per step, which time-slicing with other processes "
+        "does not inflate and extra work, such as page faults or slow arithmetic, does)")
     say("step time / median (count of steps):")
     for t in tracks:
         say(f"  {t.side.name:<12} {histogram(t.step_ms)}")
     if args.breakdown:
-        say(f"modern step by phase, ms (median of {args.breakdown} steps with timers on):")
+        say(f"modern step by phase, CPU ms (median of {args.breakdown} steps with timers on):")
         for t in tracks:
             if t.recipe == "modern":
                 parts = breakdown(t, args.breakdown)
