@@ -19,8 +19,8 @@ and involuntary context switches per step (getrusage, per chunk), the median and
 step's CPU time (the process's, all threads: time-slicing with other processes leaves it alone,
 extra work raises it, so the two tell a busy machine from a slower step), the modern/classic ratio
 (the median over rounds of the ratio of the chunks' medians; in wall and in CPU time) and a
-histogram of step time over the median. Then the modern step of each precision, in CPU time (on an
-idle machine and one thread, the wall time), over `--breakdown` further steps with timers on: forward (the
+histogram of step time over the median. Then every side's step in CPU time (on an idle machine and
+one thread, the wall time), over `--breakdown` further steps with timers on: forward (the
 model's forward hooks), backward (forward's end to the last gradient accumulated), Newton-Schulz
 (Muon's orthogonalisation), the rest of the optimizers (AdamW, Muon's momentum and update), and the
 rest of the step (data, the fault guard's agreement, clipping, zeroing the gradients); medians in ms.
@@ -91,7 +91,7 @@ def parse_args(argv: list[str]):
     p.add_argument("--warmup", type=int, default=10, help="first steps of each side, not recorded (default 10)")
     p.add_argument("--chunk", type=int, default=20, help="steps per side per round (default 20)")
     p.add_argument("--breakdown", type=int, default=20,
-                   help="steps of each modern side timed phase by phase afterwards (default 20; 0 = none)")
+                   help="steps of each side timed phase by phase afterwards (default 20; 0 = none)")
     p.add_argument("--precisions", default="bf16,fp32", help="comma-separated train.precision values (default bf16,fp32)")
     args, rest = p.parse_known_args(argv)
     if args.steps < args.warmup + args.chunk or args.warmup < 1 or args.chunk < 1 or args.breakdown < 0:
@@ -229,11 +229,10 @@ def report(tracks: list[Track], args, say) -> None:
     for t in tracks:
         say(f"  {t.side.name:<12} {histogram(t.step_ms)}")
     if args.breakdown:
-        say(f"modern step by phase, CPU ms (median of {args.breakdown} steps with timers on):")
+        say(f"the step by phase, CPU ms (median of {args.breakdown} steps with timers on):")
         for t in tracks:
-            if t.recipe == "modern":
-                parts = breakdown(t, args.breakdown)
-                say(f"  {t.precision:<5} " + " | ".join(f"{k} {v:.2f}" for k, v in parts.items()))
+            parts = breakdown(t, args.breakdown)
+            say(f"  {t.side.name:<12} " + " | ".join(f"{k} {v:.2f}" for k, v in parts.items()))
 
 
 def run(argv: list[str]) -> int:
