@@ -92,7 +92,8 @@ def parse_args(argv: list[str]):
     p.add_argument("--chunk", type=int, default=20, help="steps per side per round (default 20)")
     p.add_argument("--breakdown", type=int, default=20,
                    help="steps of each side timed phase by phase afterwards (default 20; 0 = none)")
-    p.add_argument("--precisions", default="bf16,fp32", help="comma-separated train.precision values (default bf16,fp32)")
+    p.add_argument("--precisions", default="bf16,fp32",
+                   help="comma-separated train.precision values (default bf16,fp32)")
     args, rest = p.parse_known_args(argv)
     if args.steps < args.warmup + args.chunk or args.warmup < 1 or args.chunk < 1 or args.breakdown < 0:
         raise ConfigError(f"--steps={args.steps} must be at least --warmup={args.warmup} (>= 1) + --chunk={args.chunk} "
