@@ -10,6 +10,7 @@
     python -m bench.train_bench ... --profile runs/profile     # then: tensorboard --logdir runs/profile
     torchrun --standalone --nproc_per_node=2 -m bench.train_bench --preset debug --compare reference dist_gpt
     python -m bench.train_bench --preset gpt2-124m --data.path=data/stdlib       # one GPU, any local tokens
+    python -m bench.train_bench --modern-steady --steps 410 --chunk 20   # every step, classic vs modern (step_steady.py)
 
 Every `--section.key=value`, `--preset`, `--recipe` and `--config` means what it means to
 `python -m dist_gpt.train`; the rest are the benchmark's own (see --help). A dist_gpt side is the
@@ -223,6 +224,9 @@ def parse_args(argv: list[str]):
     p.add_argument("--compare", nargs=2, metavar=("A", "B"),
                    help="two sides: reference | dist_gpt | section.key=value[,section.key=value...]")
     p.add_argument("--profile", metavar="DIR", help="write a torch.profiler trace of 3 steps per side to DIR")
+    p.add_argument("--modern-steady", action="store_true",
+                   help="instead: every step's time of classic and modern at the cpu shape, one thread, bf16 and "
+                        "fp32, and the modern step by phase (bench/step_steady.py; its own --help)")
     p.add_argument("--eval-full", action="store_true",
                    help="after the steps, each side's loss over the whole validation split (fp32)")
     args, rest = p.parse_known_args(argv)
@@ -375,6 +379,10 @@ def describe_machine(env, cfg) -> str:
 
 
 def run(argv: list[str]) -> int:
+    if "--modern-steady" in argv:
+        from bench import step_steady  # start-up: step_steady builds on this module's sides
+
+        return step_steady.run(argv)
     args, cl = parse_args(argv)
     base = config_mod.build(cl.preset or "cpu", cl.config_file, cl.overrides)
     env = dist.init(base.train.device, base.train.timeout_s, base.train.threads, base.parallel.data)

@@ -73,6 +73,28 @@ def test_config_overrides_as_sides_and_a_clear_error(tiny_data):
     assert "Traceback" not in bad.stderr
 
 
+
+def test_modern_steady_records_every_step_and_splits_the_modern_step(tiny_data):
+    """`--modern-steady` at a tiny size: classic and modern at both pinned precisions, every step
+    recorded (2 rounds x 2 steps per side), the ratios, the histograms and each step's phases."""
+    out = run_train(["--modern-steady", "--preset", "debug", f"--data.path={tiny_data}", "--model.block_size=32",
+                     "--train.global_batch=4", "--train.micro_batch=4", "--steps", "5", "--warmup", "1",
+                     "--chunk", "2", "--breakdown", "2"], module=BENCH).stdout
+    assert "1 threads/rank" in out and "context 32" in out
+    for name in ("classic bf16", "modern bf16", "classic fp32", "modern fp32"):
+        row = next(line for line in out.splitlines() if line.startswith(name + " ")).split()
+        assert row[2] == "4" and float(row[3]) > 0 and float(row[4]) >= 1.0  # 4 steps; p90 >= the median
+        hist = next(line for line in out.splitlines() if re.match(rf"\s+{name}\s+<=0.9 ", line))
+        assert sum(int(n) for n in re.findall(r" (\d+)(?= \||$)", hist)) == 4  # every step in one bin
+    for prec in ("bf16", "fp32"):
+        assert re.search(rf"modern/classic {prec}: [\d.]+ \(median of 2 rounds", out)
+        for recipe in ("classic", "modern"):
+            phases = next(line for line in out.splitlines() if re.match(rf"\s+{recipe} {prec}\s+forward ", line))
+            ms = dict(re.findall(r"(\w+) ([\d.-]+)", phases))
+            assert set(ms) == {"forward", "backward", "newton_schulz", "optimizer_rest", "other", "total"}
+            assert float(ms["forward"]) > 0 and float(ms["backward"]) > 0
+            assert (float(ms["newton_schulz"]) > 0) == (recipe == "modern")  # Muon's only
+
 @pytest.mark.slow
 def test_two_processes_through_torchrun(tiny_data):
     out = run_train(["--preset", "debug", "--steps", "4", "--warmup", "1", "--chunk", "1",
