@@ -3,13 +3,14 @@
     torchrun --standalone --nproc_per_node=2 tests/checkpoint_worker.py save  ROOT OUT
     torchrun --standalone --nproc_per_node=2 tests/checkpoint_worker.py load  CKPT OUT
     torchrun --standalone --nproc_per_node=2 tests/checkpoint_worker.py crash ROOT OUT
-    python tests/checkpoint_worker.py crash-at {write|rename|done} ROOT
+    python tests/checkpoint_worker.py crash-at {write|rename|done} ROOT [async]
 
 save:  3 steps -> sync save at step 3; 2 more -> async save at step 5; rank 0 writes the live state
        after each save to OUT/expected_step<N>.pt (torch.save of tensors only).
 load:  load CKPT into a fresh model + AdamW; every rank writes OUT/loaded_rank<r>.pt.
 crash: save at step 1; rank 1 is SIGKILLed while it writes the step-2 checkpoint.
-crash-at: one process, saves step 1, then kills itself (SIGKILL) at the named point of the step-2 save.
+crash-at: one process, saves step 1, then kills itself (SIGKILL) at the named point of the step-2 save
+       (with `async`: both saves async, the kill in the background write of step 2).
 """
 
 from __future__ import annotations
@@ -108,14 +109,15 @@ def main() -> None:
             writer.ChecksummedFileSystemWriter.write_data = write_then_die
         ckpt.save(2)
     elif mode == "crash-at":
-        where, root = sys.argv[2], Path(sys.argv[3])
-        ckpt, note = make_checkpointer(root, CheckpointConfig(), state, {"step": 1}, rank, world)
+        where, root, use_async = sys.argv[2], Path(sys.argv[3]), sys.argv[4:] == ["async"]
+        ckpt, note = make_checkpointer(root, CheckpointConfig(async_save=use_async), state, {"step": 1}, rank, world)
         train_step(ddp, opt, 1, rank)
         ckpt.save(1)
         train_step(ddp, opt, 2, rank)
         inject_crash(where)
         note.value = {"step": 2}
         ckpt.save(2)
+        ckpt.wait()  # an async save is killed in its background thread
         raise SystemExit("the injected crash did not happen")
     if distributed:
         dist.barrier()
