@@ -25,6 +25,8 @@ a run. The jobs of a configuration run in rounds, the order of the modes reverse
 optimizer state change in place, as in training), then:
 
     blocking   the time `Checkpointer.save(step)` takes: what the training loop waits for
+    blockcpu   the CPU time the process spent in that call (all its threads): on a machine shared with
+               other jobs, what the call costs without the waiting for a core
     total      from the same start until the checkpoint is committed (`wait()` returned: DONE written)
     load       `Checkpointer.load` of the last checkpoint (`--loads` times; files in the page cache)
 
@@ -119,32 +121,33 @@ class Job:
         work()
         return self.slowest(time.perf_counter() - t0)
 
-    def save(self, step: int) -> tuple[float, float]:
-        """(blocking, total) of one save at `step`."""
+    def save(self, step: int) -> tuple[float, float, float]:
+        """(blocking, its CPU time, total) of one save at `step`."""
         self.note.value = {"step": step}
         dist.barrier()
-        t0 = time.perf_counter()
+        c0, t0 = time.process_time(), time.perf_counter()
         self.ckpt.save(step)
-        blocking = time.perf_counter() - t0
+        blocking, cpu = time.perf_counter() - t0, time.process_time() - c0
         self.ckpt.wait()
         total = time.perf_counter() - t0
-        return self.slowest(blocking), self.slowest(total)
+        return self.slowest(blocking), self.slowest(cpu), self.slowest(total)
 
 
 def worker(shape: str, layout: str, mode: str, saves: int, loads: int, out: Path) -> None:
     root = Path(os.environ["CKPT_BENCH_DIR"])
     job = Job(shape, layout, mode, root)
-    blocking, total = [], []
+    blocking, cpu, total = [], [], []
     for step in range(1, saves + 1):
         job.train_step(step)
-        b, t = job.save(step)
+        b, c, t = job.save(step)
         blocking.append(b)
+        cpu.append(c)
         total.append(t)
     latest = job.ckpt.latest()
     load = [job.timed(lambda: job.ckpt.load(latest)) for _ in range(loads)]
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
     if job.env.is_main:
-        out.write_text(json.dumps({"blocking": blocking, "total": total, "load": load, "peak_rss": peak,
+        out.write_text(json.dumps({"blocking": blocking, "blocking_cpu": cpu, "total": total, "load": load, "peak_rss": peak,
                                    "params": job.params, "threads": torch.get_num_threads()}))
     getattr(job.ckpt, "close", job.ckpt.wait)()  # --before code may predate close()
     dist.shutdown(0)
@@ -182,11 +185,12 @@ def _median(xs: list[float]) -> float:
 def report(config: str, label: str, records: list[dict]) -> None:
     first = _median([r["blocking"][0] for r in records])
     steady = [b for r in records for b in r["blocking"][1:]]
+    cpu = [c for r in records for c in r["blocking_cpu"][1:]]
     total = [t for r in records for t in r["total"][1:]] or [r["total"][0] for r in records]
     load = [x for r in records for x in r["load"]]
     peak = max(r["peak_rss"] for r in records) / 2**30
     print(f"{config:<12} {label:<20} {first:>8.3f} {_median(steady):>8.3f} {min(steady, default=float('nan')):>8.3f} "
-          f"{len(steady):>4} {_median(total):>8.2f} {_median(load):>8.2f} {peak:>9.2f}", flush=True)
+          f"{_median(cpu):>8.3f} {len(steady):>4} {_median(total):>8.2f} {_median(load):>8.2f} {peak:>9.2f}", flush=True)
 
 
 def main() -> None:
@@ -209,7 +213,7 @@ def main() -> None:
         sides += [(f"before:{m}", args.before.resolve(), m) for m in args.modes if m != "async-fresh"]
     print(f"checkpoint_bench: {machine()}; load average {load_average()} at the start; {args.saves} saves "
           f"and {args.loads} loads per job, {args.rounds} rounds; seconds, the slowest rank's", flush=True)
-    print(f"{'config':<12} {'mode':<20} {'block1st':>8} {'blockmed':>8} {'blockmin':>8} {'n':>4} {'total':>8} "
+    print(f"{'config':<12} {'mode':<20} {'block1st':>8} {'blockmed':>8} {'blockmin':>8} {'blockcpu':>8} {'n':>4} {'total':>8} "
           f"{'load':>8} {'peak GiB':>9}", flush=True)
     for config in args.configs:
         records: dict[str, list[dict]] = {label: [] for label, _, _ in sides}
@@ -218,6 +222,7 @@ def main() -> None:
                 records[label].append(run_job(config, mode, code, args))
                 rec = records[label][-1]
                 print(f"# {config} {label} round {r + 1}: blocking {' '.join(f'{b:.3f}' for b in rec['blocking'])}; "
+                      f"CPU {' '.join(f'{c:.3f}' for c in rec['blocking_cpu'])}; "
                       f"total {' '.join(f'{t:.2f}' for t in rec['total'])}; load {' '.join(f'{x:.2f}' for x in rec['load'])}; "
                       f"load average {load_average()}", file=sys.stderr, flush=True)
         for label, _, _ in sides:

@@ -201,9 +201,9 @@ def test_checkpoint_bench_prints_blocking_total_and_load(tmp_path):
     out = run_train(["--configs", "tiny:1:ddp", "--modes", "async", "--saves", "2", "--loads", "1",
                      "--rounds", "1", "--dir", str(tmp_path)], module="bench.checkpoint_bench").stdout
     header = next(line for line in out.splitlines() if line.startswith("config"))
-    assert header.split() == ["config", "mode", "block1st", "blockmed", "blockmin", "n", "total", "load", "peak", "GiB"]
+    assert header.split() == ["config", "mode", "block1st", "blockmed", "blockmin", "blockcpu", "n", "total", "load", "peak", "GiB"]
     rows = {line.split()[1]: line.split() for line in out.splitlines() if line.startswith("tiny:1:ddp")}
-    first, steady, fastest, n, total, load, peak = (float(v) for v in rows["async"][2:])
+    first, steady, fastest, cpu, n, total, load, peak = (float(v) for v in rows["async"][2:])
     assert set(rows) == {"async"} and n == 1 and total >= fastest
-    assert min(first, steady, fastest, total, load, peak) > 0
+    assert min(first, steady, fastest, cpu, total, load, peak) > 0
     assert list(tmp_path.iterdir()) == []  # every job's scratch checkpoints are gone
