@@ -216,3 +216,16 @@ def test_gpt2_track_reaches_its_target_over_two_seeds(tiny_data, tmp_path):
     assert "reached by 2 of 2 seeds" in out and "mean ± std over seeds" in out
     # seeds differ: their runs are not copies of one another
     assert runs[0]["val_loss"] != runs[1]["val_loss"]
+
+
+def test_checkpoint_bench_prints_blocking_total_and_load(tmp_path):
+    """bench.checkpoint_bench at the debug preset's size: one async job (sync differs by one option only)."""
+    out = run_train(["--configs", "tiny:1:ddp", "--modes", "async", "--saves", "2", "--loads", "1",
+                     "--rounds", "1", "--dir", str(tmp_path)], module="bench.checkpoint_bench").stdout
+    header = next(line for line in out.splitlines() if line.startswith("config"))
+    assert header.split() == ["config", "mode", "block1st", "blockmed", "blockmin", "blockcpu", "n", "total", "load", "peak", "GiB"]
+    rows = {line.split()[1]: line.split() for line in out.splitlines() if line.startswith("tiny:1:ddp")}
+    first, steady, fastest, cpu, n, total, load, peak = (float(v) for v in rows["async"][2:])
+    assert set(rows) == {"async"} and n == 1 and total >= fastest
+    assert min(first, steady, fastest, cpu, total, load, peak) > 0
+    assert list(tmp_path.iterdir()) == []  # every job's scratch checkpoints are gone

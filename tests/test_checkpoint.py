@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -61,6 +62,53 @@ def test_round_trip_is_exact_and_keys_are_plain(tmp_path, use_async):
     assert_same_state(flat_state(model2, opt2), flat_state(model3, opt3))
 
 
+def _staged_pointers(ckpt) -> dict[str, int]:
+    """{key: data_ptr} of the tensors of the async save's staged copy (its host buffers)."""
+    out = {}
+    def walk(prefix, node):
+        for k, v in node.items():
+            if isinstance(v, dict):
+                walk(f"{prefix}{k}.", v)
+            else:
+                out[prefix + k] = v.data_ptr()
+    walk("", ckpt.staging.staged)
+    return out
+
+
+def test_async_save_reuses_its_buffers_and_holds_exactly_its_step(tmp_path, monkeypatch):
+    """checkpoint.async_staging=reuse: the second save copies into the first one's buffers, yet each
+    checkpoint holds bitwise its own step's state although training went on while it was written."""
+    from dist_gpt.checkpoint import writer
+
+    release = threading.Event()
+    write_data = writer.ChecksummedFileSystemWriter.write_data
+
+    def held_write(self, plan, planner):  # the background write waits until training has moved on
+        assert release.wait(60)
+        return write_data(self, plan, planner)
+
+    monkeypatch.setattr(writer.ChecksummedFileSystemWriter, "write_data", held_write)
+    model, opt = trained(3)
+    ckpt, _ = make_checkpointer(tmp_path, CheckpointConfig(async_save=True), {"s": ModelOptimizerState(model, [opt])}, {})
+    ckpt.save(3)
+    expected = {3: flat_state(model, opt)}
+    first = _staged_pointers(ckpt)
+    for step in (4, 5):  # in place, while the step-3 write has not started reading its copy
+        train_step(model, opt, step, 0)
+    release.set()
+    ckpt.save(5)  # waits for step 3's write, then copies into the same buffers
+    expected[5] = flat_state(model, opt)
+    assert _staged_pointers(ckpt) == first and len(first) > 6  # the same buffers, not new ones
+    train_step(model, opt, 6, 0)
+    ckpt.close()
+    assert ckpt.staging is None
+    for step in (3, 5):
+        model2, opt2 = build()
+        reader, _ = make_checkpointer(tmp_path, CheckpointConfig(), {"s": ModelOptimizerState(model2, [opt2])})
+        reader.load(tmp_path / f"step_{step:07d}")
+        assert_same_state(flat_state(model2, opt2), expected[step])
+
+
 def test_scalar_optimizer_state_round_trips_as_tensor(tmp_path):
     model, _ = build()
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
@@ -114,17 +162,21 @@ def test_config_validation_names_the_key():
         CheckpointConfig(keep_last=-1)
     with pytest.raises(ConfigError, match="checkpoint.resume"):
         CheckpointConfig(resume="")
+    with pytest.raises(ConfigError, match="checkpoint.async_staging must be reuse or fresh, got 'pinned'"):
+        CheckpointConfig(async_staging="pinned")
 
 
-@pytest.mark.parametrize("where", ["write", "rename", "done"])
+@pytest.mark.parametrize("where", ["write", "rename", "done", "write async"])
 def test_crash_mid_save_keeps_previous_checkpoint(tmp_path, where):
-    """SIGKILL while writing data, before the rename, and between the rename and DONE."""
+    """SIGKILL while writing data, before the rename, and between the rename and DONE; and while an
+    async save's background thread writes (into reused staging buffers)."""
     root = tmp_path / "checkpoints"
-    proc = subprocess.run([sys.executable, str(WORKER), "crash-at", where, str(root)], capture_output=True,
+    point, *mode = where.split()
+    proc = subprocess.run([sys.executable, str(WORKER), "crash-at", point, str(root), *mode], capture_output=True,
                           text=True, timeout=120, env=_env())  # this checkout's dist_gpt, not an installed one
     assert proc.returncode == -9, proc.stderr  # killed, as injected
     leftovers = {p.name for p in root.iterdir()}
-    assert leftovers == {"step_0000001", ".tmp_step_0000002" if where != "done" else "step_0000002"}
+    assert leftovers == {"step_0000001", ".tmp_step_0000002" if point != "done" else "step_0000002"}
 
     model, opt = build()
     ckpt, note = make_checkpointer(root, CheckpointConfig(), {"model_optim": ModelOptimizerState(model, [opt])})

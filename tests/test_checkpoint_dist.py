@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -67,6 +68,16 @@ def test_one_rank_save_loads_on_two_ranks(tmp_path):
         loaded = torch.load(out / f"loaded_rank{rank}.pt", weights_only=True)
         assert int(loaded.pop("meta_step")) == 2
         assert_same(loaded, expected)
+
+
+def test_fsdp_async_saves_reuse_buffers_and_hold_their_steps(tmp_path):
+    """FSDP2 shards (DTensors) through the reused staging buffers: each checkpoint holds bitwise its
+    step's shards although training went on, and the second save copied into the first one's buffers."""
+    proc = torchrun("fsdp-async", str(tmp_path / "checkpoints"), str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for rank in (0, 1):
+        assert json.loads((tmp_path / f"fsdp_rank{rank}.json").read_text()) == {"same": {"2": True, "4": True},
+                                                                                "reused": True}
 
 
 def test_rank_killed_mid_save_leaves_previous_checkpoint(tmp_path):

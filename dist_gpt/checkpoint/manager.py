@@ -9,6 +9,7 @@
     ckpt.save(step)           # at the end, or on a stop signal
     ckpt.rollback()           # the NaN policy: reload the latest complete checkpoint
     ckpt.wait()               # before exit
+    ckpt.close()              # wait, and free the async saves' staging buffers
 
 Every object handed over has `state_dict()` / `load_state_dict()`. The tensor states go through DCP
 (tensors only); the JSON states go into meta.json, one key per state, in the order given, which is
@@ -23,7 +24,9 @@ A save, on every rank (it is collective):
   3. rank 0 commits: merges the checksums into the manifest, renames `.tmp_step_N/` to `step_N/`,
      writes DONE last (fsync'd), then applies retention; barrier.
 With async_save, step 2 runs in a background thread after the state was copied (training blocks
-only for the copy) and rank 0 commits as soon as it completes; `wait()` joins it.
+only for the copy) and rank 0 commits as soon as it completes; `wait()` joins it. The copy goes
+into host buffers made by the first async save and reused by every later one
+(checkpoint.async_staging=reuse, staging.py); `close()` frees them.
 
 Works in a world of 1 without any process group, and under torchrun on any number of ranks; a
 checkpoint saved on W ranks loads on any other number (DDP state is replicated).
@@ -66,6 +69,7 @@ from .layout import (
 from .loading import load_tensors, single_process_quiet, unwrap_dcp_error
 from .planners import TensorOnlySavePlanner
 from .retention import apply_retention, resolve_checkpoint
+from .staging import ReusedStaging, reuse_supported
 from .writer import ChecksummedFileSystemWriter, disk_full
 
 
@@ -104,6 +108,7 @@ class Checkpointer:
         self._pending: _Pending | None = None
         self._async_group = None
         self._last_saved: tuple[int, Path] | None = None
+        self.staging: ReusedStaging | None = None  # async saves' host buffers, made by the first one
 
     # -- when ---------------------------------------------------------------------------------
     def maybe_save(self, step: int) -> Path | None:
@@ -132,6 +137,7 @@ class Checkpointer:
         self._agree(self._on_rank0(lambda: self._prepare(tmp, meta_text), f"could not create {tmp}"))
         writer = ChecksummedFileSystemWriter(tmp)
         writer.keep_last = self.cfg.keep_last
+        writer.stager = self._reused_staging()
         no_dist = not _distributed()
         try:
             if self.cfg.async_save:
@@ -230,6 +236,22 @@ class Checkpointer:
                 pending.committed = True
             except OSError as e:
                 pending.error = CheckpointError(f"could not commit {pending.final}: {e}")
+
+    def _reused_staging(self) -> ReusedStaging | None:
+        """The host buffers async saves copy into (checkpoint.async_staging=reuse), kept for the run.
+        Reused only after the previous save's write has finished: save() waits for it first."""
+        if not (self.cfg.async_save and self.cfg.async_staging == "reuse" and reuse_supported()):
+            return None
+        if self.staging is None:
+            self.staging = ReusedStaging()
+        return self.staging
+
+    def close(self) -> None:
+        """Finish an in-flight save and free the staging buffers (a later async save makes new ones)."""
+        self.wait()
+        if self.staging is not None:
+            self.staging.close()
+            self.staging = None
 
     def _async_process_group(self):
         """A gloo group of its own: the background thread's collectives must never interleave with

@@ -83,6 +83,15 @@ class _PrefixAndTotal(_StoragePrefix):
 
 class ChecksummedFileSystemWriter(FileSystemWriter):
     keep_last: int | None = None  # the run's checkpoint.keep_last, for a full disk's message
+    stager = None  # a ReusedStaging (checkpoint.async_staging=reuse), kept by the Checkpointer across saves
+
+    def stage(self, state_dict):
+        """dcp.async_save's copy of the state (this writer is its stager): into the reused buffers when
+        a stager is set, else DCP's fresh copy (allocated per save)."""
+        if self.stager is None:
+            return super().stage(state_dict)
+        self.per_thread_copy_ahead = 0  # as FileSystemWriter.stage: the copy is on the host already
+        return self.stager.stage(state_dict)
 
     def prepare_global_plan(self, plans):
         """On the coordinator, with every rank's plan (replicated tensors already given to one rank):
