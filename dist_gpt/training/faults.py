@@ -108,6 +108,8 @@ class FaultGuard:
         *flags, nonfinite, self.loss_sum, norm = agreed.tolist()  # the step's one host-device synchronisation
         code = max((c for c, flag in zip(CODE_TO_NAME, flags) if flag), default=0)
         self.stopped_by = CODE_TO_NAME[code] if code else self.stopped_by
+        if code == AGENT_LOST:  # a rank whose beat above ran just before the agent exited learns it here:
+            self.heartbeat.beat(self.state.step, phase=1)  # every rank says once that the agent is gone
         if nonfinite:
             return self._nonfinite(position)
         if self.spikes.on and grad_norm is not None:
