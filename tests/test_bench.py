@@ -229,3 +229,27 @@ def test_checkpoint_bench_prints_blocking_total_and_load(tmp_path):
     assert set(rows) == {"async"} and n == 1 and total >= fastest
     assert min(first, steady, fastest, cpu, total, load, peak) > 0
     assert list(tmp_path.iterdir()) == []  # every job's scratch checkpoints are gone
+
+
+def test_fsdp_breakdown_counts_each_microsecond_once(tmp_path):
+    """bench.fsdp_breakdown on a hand-made two-step trace: a copy inside an all-gather inside forward
+    counts as copy, the all-gather's own time as waiting, the rest of forward as compute; gloo's
+    worker thread is summed apart."""
+    events = [  # main thread 1, gloo thread 2; microseconds
+        {"ph": "X", "tid": 1, "name": "forward", "ts": 0, "dur": 1000000},
+        {"ph": "X", "tid": 1, "name": "FSDP::all_gather (blocks.0)", "ts": 100000, "dur": 300000},
+        {"ph": "X", "tid": 1, "name": "fsdp::all_gather_copy_in", "ts": 120000, "dur": 50000},
+        {"ph": "X", "tid": 1, "name": "aten::mm", "ts": 500000, "dur": 200000},
+        {"ph": "X", "tid": 1, "name": "optimizer", "ts": 1000000, "dur": 400000},
+        {"ph": "X", "tid": 2, "name": "gloo:all_gather", "ts": 130000, "dur": 240000},
+    ]
+    folder = tmp_path / "run" / "profile" / "steps3-5"
+    folder.mkdir(parents=True)
+    (folder / "rank0.pt.trace.json").write_text(json.dumps({"traceEvents": events}))
+    out = subprocess.run([sys.executable, "-m", "bench.fsdp_breakdown", str(folder)], cwd=REPO, env=_env(),
+                         capture_output=True, text=True, check=True).stdout
+    rows = {line.rsplit(None, 1)[0].strip(): float(line.rsplit(None, 1)[1]) for line in out.splitlines()[1:]}
+    # per step (2 profiled steps), in ms
+    assert rows["all-gather copy-in"] == 25.0 and rows["all-gather (issue + wait)"] == 125.0
+    assert rows["forward compute"] == 350.0 and rows["optimizer"] == 200.0 and rows["total"] == 700.0
+    assert rows["gloo threads (beside main)"] == 120.0
