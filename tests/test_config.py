@@ -30,7 +30,9 @@ def test_space_separated_values_aliases_and_bool_flags():
     assert cfg.train.init_from == "x.safetensors"
 
 
-def test_compile_defaults_to_auto_on_gpu_only():
+def test_compile_defaults_to_auto_and_unrecorded_auto_resumes_as_before():
+    """auto is the default; `use_compile` is how auto resumes a checkpoint written before the choice was
+    recorded: on for CUDA, off on CPU (new runs decide with compile_rule, tests/test_compile_auto.py)."""
     import torch
     from dist_gpt.parallel.dist import use_compile
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
