@@ -83,7 +83,7 @@ def train(t: Trainer, run_dir) -> int:
     # 3. a stop signal: every rank saves, rank 0 leaves the requeue marker for the launchers
     if t.guard.stopped_by:
         path = t.checkpointer.save(t.state.step)
-        t.checkpointer.wait()
+        t.checkpointer.close()  # waits for the write; frees the async saves' staging buffers
         t.guard.leave_marker(run_dir, t.state.step, path)
         return 0
 
@@ -91,7 +91,7 @@ def train(t: Trainer, run_dir) -> int:
     #    for the run now finished, so it goes (a launcher that finds one would resubmit a finished job)
     t.evaluator.maybe_run(t.state.step, final=True)
     path = t.checkpointer.save(t.state.step)
-    t.checkpointer.wait()
+    t.checkpointer.close()  # waits for the write; frees the async saves' staging buffers
     write_final(run_dir, t, path)
     t.guard.remove_marker(run_dir)
     return 0
