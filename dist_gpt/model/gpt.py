@@ -289,15 +289,15 @@ class CausalSelfAttention(nn.Module):
 
         RMSNorm takes one call for both, its weights stacked per head ((H+K, D): q_norm's H times, then
         k_norm's K times, whose gradients autograd sums back into the two (D,) parameters), fused with
-        the rotation when there is one; a LayerNorm, with its bias, keeps one call each. On CPU the
-        result stays fp32 under bf16 autocast: `attention` computes in fp32 there anyway."""
+        the rotation when there is one; a LayerNorm, with its bias, keeps one call each. On CPU a bf16
+        result stays fp32: `attention` computes bf16 in fp32 there anyway."""
         H, K = self.n_head, self.n_kv_head
         if self.qk_norm and self.q_norm.kind == "rmsnorm":
             D = self.head_dim
             weight = torch.cat((self.q_norm.weight.expand(H, D), self.k_norm.weight.expand(K, D)))
             if rope is None:
                 return rms_norm(qk, weight, self.q_norm.eps)
-            out_dtype = torch.float32 if qk.device.type == "cpu" else qk.dtype
+            out_dtype = torch.float32 if qk.device.type == "cpu" and qk.dtype == torch.bfloat16 else qk.dtype
             return norm_rotary(qk, weight, self.q_norm.eps, rope, out_dtype)
         if self.qk_norm:
             q, k = qk.split([H, K], dim=2)
