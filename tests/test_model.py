@@ -459,3 +459,39 @@ def test_too_long_input_and_bad_sampling_arguments_are_refused():
     for kw, msg in [(dict(temperature=-1.0), "temperature"), (dict(top_k=0), "top_k"), (dict(top_p=0.0), "top_p")]:
         with pytest.raises(ConfigError, match=msg):
             model.generate(prompt, 2, **kw)
+
+
+def test_fused_modern_ops_are_their_composite_definitions():
+    """dist_gpt.model.fused_ops (RMSNorm, rotary positions, both at once, ReLU²) against the plain torch
+    definitions, forward and the hand-written backwards against autograd's, in fp32; a bf16 input
+    comes back in bf16 (or in the dtype asked for)."""
+    from dist_gpt.model.fused_ops import norm_rotary, relu_squared, rms_norm, rotary, rotary_tables
+
+    torch.manual_seed(0)
+    B, L, H, D = 3, 5, 6, 8
+    x = torch.randn(B, L, H, D, requires_grad=True)  # (B, T, heads, D)
+    per_head, shared = torch.randn(H, D, requires_grad=True), torch.randn(D, requires_grad=True)
+    cos, sin = rotary_tables(torch.arange(L), D, 10000.0)  # (T, 1, D): [cos | cos], [-sin | sin]
+
+    def norm(t, w):
+        return F.rms_norm(t, (D,), None, eps=1e-6) * w
+
+    def rope(t):  # the half-split rotation, written out
+        t1, t2, c, s = *t.chunk(2, -1), cos[..., : D // 2], sin[..., D // 2:]
+        return torch.cat((t1 * c - t2 * s, t2 * c + t1 * s), -1)
+
+    cases = [(rms_norm(x, per_head, 1e-6), norm(x, per_head)), (rms_norm(x, shared, 1e-6), norm(x, shared)),
+             (rotary(x, cos, sin), rope(x)), (relu_squared(x), F.relu(x) ** 2),
+             (norm_rotary(x, per_head, 1e-6, (cos, sin), torch.float32), rope(norm(x, per_head)))]
+    grad_out = torch.randn(B, L, H, D)
+    for got, want in cases:
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+        inputs = (x, per_head, shared)
+        for a, b in zip(torch.autograd.grad(got, inputs, grad_out, allow_unused=True),
+                        torch.autograd.grad(want, inputs, grad_out, allow_unused=True)):
+            assert (a is None) == (b is None)
+            if a is not None:
+                torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    low = x.detach().bfloat16()
+    assert rms_norm(low, shared, 1e-6).dtype == rotary(low, cos, sin).dtype == torch.bfloat16
+    assert norm_rotary(low, per_head, 1e-6, (cos, sin), torch.float32).dtype == torch.float32

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from dist_gpt.model import doc_mask
+from dist_gpt.model.fused_ops import norm_rotary, relu_squared, rms_norm, rotary, rotary_tables
 from dist_gpt.errors import ConfigError
 
 NORMS = ("layernorm", "rmsnorm")
@@ -169,27 +170,21 @@ class Norm(nn.Module):
         # must leave in bf16 for the flash kernels; the residual stream stays fp32 anyway
         if self.kind == "layernorm":
             y = F.layer_norm(x.float(), self.weight.shape, self.weight, self.bias, eps=self.eps)
-        else:
-            y = F.rms_norm(x.float(), self.weight.shape, self.weight, eps=self.eps)
-        return y.type_as(x)
+            return y.type_as(x)
+        return rms_norm(x, self.weight, self.eps)  # fused_ops: F.rms_norm's function, fewer kernels
 
 
 def rope_tables(pos: torch.Tensor, head_dim: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin, each (T, D/2) in fp32, of the rotation angles pos * base^(-2i/D).
-
-    Computed per call, not kept in buffers: they cost T*D/2 flops, stay fp32 when the model is cast
-    to bf16, and a model built on the meta device needs nothing re-initialised."""
-    inv_freq = base ** (-torch.arange(0, head_dim, 2, device=pos.device, dtype=torch.float32) / head_dim)
-    angles = pos.float()[:, None] * inv_freq[None, :]  # (T, D/2)
-    return angles.cos(), angles.sin()
+    """cos and sin, each (T, D/2) in fp32, of the rotation angles pos * base^(-2i/D) (for apply_rope;
+    the model itself takes fused_ops.rotary_tables' full-width ones)."""
+    cos, sin = rotary_tables(pos, head_dim, base)  # (T, 1, D) each: [cos | cos], [-sin | sin]
+    return cos[:, 0, : head_dim // 2], sin[:, 0, head_dim // 2:]
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate channel pairs (i, i + D/2) of x (B, nh, T, D) by the angles of its positions
-    (the "half-split" GPT-NeoX / LLaMA layout), in fp32."""
-    x1, x2 = x.float().chunk(2, dim=-1)  # (B, nh, T, D/2) each
-    out = torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
-    return out.type_as(x)
+    (the "half-split" GPT-NeoX / LLaMA layout), in fp32: x1*cos - x2*sin, x2*cos + x1*sin."""
+    return rotary(x, torch.cat((cos, cos), -1), torch.cat((-sin, sin), -1))
 
 
 class KVCache:
@@ -230,8 +225,9 @@ def attention(q, k, v, **kwargs):
     in fp32: torch's CPU flash-attention forward + backward is up to 4x slower in bf16 at small
     training shapes (12 x 4 heads x 64 x 32, one core: 7.0 ms vs 1.8 ms per layer) and no faster at
     16 x 6 x 256 x 64 (88 vs 84 ms); only from context 1024 does bf16 win (188 vs 227 ms). The inputs
-    are bf16 values already, so fp32 only computes with them more exactly."""
-    if q.device.type == "cpu" and q.dtype == torch.bfloat16:
+    are bf16 values already, so fp32 only computes with them more exactly. (Under QK-norm or rotary
+    positions, queries and keys arrive in fp32 already and only the values are bf16.)"""
+    if q.device.type == "cpu" and torch.bfloat16 in (q.dtype, v.dtype):
         with torch.autocast("cpu", enabled=False):
             y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), **kwargs)
         return y.to(torch.bfloat16)
@@ -257,14 +253,12 @@ class CausalSelfAttention(nn.Module):
         """mask: None (causal), a boolean (B, 1, T, past+T) mask or a FlexAttention BlockMask (GPT._mask)."""
         B, T, _ = x.shape
         H, K, D = self.n_head, self.n_kv_head, self.head_dim
-        q, k, v = self.qkv(x).split([H * D, K * D, K * D], dim=2)  # (B, T, H*D), (B, T, K*D) x 2
-        q = q.view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
-        k = k.view(B, T, K, D).transpose(1, 2)  # (B, K, T, D)
+        qk, v = self.qkv(x).split([(H + K) * D, K * D], dim=2)  # (B, T, (H+K)*D), (B, T, K*D)
+        qk = self._norm_and_rotate(qk.view(B, T, H + K, D), rope)  # every query and key head at once
+        q, k = qk.split([H, K], dim=2)
+        q = q.transpose(1, 2)  # (B, H, T, D)
+        k = k.transpose(1, 2)  # (B, K, T, D)
         v = v.view(B, T, K, D).transpose(1, 2)  # (B, K, T, D)
-        if self.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         past = 0
         if cache is not None:
             past = cache.pos
@@ -290,6 +284,28 @@ class CausalSelfAttention(nn.Module):
         y = y.transpose(1, 2).contiguous().view(B, T, self.n_head * self.head_dim)  # (B, T, nh*hd)
         return self.resid_dropout(self.proj(y))  # (B, T, C)
 
+    def _norm_and_rotate(self, qk: torch.Tensor, rope) -> torch.Tensor:
+        """QK-norm and rotary positions of qk (B, T, H+K, D): the H query heads, then the K key heads.
+
+        RMSNorm takes one call for both, its weights stacked per head ((H+K, D): q_norm's H times, then
+        k_norm's K times, whose gradients autograd sums back into the two (D,) parameters), fused with
+        the rotation when there is one; a LayerNorm, with its bias, keeps one call each. On CPU a bf16
+        result stays fp32: `attention` computes bf16 in fp32 there anyway."""
+        H, K = self.n_head, self.n_kv_head
+        if self.qk_norm and self.q_norm.kind == "rmsnorm":
+            D = self.head_dim
+            weight = torch.cat((self.q_norm.weight.expand(H, D), self.k_norm.weight.expand(K, D)))
+            if rope is None:
+                return rms_norm(qk, weight, self.q_norm.eps)
+            out_dtype = torch.float32 if qk.device.type == "cpu" and qk.dtype == torch.bfloat16 else qk.dtype
+            return norm_rotary(qk, weight, self.q_norm.eps, rope, out_dtype)
+        if self.qk_norm:
+            q, k = qk.split([H, K], dim=2)
+            qk = torch.cat((self.q_norm(q), self.k_norm(k)), dim=2)
+        if rope is not None:
+            qk = rotary(qk, *rope)  # (T, 1, D) tables broadcast over batch and heads
+        return qk
+
 
 class MLP(nn.Module):
     """Two linears around an activation. SwiGLU: fc.weight rows [0, hidden) are the gate (through
@@ -311,7 +327,7 @@ class MLP(nn.Module):
         elif self.kind == "relu":
             h = F.relu(h)
         elif self.kind == "relu2":
-            h = F.relu(h).square()
+            h = relu_squared(h)
         else:
             gate, value = h.chunk(2, dim=-1)
             h = F.silu(gate) * value
@@ -408,7 +424,7 @@ class GPT(nn.Module):
         x = self.tok_emb(idx)  # (B, T, C)
         if self.cfg.positions == "learned":
             x = x + self.pos_emb(pos)  # (T, C) broadcast over B
-        rope = rope_tables(pos, self.cfg.head_size, self.cfg.rope_base) if self.cfg.positions == "rope" else None
+        rope = rotary_tables(pos, self.cfg.head_size, self.cfg.rope_base) if self.cfg.positions == "rope" else None
         mask = None if doc_ids is None else self._mask(doc_ids, cache)
         recompute = self.cfg.activation_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.blocks:
