@@ -118,6 +118,15 @@ def final(run_dir: Path) -> dict:
 
 
 @pytest.fixture(scope="session")
+def stdlib_data(tmp_path_factory) -> Path:
+    """The embedded default dataset (the Python standard library's source, byte level, ~30 MB), built
+    once per session: enough text that a few hundred steps of the `cpu` preset stay within one epoch."""
+    from dist_gpt.data.default import ensure_default_dataset
+
+    return ensure_default_dataset(tmp_path_factory.mktemp("data") / "stdlib")
+
+
+@pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> Path:
     """A byte-level dataset of the license texts in tests/assets (80 KB), made by tools.prepare."""
     out = tmp_path_factory.mktemp("data") / "licenses"

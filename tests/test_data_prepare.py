@@ -379,13 +379,14 @@ def test_notebook_layout_unknown_characters(tmp_path, capsys):
     assert "bad.txt: byte offset 2: not valid UTF-8" in capsys.readouterr().err
 
 
-def test_ensure_default_dataset(tmp_path, capsys):
-    path = ensure_default_dataset(tmp_path / "stdlib")
+def test_ensure_default_dataset(stdlib_data):
+    """conftest's stdlib_data is ensure_default_dataset's build; a second call finds it and leaves it."""
+    path = stdlib_data
     ds = Dataset.open(path)
     assert ds.vocab_size == 256 and ds.num_tokens("train") > 1_000_000 and ds.num_tokens("val") > 10_000
     assert ds.manifest["source"]["kind"] == "stdlib"
     mtime = (path / "manifest.json").stat().st_mtime_ns
-    assert ensure_default_dataset(tmp_path / "stdlib") == path
+    assert ensure_default_dataset(path) == path
     assert (path / "manifest.json").stat().st_mtime_ns == mtime
 
 
