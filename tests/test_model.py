@@ -492,6 +492,17 @@ def test_fused_modern_ops_are_their_composite_definitions():
             assert (a is None) == (b is None)
             if a is not None:
                 torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    # bf16 weights (FSDP's mixed precision on CUDA gathers parameters in bf16), fp32 or bf16 input:
+    # the backward computes in fp32 and returns each gradient in its input's dtype
+    for inp in (x.detach(), x.detach().bfloat16()):
+        for w in (shared, per_head):
+            xi, wi = inp.clone().requires_grad_(), w.detach().bfloat16().requires_grad_()
+            got_x, got_w = torch.autograd.grad(rms_norm(xi, wi, 1e-6), (xi, wi), grad_out.to(inp.dtype))
+            xf, wf = inp.float().requires_grad_(), wi.detach().float().requires_grad_()
+            want_x, want_w = torch.autograd.grad(norm(xf, wf), (xf, wf), grad_out)
+            assert got_x.dtype == inp.dtype and got_w.dtype == torch.bfloat16
+            torch.testing.assert_close(got_x.float(), want_x, atol=2e-2, rtol=2e-2)
+            torch.testing.assert_close(got_w.float(), want_w, atol=5e-2, rtol=2e-2)
     low = x.detach().bfloat16()
     assert rms_norm(low, shared, 1e-6).dtype == rotary(low, cos, sin).dtype == torch.bfloat16
     assert norm_rotary(low, per_head, 1e-6, (cos, sin), torch.float32).dtype == torch.float32

@@ -27,7 +27,9 @@ def _rms_forward(xf: torch.Tensor, weight: torch.Tensor, eps: float):
 
 def _rms_backward(dyf: torch.Tensor, xhat: torch.Tensor, rstd: torch.Tensor, weight: torch.Tensor, weight_grad: bool):
     """(dx, dweight) of y = xhat * weight, in fp32: d/dx of x * rstd(x) is
-    rstd * (g - xhat * mean(g * xhat)) with g = dy * weight, the mean over the normalised dim."""
+    rstd * (g - xhat * mean(g * xhat)) with g = dy * weight, the mean over the normalised dim.
+    The weight may be bf16 (FSDP's bf16 parameters on CUDA): it is taken in fp32 here (a no-op for fp32)."""
+    weight = weight.float()
     t = dyf * xhat
     with torch.autocast(xhat.device.type, enabled=False):  # a matrix-vector product: keep it fp32
         gx = t @ weight if weight.ndim == 1 else (t * weight).sum(-1)  # sum(g * xhat, -1): (...)

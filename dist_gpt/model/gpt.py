@@ -192,7 +192,8 @@ class KVCache:
     the key/value heads (fewer than the query heads under grouped-query attention), and their
     document ids (B, max_len) under document masking.
 
-    Allocated on first use with the keys' dtype (bf16 under autocast). `pos` counts the cached
+    Allocated on first use with the keys' dtype (bf16 under autocast; fp32 keys on CPU with RMSNorm
+    QK-norm and rotary positions, which hand attention fp32 queries and keys there). `pos` counts the cached
     tokens; the model advances it after a forward pass through all layers."""
 
     def __init__(self, n_layer: int, max_len: int):
@@ -225,8 +226,9 @@ def attention(q, k, v, **kwargs):
     in fp32: torch's CPU flash-attention forward + backward is up to 4x slower in bf16 at small
     training shapes (12 x 4 heads x 64 x 32, one core: 7.0 ms vs 1.8 ms per layer) and no faster at
     16 x 6 x 256 x 64 (88 vs 84 ms); only from context 1024 does bf16 win (188 vs 227 ms). The inputs
-    are bf16 values already, so fp32 only computes with them more exactly. (Under QK-norm or rotary
-    positions, queries and keys arrive in fp32 already and only the values are bf16.)"""
+    are bf16 values already, so fp32 only computes with them more exactly. (With RMSNorm QK-norm and
+    rotary positions, the modern recipe's, queries and keys arrive in fp32 already and only the values
+    are bf16.)"""
     if q.device.type == "cpu" and torch.bfloat16 in (q.dtype, v.dtype):
         with torch.autocast("cpu", enabled=False):
             y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), **kwargs)
@@ -290,7 +292,8 @@ class CausalSelfAttention(nn.Module):
         RMSNorm takes one call for both, its weights stacked per head ((H+K, D): q_norm's H times, then
         k_norm's K times, whose gradients autograd sums back into the two (D,) parameters), fused with
         the rotation when there is one; a LayerNorm, with its bias, keeps one call each. On CPU a bf16
-        result stays fp32: `attention` computes bf16 in fp32 there anyway."""
+        result of the fused norm and rotation stays fp32 (`attention` computes bf16 in fp32 there
+        anyway); the other paths return qk's dtype."""
         H, K = self.n_head, self.n_kv_head
         if self.qk_norm and self.q_norm.kind == "rmsnorm":
             D = self.head_dim
