@@ -105,28 +105,21 @@ class TrainConfig:
         _choice("train.device", self.device, ("auto", "cpu", "cuda"))
         _choice("train.nan_policy", self.nan_policy, ("skip", "rollback", "stop"))
         _choice("train.spike_policy", self.spike_policy, ("off", "warn", "skip", "rollback"))
-        if not self.spike_z > 0:
-            raise ConfigError(f"train.spike_z={self.spike_z:g} must be > 0 (a step whose loss or gradient norm is this "
-                              "many deviations above the window's mean is a spike; e.g. --train.spike_z=6)")
-        if self.spike_grad_z < 0:
-            raise ConfigError(f"train.spike_grad_z={self.spike_grad_z:g} must be >= 0 (0: the gradient norm never "
-                              "makes a spike by itself; e.g. --train.spike_grad_z=30)")
-        if self.spike_window < 2:
-            raise ConfigError(f"train.spike_window={self.spike_window} must be at least 2 (the steps a deviation is "
-                              "taken over; e.g. --train.spike_window=100)")
-        if self.spike_skip_batches < 1:
-            raise ConfigError(f"train.spike_skip_batches={self.spike_skip_batches} must be at least 1 (the global "
-                              "batches a spike rollback skips; e.g. --train.spike_skip_batches=10)")
+        _bound("train.spike_z", self.spike_z, self.spike_z > 0, "> 0", "a step whose loss or gradient norm is this "
+               "many deviations above the window's mean is a spike", 6)
+        _bound("train.spike_grad_z", self.spike_grad_z, self.spike_grad_z >= 0, ">= 0",
+               "0: the gradient norm never makes a spike by itself", 30)
+        _bound("train.spike_window", self.spike_window, self.spike_window >= 2, "at least 2",
+               "the steps a deviation is taken over", 100)
+        _bound("train.spike_skip_batches", self.spike_skip_batches, self.spike_skip_batches >= 1, "at least 1",
+               "the global batches a spike rollback skips", 10)
         parse_window(self.profile)
-        if self.hang_timeout_s < 0:
-            raise ConfigError(f"train.hang_timeout_s={self.hang_timeout_s:g} must be >= 0 (0 turns the hang "
-                              "watchdog off; e.g. --train.hang_timeout_s=900)")
-        if not self.straggler_ratio > 1:
-            raise ConfigError(f"train.straggler_ratio={self.straggler_ratio:g} must be > 1 (a rank this many times "
-                              "slower than the others is named; e.g. --train.straggler_ratio=1.3)")
-        if self.straggler_intervals < 1:
-            raise ConfigError(f"train.straggler_intervals={self.straggler_intervals} must be at least 1 (the log "
-                              "intervals a rank must stay slow before it is named; e.g. --train.straggler_intervals=3)")
+        _bound("train.hang_timeout_s", self.hang_timeout_s, self.hang_timeout_s >= 0, ">= 0",
+               "0 turns the hang watchdog off", 900)
+        _bound("train.straggler_ratio", self.straggler_ratio, self.straggler_ratio > 1, "> 1",
+               "a rank this many times slower than the others is named", 1.3)
+        _bound("train.straggler_intervals", self.straggler_intervals, self.straggler_intervals >= 1, "at least 1",
+               "the log intervals a rank must stay slow before it is named", 3)
         for key in ("steps", "global_batch", "micro_batch"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"train.{key} must be at least 1, got {getattr(self, key)}")
@@ -208,6 +201,12 @@ class Config:
     @property
     def run_dir(self) -> Path:
         return Path(self.train.run_dir or f"runs/{self.train.name}")
+
+
+def _bound(key: str, value: float, ok: bool, rule: str, meaning: str, example: float) -> None:
+    """One line for a number out of its range: what it must be, what it means, a value that works."""
+    if not ok:
+        raise ConfigError(f"{key}={value:g} must be {rule} ({meaning}; e.g. --{key}={example:g})")
 
 
 def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
